@@ -1,0 +1,91 @@
+"""Argument checks shared by every public callable.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the argument and the offending
+value, and only looks at metadata (shape, dtype, device) so it never syncs with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(name: str, value: object, ndim: Optional[int] = None) -> Tensor:
+    t = check_tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_index_tensor(name: str, value: object, ndim: int = 2) -> Tensor:
+    t = check_tensor(name, value)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 index tensor, got dtype {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_padding_mask(
+    name: str, mask: Optional[Tensor], expected: Sequence[int], against: str
+) -> Optional[Tensor]:
+    """Check a ``*_padding_mask`` (bool, True = padding) against the shape it must have."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{name} must have dtype torch.bool (True = padding), got {mask.dtype}; "
+            "convert explicitly, e.g. `mask.bool()` or `lengths_to_padding_mask(lengths)`"
+        )
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)} but {against} needs shape {tuple(expected)}"
+        )
+    return mask
+
+
+def check_same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(
+            f"{name} is on device {value.device} but {ref_name} is on device {ref.device}"
+        )
+
+
+def check_int(name: str, value: object, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_ratio(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_probability(name: str, value: object) -> float:
+    v = check_ratio(name, value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v

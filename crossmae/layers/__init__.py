@@ -1,0 +1,25 @@
+"""Layers: attention, blocks, feature maps, MLP, stochastic depth, position embeddings."""
+
+from __future__ import annotations
+
+from .attention import Attention, CrossAttention, padded_attention
+from .blocks import Block, CrossAttentionBlock
+from .drop import DropPath, drop_path
+from .feature_maps import WeightedFeatureMaps
+from .mlp import Mlp
+from .pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d, sincos_pos_embed_2d_from_coords
+
+__all__ = [
+    "Attention",
+    "Block",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "DropPath",
+    "Mlp",
+    "WeightedFeatureMaps",
+    "drop_path",
+    "padded_attention",
+    "sincos_pos_embed_1d",
+    "sincos_pos_embed_2d",
+    "sincos_pos_embed_2d_from_coords",
+]

@@ -1,0 +1,291 @@
+"""Multi-head self- and cross-attention that is exact under padding.
+
+Legend: ``b`` batch, ``h`` heads, ``n`` query tokens, ``m`` key tokens, ``d`` head dim,
+``c`` channels (``h * d``).
+
+Mask polarity: every ``*_padding_mask`` here is bool ``[b, m]`` with **True = padding**
+(ignored as a key). SDPA's boolean ``attn_mask`` has the opposite polarity (True = attend);
+the conversion happens in one place, `_attend`.
+
+Guarantees (tested in ``tests/layers/test_attention.py``):
+
+* padded key slots are zeroed before they are projected, so NaN/inf stored there never
+  reaches a real output or any gradient (``0 * NaN`` cannot happen);
+* a row with zero real keys returns exactly zero with finite gradients, on every torch
+  version (the row attends to its zeroed keys and the result is then masked out);
+* without a padding mask no mask is passed to SDPA, so the flash kernel can run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
+from .._config import use_fused_attn
+
+__all__ = ["Attention", "CrossAttention", "padded_attention"]
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    *,
+    dropout_p: float,
+    fused: bool,
+) -> Tensor:
+    """Attention of ``q [b h n d]`` over ``k, v [b h m d]`` whose padded keys are finite."""
+    if key_padding_mask is None:
+        if fused:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return _manual_attention(q, k, v, None, dropout_p)
+    # Rows with no real key attend to every (finite, zeroed) key and are zeroed afterwards:
+    # no fully masked softmax row ever exists, whatever kernel or torch version runs.
+    empty = key_padding_mask.all(dim=-1)  # [b]
+    attend = ~key_padding_mask | empty[:, None]  # [b m], True = attend (SDPA polarity)
+    attend = attend[:, None, None, :]  # [b 1 1 m]
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
+    else:
+        out = _manual_attention(q, k, v, attend, dropout_p)
+    return out.masked_fill(empty[:, None, None, None], 0.0)
+
+
+def _manual_attention(
+    q: Tensor, k: Tensor, v: Tensor, attend: Optional[Tensor], dropout_p: float
+) -> Tensor:
+    scale = q.shape[-1] ** -0.5
+    scores = (q * scale) @ k.transpose(-2, -1)  # [b h n m]
+    if attend is not None:
+        scores = scores.masked_fill(~attend, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    return weights.to(v.dtype) @ v
+
+
+def padded_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    *,
+    dropout_p: float = 0.0,
+    fused: Optional[bool] = None,
+) -> Tensor:
+    """Scaled dot-product attention that ignores padded keys exactly.
+
+    Args:
+        q: queries ``[b, h, n, d]``.
+        k: keys ``[b, h, m, d]``.
+        v: values ``[b, h, m, d]``.
+        key_padding_mask: bool ``[b, m]``, **True = padding** (ignored as a key), or None.
+        dropout_p: attention dropout probability (applied as given; pass 0 in eval).
+        fused: use ``F.scaled_dot_product_attention`` (default: the process-wide switch,
+            see `set_fused_attn`) or the explicit softmax path.
+
+    Returns:
+        ``[b, h, n, d]``. Rows whose sample has no real key are exactly 0. Padded keys and
+        values are zeroed first, so NaN/inf stored there cannot reach the output.
+    """
+    check_float_tensor("q", q, ndim=4)
+    check_float_tensor("k", k, ndim=4)
+    check_float_tensor("v", v, ndim=4)
+    if k.shape != v.shape[:-1] + k.shape[-1:] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"q, k, v must be [b, h, n, d], [b, h, m, d], [b, h, m, dv]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    check_probability("dropout_p", dropout_p)
+    pad = check_padding_mask(
+        "key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), "k [b, h, m, d]"
+    )
+    if pad is not None:
+        p4 = pad[:, None, :, None]
+        k = k.masked_fill(p4, 0.0)
+        v = v.masked_fill(p4, 0.0)
+    return _attend(
+        q, k, v, pad, dropout_p=dropout_p, fused=use_fused_attn() if fused is None else fused
+    )
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    check_int("dim", dim, minimum=1)
+    check_int("num_heads", num_heads, minimum=1)
+    if dim % num_heads != 0:
+        raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+    return dim // num_heads
+
+
+def _check_tokens(name: str, x: object, width: int, width_name: str) -> Tensor:
+    t = check_float_tensor(name, x, ndim=3)
+    if t.shape[-1] != width:
+        raise ValueError(
+            f"{name} has last dimension {t.shape[-1]} (shape {tuple(t.shape)}) but the module "
+            f"was built with {width_name}={width}"
+        )
+    return t
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a padded token set.
+
+    Args:
+        dim: token width ``c``.
+        num_heads: number of heads ``h`` (must divide ``dim``).
+        qkv_bias: bias on the fused ``qkv`` projection.
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection (training only).
+        fused_attn: use SDPA (True) or the explicit softmax path (False); default: the
+            process-wide switch `set_fused_attn`, read once here.
+
+    Parameters: ``qkv`` (Linear ``c -> 3c``, order q, k, v, heads split as ``(h d)``),
+    ``proj`` (Linear ``c -> c``). Scale ``d ** -0.5``.
+
+    Shapes:
+        ``forward(x [b, n, c], padding_mask [b, n] | None) -> [b, n, c]``;
+        ``padding_mask`` True = padding: such tokens are ignored as keys, and their own
+        outputs are finite but meaningless.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop = check_probability("attn_drop", attn_drop)
+        check_probability("proj_drop", proj_drop)
+        self.fused_attn: bool = use_fused_attn() if fused_attn is None else bool(fused_attn)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        x = _check_tokens("x", x, self.dim, "dim")
+        pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)
+        q, k, v = rearrange(
+            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        ).unbind(0)
+        out = _attend(
+            q,
+            k,
+            v,
+            pad,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            fused=self.fused_attn,
+        )
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, fused_attn={self.fused_attn}"
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x``, keys and values from ``context``.
+
+    This is CrossMAE's decoder attention: the queries are the tokens to reconstruct, the
+    context is the (padded) set of visible encoder tokens.
+
+    Args:
+        dim: query width ``c`` (also the attention and output width).
+        context_dim: context width (default ``dim``).
+        num_heads: number of heads ``h`` (must divide ``dim``).
+        qkv_bias: bias on ``q`` and ``kv``.
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection (training only).
+        fused_attn: use SDPA (True) or the explicit softmax path (False); default: the
+            process-wide switch `set_fused_attn`, read once here.
+
+    Parameters: ``q`` (Linear ``c -> c``), ``kv`` (Linear ``context_dim -> 2c``; first half
+    k, second half v, heads split as ``(h d)``), ``proj`` (Linear ``c -> c`` with bias).
+    Scale ``d ** -0.5``.
+
+    Shapes:
+        ``forward(x [b, n, c], context [b, m, context_dim], context_padding_mask [b, m] | None)
+        -> [b, n, c]``; ``context_padding_mask`` True = padding (ignored as a key). A sample
+        with no real context token gets exactly 0 from the attention (then ``proj``'s bias).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: Optional[int] = None,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.context_dim = dim if context_dim is None else context_dim
+        check_int("context_dim", self.context_dim, minimum=1)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop = check_probability("attn_drop", attn_drop)
+        check_probability("proj_drop", proj_drop)
+        self.fused_attn: bool = use_fused_attn() if fused_attn is None else bool(fused_attn)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(self.context_dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: Tensor, context: Tensor, context_padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        x = _check_tokens("x", x, self.dim, "dim")
+        context = _check_tokens("context", context, self.context_dim, "context_dim")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"x and context must have the same batch size, got x {tuple(x.shape)} and "
+                f"context {tuple(context.shape)}"
+            )
+        pad = check_padding_mask(
+            "context_padding_mask", context_padding_mask, context.shape[:2], "context [b, m, c]"
+        )
+        if pad is not None:
+            context = context.masked_fill(pad[..., None], 0.0)
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = rearrange(
+            self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads
+        ).unbind(0)
+        out = _attend(
+            q,
+            k,
+            v,
+            pad,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            fused=self.fused_attn,
+        )
+        out = rearrange(out, "b h n d -> b n (h d)")
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, context_dim={self.context_dim}, num_heads={self.num_heads}, "
+            f"fused_attn={self.fused_attn}"
+        )

@@ -1,0 +1,175 @@
+"""Pre-norm Transformer blocks: self-attention (`Block`) and CrossMAE's `CrossAttentionBlock`.
+
+Legend: ``b`` batch, ``n`` query tokens, ``m`` context tokens, ``c`` width.
+Mask polarity: ``*_padding_mask`` bool, **True = padding**.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+from .._checks import check_padding_mask, check_ratio
+from .attention import Attention, CrossAttention
+from .drop import DropPath
+from .mlp import Mlp
+
+__all__ = ["Block", "CrossAttentionBlock"]
+
+
+def _hidden(dim: int, mlp_ratio: float) -> int:
+    r = check_ratio("mlp_ratio", mlp_ratio)
+    if r <= 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+    return max(1, int(dim * r))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: token width ``c``.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        qkv_bias: bias on the ``qkv`` projection.
+        drop: dropout after the attention projection and inside the MLP (training only).
+        attn_drop: dropout on attention weights (training only).
+        drop_path: stochastic-depth probability for both residual branches.
+        act_layer: MLP activation constructor.
+        norm_layer: norm constructor, called as ``norm_layer(dim)``.
+        fused_attn: see `Attention`.
+
+    Shapes:
+        ``forward(x [b, n, c], padding_mask [b, n] | None) -> [b, n, c]``; True = padding.
+        Padded tokens are zeroed on entry, so their outputs are finite (and meaningless) and
+        never influence real tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            fused_attn=fused_attn,
+        )
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, _hidden(dim, mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        if padding_mask is not None:
+            check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        x = x + self.drop_path1(self.attn(self.norm1(x), padding_mask))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """CrossMAE decoder block: queries attend to a (padded) context.
+
+    ``x + self_attn(norm0(x))`` among the queries (only with ``self_attn=True``), then
+    ``x + cross_attn(norm1(x), context)``, then ``x + mlp(norm2(x))``. The context is used
+    as given: normalize it beforehand (e.g. with the decoder's per-layer norms).
+
+    Args:
+        dim: query width ``c``.
+        context_dim: context width (default ``dim``).
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        self_attn: add self-attention among the queries (``norm0``, ``self_attn``).
+        qkv_bias: bias on the q/kv/qkv projections.
+        drop: dropout after attention projections and inside the MLP (training only).
+        attn_drop: dropout on attention weights (training only).
+        drop_path: stochastic-depth probability for every residual branch.
+        act_layer: MLP activation constructor.
+        norm_layer: norm constructor, called as ``norm_layer(dim)``.
+        fused_attn: see `CrossAttention`.
+
+    Shapes:
+        ``forward(x [b, n, c], context [b, m, context_dim], context_padding_mask [b, m] | None,
+        query_padding_mask [b, n] | None) -> [b, n, c]``. Both masks: True = padding.
+        ``query_padding_mask`` only matters for the self-attention among queries (padded
+        queries are never keys there); padded queries are zeroed on entry so their outputs
+        are finite.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: Optional[int] = None,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        *,
+        self_attn: bool = False,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.has_self_attn = bool(self_attn)
+        if self.has_self_attn:
+            self.norm0 = norm_layer(dim)
+            self.self_attn = Attention(
+                dim,
+                num_heads,
+                qkv_bias=qkv_bias,
+                attn_drop=attn_drop,
+                proj_drop=drop,
+                fused_attn=fused_attn,
+            )
+            self.drop_path0 = DropPath(drop_path)
+        self.norm1 = norm_layer(dim)
+        self.cross_attn = CrossAttention(
+            dim,
+            context_dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            fused_attn=fused_attn,
+        )
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, _hidden(dim, mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_padding_mask: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        if query_padding_mask is not None:
+            check_padding_mask(
+                "query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]"
+            )
+            x = x.masked_fill(query_padding_mask[..., None], 0.0)
+        if self.has_self_attn:
+            x = x + self.drop_path0(self.self_attn(self.norm0(x), query_padding_mask))
+        x = x + self.drop_path1(self.cross_attn(self.norm1(x), context, context_padding_mask))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))

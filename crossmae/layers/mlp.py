@@ -1,0 +1,57 @@
+"""Two-layer perceptron used inside every Transformer block.
+
+Shapes: ``b`` batch, ``n`` tokens, ``c`` channels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+from .._checks import check_int, check_probability
+
+__all__ = ["Mlp"]
+
+
+class Mlp(nn.Module):
+    """``fc1 -> act -> drop -> fc2 -> drop``, applied to the last dimension.
+
+    Args:
+        in_features: input width.
+        hidden_features: hidden width (default ``in_features``).
+        out_features: output width (default ``in_features``).
+        act_layer: activation constructor (called with no arguments).
+        drop: dropout probability after the activation and after ``fc2`` (training only).
+        bias: whether both linear layers have a bias.
+
+    Shapes:
+        ``forward(x [..., in_features]) -> [..., out_features]``
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_int("in_features", in_features, minimum=1)
+        hidden = in_features if hidden_features is None else hidden_features
+        out = in_features if out_features is None else out_features
+        check_int("hidden_features", hidden, minimum=1)
+        check_int("out_features", out, minimum=1)
+        check_probability("drop", drop)
+        self.fc1 = nn.Linear(in_features, hidden, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, out, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(x))

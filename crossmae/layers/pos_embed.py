@@ -1,0 +1,116 @@
+"""Fixed sine-cosine position embeddings (MAE's tables, and the same formula anywhere).
+
+1D embedding of width ``D`` at position ``p``:
+``[sin(p * w_0 .. w_{D/2-1}), cos(p * w_0 .. w_{D/2-1})]`` with ``w_i = 10000 ** (-i / (D/2))``.
+2D embedding of width ``D`` at ``(row, col)``: the 1D embedding of ``col`` (width ``D/2``)
+followed by that of ``row`` (width ``D/2``), exactly MAE's ``get_2d_sincos_pos_embed``.
+Everything is computed in float64 and returned in ``dtype`` (default: torch's default dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, check_tensor
+
+__all__ = ["sincos_pos_embed_1d", "sincos_pos_embed_2d", "sincos_pos_embed_2d_from_coords"]
+
+
+def _check_dim(dim: object, multiple: int) -> int:
+    d = check_int("dim", dim, minimum=1)
+    if d % multiple != 0:
+        raise ValueError(f"dim must be a positive multiple of {multiple}, got {dim}")
+    return d
+
+
+def _embed_1d(dim: int, pos: Tensor) -> Tensor:
+    half = dim // 2
+    omega = torch.arange(half, dtype=torch.float64, device=pos.device) / half
+    omega = 1.0 / (10000.0**omega)
+    angles = pos.to(torch.float64)[..., None] * omega  # [..., n, half]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def sincos_pos_embed_1d(
+    dim: int,
+    positions: Union[Tensor, int],
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """1D sine-cosine embedding of arbitrary positions (time steps, day of year, ...).
+
+    Args:
+        dim: embedding width (even, > 0).
+        positions: float or int tensor ``[..., n]`` of positions (any values), or an int
+            ``n`` meaning ``arange(n)``.
+        dtype: output dtype (default: torch's default dtype).
+
+    Returns:
+        ``[..., n, dim]``: ``sin`` of every frequency, then ``cos``.
+    """
+    d = _check_dim(dim, 2)
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        pos = torch.arange(check_int("positions", positions, minimum=0), dtype=torch.float64)
+    else:
+        pos = check_tensor("positions", positions)
+        if pos.dtype == torch.bool or pos.is_complex():
+            raise TypeError(f"positions must be a real int or float tensor, got {pos.dtype}")
+        if pos.ndim == 0:
+            raise ValueError("positions must have at least one dimension [..., n], got a scalar")
+    return _embed_1d(d, pos).to(dtype or torch.get_default_dtype())
+
+
+def sincos_pos_embed_2d_from_coords(
+    dim: int, coords: Tensor, *, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """2D sine-cosine embedding at arbitrary ``(row, col)`` coordinates.
+
+    Args:
+        dim: embedding width (multiple of 4).
+        coords: float or int tensor ``[..., n, 2]`` holding ``(row, col)`` per token.
+        dtype: output dtype (default: torch's default dtype).
+
+    Returns:
+        ``[..., n, dim]``: the first ``dim/2`` channels embed the column, the last ``dim/2``
+        the row (MAE's layout), so grid coordinates reproduce `sincos_pos_embed_2d`.
+    """
+    d = _check_dim(dim, 4)
+    c = check_tensor("coords", coords)
+    if c.dtype == torch.bool or c.is_complex():
+        raise TypeError(f"coords must be a real int or float tensor, got {c.dtype}")
+    if c.ndim < 2 or c.shape[-1] != 2:
+        raise ValueError(f"coords must have shape [..., n, 2] (row, col), got {tuple(c.shape)}")
+    emb = torch.cat([_embed_1d(d // 2, c[..., 1]), _embed_1d(d // 2, c[..., 0])], dim=-1)
+    return emb.to(dtype or torch.get_default_dtype())
+
+
+def sincos_pos_embed_2d(
+    dim: int,
+    grid_size: Union[int, tuple[int, int]],
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """MAE's fixed 2D sine-cosine table over an ``H x W`` grid, rows flattened row-major.
+
+    Args:
+        dim: embedding width (multiple of 4).
+        grid_size: ``H`` (square) or ``(H, W)``.
+        dtype: output dtype (default: torch's default dtype).
+
+    Returns:
+        ``[H * W, dim]``; token ``k = row * W + col``. No cls row (prepend zeros if needed).
+    """
+    d = _check_dim(dim, 4)
+    if isinstance(grid_size, int) and not isinstance(grid_size, bool):
+        h = w = check_int("grid_size", grid_size, minimum=1)
+    elif isinstance(grid_size, (tuple, list)) and len(grid_size) == 2:
+        h = check_int("grid_size[0]", grid_size[0], minimum=1)
+        w = check_int("grid_size[1]", grid_size[1], minimum=1)
+    else:
+        raise TypeError(f"grid_size must be an int or a pair (H, W), got {grid_size!r}")
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)
+    return sincos_pos_embed_2d_from_coords(d, torch.stack([rows, cols], dim=-1), dtype=dtype)

@@ -1,0 +1,258 @@
+"""`MaskSplit` and MAE/CrossMAE-compatible random masking over padded token sets.
+
+Legend: ``b`` batch, ``n`` tokens, ``k`` kept (visible) slots, ``p`` predicted slots.
+Mask polarity: ``*_padding_mask`` True = padding slot; ``visible_mask`` True = the encoder
+sees the token; ``predict_mask`` True = the token is a reconstruction target.
+
+Every real token of a sample is exactly one of: kept (visible), predicted, or skipped
+(hidden but not reconstructed, CrossMAE's partial reconstruction). Padding is never any.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, check_padding_mask, check_ratio, check_tensor
+from .tokens import gather_tokens
+
+__all__ = ["MaskSplit", "mask_split_from_masks", "random_masking"]
+
+
+class MaskSplit(NamedTuple):
+    """Which tokens each sample keeps (encoder input) and predicts (decoder queries).
+
+    Fields:
+        ids_keep: int64 ``[b, k]`` token indices the encoder sees, padded with 0.
+        keep_padding_mask: bool ``[b, k]``, True = padding slot in ``ids_keep``.
+        ids_predict: int64 ``[b, p]`` token indices to reconstruct (ascending), padded with 0.
+        predict_padding_mask: bool ``[b, p]``, True = padding slot in ``ids_predict``.
+        visible_mask: bool ``[b, n]``, True = the encoder sees this token.
+        predict_mask: bool ``[b, n]``, True = this token is a reconstruction target.
+
+    ``k`` and ``p`` are the largest per-sample counts in the batch.
+    """
+
+    ids_keep: Tensor
+    keep_padding_mask: Tensor
+    ids_predict: Tensor
+    predict_padding_mask: Tensor
+    visible_mask: Tensor
+    predict_mask: Tensor
+
+    @property
+    def num_keep(self) -> Tensor:
+        """Visible tokens per sample, int64 ``[b]``."""
+        return (~self.keep_padding_mask).sum(dim=1)
+
+    @property
+    def num_predict(self) -> Tensor:
+        """Predicted tokens per sample, int64 ``[b]``."""
+        return (~self.predict_padding_mask).sum(dim=1)
+
+    def visible_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gather the visible tokens of ``x [b, n, ...]``.
+
+        Returns ``(tokens [b, k, ...], keep_padding_mask [b, k])``; padded slots of
+        ``tokens`` are zeroed so stray NaN in unused inputs cannot travel.
+        """
+        out = gather_tokens(x, self.ids_keep)
+        return _zero_padded(out, self.keep_padding_mask), self.keep_padding_mask
+
+    def predict_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Gather the target tokens of ``x [b, n, ...]``: ``(tokens [b, p, ...], predict_padding_mask)``."""
+        out = gather_tokens(x, self.ids_predict)
+        return _zero_padded(out, self.predict_padding_mask), self.predict_padding_mask
+
+    def to(self, device: Union[str, torch.device]) -> MaskSplit:
+        """Move every field to ``device``."""
+        return MaskSplit(*(t.to(device) for t in self))
+
+
+def _zero_padded(x: Tensor, pad: Tensor) -> Tensor:
+    return x.masked_fill(pad.reshape(*pad.shape, *([1] * (x.ndim - 2))), 0)
+
+
+def _first_slots(order: Tensor, counts: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """First ``counts[i]`` entries of each row of ``order``, padded to ``width`` with 0."""
+    ids = order[:, :width]
+    pad = torch.arange(width, device=order.device)[None, :] >= counts[:, None]
+    return ids.masked_fill(pad, 0), pad
+
+
+def _ascending_ids(selected: Tensor, counts: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Indices of True entries of ``selected [b, n]`` in ascending order, padded to ``width``."""
+    order = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)
+    return _first_slots(order, counts, width)
+
+
+def _max_count(counts: Tensor) -> int:
+    # Output widths depend on the data: one host sync, in data preparation, never in forward.
+    return int(counts.max()) if counts.numel() > 0 else 0
+
+
+def random_masking(
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    *,
+    predict_ratio: Optional[float] = None,
+    padding_mask: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> MaskSplit:
+    """Per-sample random keep / predict / skip split, MAE- and CrossMAE-compatible.
+
+    For a sample with ``n`` real tokens (``num_tokens`` when ``padding_mask`` is None):
+    ``n_keep = int(n * (1 - mask_ratio))``, ``n_skip = int(n * (mask_ratio - predict_ratio))``,
+    ``n_predict = n - n_keep - n_skip`` (float64, exactly as Python evaluates them). Real
+    tokens are ordered by ``noise`` ascending (stable); the first ``n_keep`` are kept (in that
+    order, as MAE's ``ids_keep``), the last ``n_predict`` are predicted (ascending index).
+
+    Args:
+        batch_size: ``b``.
+        num_tokens: ``n`` (padded length).
+        mask_ratio: share of real tokens hidden from the encoder, ``0 <= mask_ratio < 1``.
+        predict_ratio: share of *all* real tokens reconstructed (CrossMAE's
+            ``kept_mask_ratio``), ``0 < predict_ratio <= mask_ratio``; default ``mask_ratio``.
+        padding_mask: bool ``[b, n]``, True = padding (never selected).
+        noise: float ``[b, n]`` ordering scores (small = keep); default uniform noise.
+        generator: RNG for the default noise.
+        device: device of the result (default: that of ``padding_mask``/``noise``, else CPU).
+
+    Returns:
+        `MaskSplit`. With ``padding_mask`` the widths ``k``/``p`` are the largest per-sample
+        counts, which needs one host sync; without it no sync happens.
+
+    Raises:
+        ValueError: ratios out of range, or shapes/devices of ``padding_mask``/``noise``
+            not matching ``(batch_size, num_tokens)``.
+    """
+    b = check_int("batch_size", batch_size, minimum=0)
+    n = check_int("num_tokens", num_tokens, minimum=0)
+    mr = check_ratio("mask_ratio", mask_ratio)
+    if not 0.0 <= mr < 1.0:
+        raise ValueError(f"mask_ratio must satisfy 0 <= mask_ratio < 1, got {mask_ratio!r}")
+    if predict_ratio is None:
+        pr = mr
+    else:
+        pr = check_ratio("predict_ratio", predict_ratio)
+        if not 0.0 < pr <= mr:
+            raise ValueError(
+                f"predict_ratio must satisfy 0 < predict_ratio <= mask_ratio ({mask_ratio!r}), "
+                f"got {predict_ratio!r}"
+            )
+    pad = check_padding_mask("padding_mask", padding_mask, (b, n), "(batch_size, num_tokens)")
+    if noise is not None:
+        noise = check_tensor("noise", noise)
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+        if tuple(noise.shape) != (b, n):
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)} but (batch_size, num_tokens) is {(b, n)}"
+            )
+    dev = _resolve_device(device, pad, noise, generator)
+    if noise is None:
+        noise = torch.rand(b, n, generator=generator, device=dev)
+    noise = noise.to(dev)
+
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    arange_n = torch.arange(n, device=dev)
+    if pad is None:
+        n_keep_i = int(n * (1 - mr))
+        n_skip_i = int(n * (mr - pr))
+        n_pred_i = n - n_keep_i - n_skip_i
+        real = torch.full((b,), n, dtype=torch.long, device=dev)
+        n_keep = torch.full_like(real, n_keep_i)
+        n_pred = torch.full_like(real, n_pred_i)
+        width_keep, width_pred = n_keep_i, n_pred_i
+    else:
+        pad = pad.to(dev)
+        # Real tokens first (in noise order), padding last, whatever the noise values are.
+        pad_sorted = torch.gather(pad, 1, ids_shuffle)
+        ids_shuffle = torch.gather(
+            ids_shuffle, 1, torch.argsort(pad_sorted.to(torch.uint8), dim=1, stable=True)
+        )
+        real = (~pad).sum(dim=1)
+        real_f = real.to(torch.float64)
+        n_keep = torch.floor(real_f * (1 - mr)).long()
+        n_skip = torch.floor(real_f * (mr - pr)).long()
+        n_pred = real - n_keep - n_skip
+        width_keep, width_pred = _max_count(n_keep), _max_count(n_pred)
+
+    ranks = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, arange_n.expand(b, n))
+    visible_mask = ranks < n_keep[:, None]
+    predict_mask = (ranks >= (real - n_pred)[:, None]) & (ranks < real[:, None])
+    ids_keep, keep_pad = _first_slots(ids_shuffle, n_keep, width_keep)
+    ids_predict, predict_pad = _ascending_ids(predict_mask, n_pred, width_pred)
+    return MaskSplit(ids_keep, keep_pad, ids_predict, predict_pad, visible_mask, predict_mask)
+
+
+def _resolve_device(
+    device: Optional[Union[str, torch.device]],
+    pad: Optional[Tensor],
+    noise: Optional[Tensor],
+    generator: Optional[torch.Generator],
+) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a valid torch device") from e
+    if pad is not None:
+        return pad.device
+    if noise is not None:
+        return noise.device
+    if generator is not None:
+        return generator.device
+    return torch.device("cpu")
+
+
+def mask_split_from_masks(
+    visible_mask: Tensor,
+    predict_mask: Tensor,
+    *,
+    padding_mask: Optional[Tensor] = None,
+) -> MaskSplit:
+    """Build a `MaskSplit` from boolean token masks (for custom masking strategies).
+
+    Args:
+        visible_mask: bool ``[b, n]``, True = the encoder sees the token.
+        predict_mask: bool ``[b, n]``, True = reconstruct the token. Must not overlap
+            ``visible_mask``.
+        padding_mask: bool ``[b, n]``, True = padding; padded tokens are dropped from both
+            masks (a padded slot is never visible nor predicted).
+
+    Returns:
+        `MaskSplit` whose ``ids_keep`` and ``ids_predict`` are in ascending token order.
+
+    Raises:
+        ValueError: shapes differ, or a token is both visible and predicted (checked on the
+            host: this function is for data preparation, not for compiled forward code).
+    """
+    vis = check_tensor("visible_mask", visible_mask)
+    if vis.dtype != torch.bool or vis.ndim != 2:
+        raise TypeError(
+            f"visible_mask must be a bool [b, n] tensor, got {vis.dtype} {tuple(vis.shape)}"
+        )
+    pred = check_padding_mask("predict_mask", predict_mask, vis.shape, "visible_mask")
+    if pred is None:
+        raise TypeError("predict_mask must be a bool [b, n] tensor, got None")
+    pad = check_padding_mask("padding_mask", padding_mask, vis.shape, "visible_mask")
+    if pad is not None:
+        vis = vis & ~pad
+        pred = pred & ~pad
+    if bool((vis & pred).any()):
+        raise ValueError("visible_mask and predict_mask overlap: a token cannot be both")
+    return _split_from_disjoint_masks(vis, pred)
+
+
+def _split_from_disjoint_masks(vis: Tensor, pred: Tensor) -> MaskSplit:
+    n_keep = vis.sum(dim=1)
+    n_pred = pred.sum(dim=1)
+    ids_keep, keep_pad = _ascending_ids(vis, n_keep, _max_count(n_keep))
+    ids_predict, predict_pad = _ascending_ids(pred, n_pred, _max_count(n_pred))
+    return MaskSplit(ids_keep, keep_pad, ids_predict, predict_pad, vis, pred)
