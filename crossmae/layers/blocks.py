@@ -165,9 +165,7 @@ class CrossAttentionBlock(nn.Module):
         query_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
         if query_padding_mask is not None:
-            check_padding_mask(
-                "query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]"
-            )
+            check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(query_padding_mask[..., None], 0.0)
         if self.has_self_attn:
             x = x + self.drop_path0(self.self_attn(self.norm0(x), query_padding_mask))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .._checks import check_int
 
-__all__ = ["WeightedFeatureMaps"]
+__all__ = ["StackedLayerNorm", "WeightedFeatureMaps"]
 
 
 class WeightedFeatureMaps(nn.Module):
@@ -90,3 +90,44 @@ class WeightedFeatureMaps(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_inputs={self.num_inputs}, num_outputs={self.num_outputs}"
+
+
+class StackedLayerNorm(nn.Module):
+    """``num`` independent LayerNorms applied to a stack ``[num, ...,  c]`` in one kernel.
+
+    Equivalent to ``torch.stack([norm_j(x[j]) for j in range(num)])`` with separate affine
+    parameters per ``j`` (CrossMAE's one norm per decoder layer), but computed as one
+    ``layer_norm`` plus one fused scale-and-shift instead of ``num`` launches.
+
+    Args:
+        num: number of stacked inputs (decoder layers).
+        dim: normalized width ``c``.
+        eps: LayerNorm epsilon.
+
+    Parameters: ``weight [num, c]`` (ones), ``bias [num, c]`` (zeros).
+
+    Shapes:
+        ``forward(x [num, ..., c]) -> [num, ..., c]``.
+    """
+
+    def __init__(self, num: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num = check_int("num", num, minimum=1)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num, dim))
+        self.bias = nn.Parameter(torch.zeros(num, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if x.ndim < 2 or x.shape[0] != self.num or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have shape [{self.num}, ..., {self.dim}], got {tuple(x.shape)}"
+            )
+        y = torch.nn.functional.layer_norm(x, (self.dim,), eps=self.eps)
+        view = (self.num,) + (1,) * (x.ndim - 2) + (self.dim,)
+        return torch.addcmul(self.bias.view(view), y, self.weight.view(view))
+
+    def extra_repr(self) -> str:
+        return f"num={self.num}, dim={self.dim}, eps={self.eps}"

@@ -1,0 +1,202 @@
+"""CrossMAE decoder: the tokens to reconstruct cross-attend to the visible encoder tokens.
+
+Legend: ``b`` batch, ``n`` tokens in the full sequence, ``m`` context (visible) tokens,
+``p`` predicted tokens (queries), ``k`` encoder feature maps, ``c`` decoder width,
+``e`` encoder width, ``o`` output width per token.
+Mask polarity: ``context_padding_mask`` / ``query_padding_mask`` True = padding slot.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
+from ..layers.blocks import CrossAttentionBlock
+from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
+from ..masking.tokens import gather_tokens
+
+__all__ = ["CrossMAEDecoder", "build_pos_table"]
+
+
+def build_pos_table(
+    pos_embed: Union[str, Tensor, None], num_tokens: Optional[int], dim: int
+) -> tuple[Optional[Tensor], Optional[nn.Parameter]]:
+    """Resolve a decoder position-embedding option into ``(fixed_table, learned_table)``.
+
+    ``"learned"`` → a trainable ``[n, c]`` table; a tensor ``[n, c]`` → a fixed buffer;
+    ``None`` → no table (positions must be passed to ``forward``).
+    """
+    if pos_embed is None:
+        return None, None
+    if isinstance(pos_embed, str):
+        if pos_embed != "learned":
+            raise ValueError(
+                f"pos_embed must be 'learned', a [n, c] tensor or None, got {pos_embed!r}"
+            )
+        n = check_int("num_tokens", num_tokens, minimum=1)
+        param = nn.Parameter(torch.zeros(n, dim))
+        nn.init.trunc_normal_(param, std=0.02)
+        return None, param
+    table = check_float_tensor("pos_embed", pos_embed, ndim=2)
+    if table.shape[-1] != dim:
+        raise ValueError(f"pos_embed has width {table.shape[-1]} but dim={dim}")
+    return table.detach().clone(), None
+
+
+class CrossMAEDecoder(nn.Module):
+    """Stack of `CrossAttentionBlock` s decoding only the tokens to reconstruct.
+
+    Queries are ``mask_token + pos[ids_predict] (+ modality embedding)``; keys/values are the
+    encoder's visible tokens. With ``num_feature_maps`` set, the context of decoder layer
+    ``j`` is ``dec_norms[j](WFM(features)[j])`` (CrossMAE's inter-block attention, one
+    `WeightedFeatureMaps` matmul and one batched norm for all layers); otherwise every layer
+    attends to the same context (normalize it in the encoder).
+
+    Args:
+        context_dim: encoder width ``e``.
+        dim: decoder width ``c``.
+        depth: number of decoder blocks.
+        num_heads: attention heads.
+        out_dim: prediction width ``o`` per token (e.g. ``patch**2 * channels``).
+        mlp_ratio: MLP hidden width multiple.
+        self_attn: self-attention among queries in every block (honours
+            ``query_padding_mask``).
+        qkv_bias: bias on q/kv projections.
+        drop_path: stochastic depth, linear from 0 to this value.
+        norm_layer: norm constructor (called with ``dim``).
+        num_feature_maps: number ``k`` of encoder feature maps to mix (enables WFM), or None.
+        num_tokens: length ``n`` of the full sequence (needed for ``pos_embed="learned"``).
+        pos_embed: ``"learned"``, a fixed ``[n, c]`` table (e.g. `sincos_pos_embed_2d`), or
+            None (then pass ``pos`` to ``forward``).
+        modality_embed: add a learned ``[c]`` vector to every query.
+        fused_attn: see `CrossAttention`.
+
+    Shapes:
+        ``forward(context, ids_predict [b, p], *, context_padding_mask [b, m] | None,
+        query_padding_mask [b, p] | None, pos [n, c] | [b, n, c] | None) -> [b, p, o]``
+        where ``context`` is ``[b, m, e]`` (no WFM) or ``[k, b, m, e]`` (WFM).
+        Outputs at padded query slots are finite and meaningless. A sample with no real
+        context token still gets finite predictions (from the queries alone).
+    """
+
+    pos_table: Optional[Tensor]
+
+    def __init__(
+        self,
+        context_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        out_dim: int,
+        mlp_ratio: float = 4.0,
+        *,
+        self_attn: bool = False,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        num_feature_maps: Optional[int] = None,
+        num_tokens: Optional[int] = None,
+        pos_embed: Union[str, Tensor, None] = "learned",
+        modality_embed: bool = False,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.context_dim = check_int("context_dim", context_dim, minimum=1)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.depth = check_int("depth", depth, minimum=1)
+        check_int("out_dim", out_dim, minimum=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        fixed, learned = build_pos_table(pos_embed, num_tokens, dim)
+        self.pos_embed = learned
+        self.register_buffer("pos_table", fixed, persistent=False)
+        self.modality_embed = nn.Parameter(torch.zeros(dim)) if modality_embed else None
+        self.num_feature_maps = num_feature_maps
+        self.wfm: Optional[WeightedFeatureMaps] = None
+        self.dec_norms: Optional[StackedLayerNorm] = None
+        if num_feature_maps is not None:
+            self.wfm = WeightedFeatureMaps(num_feature_maps, depth)
+            self.dec_norms = StackedLayerNorm(depth, context_dim)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                dim,
+                context_dim,
+                num_heads,
+                mlp_ratio,
+                self_attn=self_attn,
+                qkv_bias=qkv_bias,
+                drop_path=r,
+                norm_layer=norm_layer,
+                fused_attn=fused_attn,
+            )
+            for r in rates
+        )
+        self.norm = norm_layer(dim)
+        self.head = nn.Linear(dim, out_dim)
+
+    def queries(self, ids_predict: Tensor, pos: Optional[Tensor] = None) -> Tensor:
+        """Build the queries ``[b, p, c]`` for the tokens at ``ids_predict``."""
+        ids = check_index_tensor("ids_predict", ids_predict)
+        table = pos
+        if table is None:
+            table = self.pos_embed if self.pos_embed is not None else self.pos_table
+        if table is None:
+            raise ValueError("pos is required: this decoder was built with pos_embed=None")
+        if table.ndim == 2:
+            q = table[ids]  # [b, p, c]
+        elif table.ndim == 3 and table.shape[0] == ids.shape[0]:
+            q = gather_tokens(table, ids)
+        else:
+            raise ValueError(
+                f"pos must be [n, c] or [b, n, c] with b={ids.shape[0]}, got {tuple(table.shape)}"
+            )
+        if q.shape[-1] != self.dim:
+            raise ValueError(f"pos has width {q.shape[-1]} but dim={self.dim}")
+        q = q.to(self.mask_token.dtype) + self.mask_token
+        if self.modality_embed is not None:
+            q = q + self.modality_embed
+        return q
+
+    def contexts(self, context: Tensor) -> Tensor:
+        """Per-layer contexts ``[depth, b, m, e]`` (WFM) or the context ``[b, m, e]`` as is."""
+        if self.wfm is None or self.dec_norms is None:
+            return check_float_tensor("context", context, ndim=3)
+        ctx = check_float_tensor("context", context, ndim=4)
+        return self.dec_norms(self.wfm(ctx))
+
+    def forward(
+        self,
+        context: Tensor,
+        ids_predict: Tensor,
+        *,
+        context_padding_mask: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> Tensor:
+        ctx = self.contexts(context)
+        if ctx.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"context has width {ctx.shape[-1]} (shape {tuple(context.shape)}) but "
+                f"context_dim={self.context_dim}"
+            )
+        b, m = ctx.shape[-3], ctx.shape[-2]
+        if ids_predict.shape[0] != b:
+            raise ValueError(
+                f"ids_predict has batch {ids_predict.shape[0]} but context has batch {b}"
+            )
+        cpad = check_padding_mask("context_padding_mask", context_padding_mask, (b, m), "context")
+        qpad = check_padding_mask(
+            "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict [b, p]"
+        )
+        x = self.queries(ids_predict, pos)
+        if cpad is not None:  # zero padded keys once for every layer
+            ctx = ctx.masked_fill(cpad[..., None], 0.0)
+        for j, blk in enumerate(self.blocks):
+            layer_ctx = ctx[j] if ctx.ndim == 4 else ctx
+            x = blk(x, layer_ctx, cpad, qpad)
+        return self.head(self.norm(x))

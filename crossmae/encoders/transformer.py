@@ -1,0 +1,198 @@
+"""Transformer encoder over a padded token set, with per-layer feature taps and FiLM.
+
+Legend: ``b`` batch, ``n`` tokens, ``c`` width, ``k`` returned feature maps,
+``a`` conditioning width. Mask polarity: ``padding_mask`` True = padding slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
+from ..layers.blocks import Block
+
+__all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
+
+LayerSelection = Union[None, str, int, Sequence[int]]
+
+
+class EncoderOutput(NamedTuple):
+    """What `TransformerEncoder` returns.
+
+    Fields:
+        tokens: ``[b, n, c]`` output of the last block (after the final norm if enabled).
+        padding_mask: bool ``[b, n]`` (True = padding) passed through, or None.
+        features: ``[k, b, n, c]`` stacked outputs of the selected layers (raw block
+            outputs, before any final norm; the input first when ``include_input``), or None.
+    """
+
+    tokens: Tensor
+    padding_mask: Optional[Tensor]
+    features: Optional[Tensor]
+
+
+def resolve_layer_indices(layers: LayerSelection, depth: int) -> tuple[int, ...]:
+    """Normalize a layer selection (``"all"``, an int, or ints, negatives allowed) to indices.
+
+    Returns sorted, de-duplicated indices in ``[0, depth)``; raises ValueError when an index
+    is out of range or the selection is empty.
+    """
+    if layers is None:
+        return ()
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all', an int or a sequence of ints, got {layers!r}")
+        return tuple(range(depth))
+    items = [layers] if isinstance(layers, int) else list(layers)
+    out: list[int] = []
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layer indices must be ints, got {i!r} in {layers!r}")
+        if not -depth <= i < depth:
+            raise ValueError(f"layer index {i} out of range for depth {depth} (in {layers!r})")
+        out.append(i % depth)
+    if not out:
+        raise ValueError(f"layers selects no layer: {layers!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers selects a layer twice: {layers!r}")
+    return tuple(sorted(out))
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation: ``x * (1 + scale(cond)) + shift(cond)``.
+
+    Zero-initialised, so a freshly built FiLM is the identity.
+
+    Args:
+        cond_dim: conditioning width ``a``.
+        dim: modulated width ``c``.
+
+    Shapes:
+        ``forward(x [b, n, c], cond [b, a]) -> [b, n, c]``.
+    """
+
+    def __init__(self, cond_dim: int, dim: int) -> None:
+        super().__init__()
+        self.cond_dim = check_int("cond_dim", cond_dim, minimum=1)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.proj = nn.Linear(cond_dim, 2 * dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        scale, shift = self.proj(cond).unsqueeze(1).chunk(2, dim=-1)
+        return torch.addcmul(x + shift, x, scale)
+
+
+class TransformerEncoder(nn.Module):
+    """Pre-norm ViT-style encoder (`Block` stack) over a padded token set.
+
+    Args:
+        dim: token width ``c``.
+        depth: number of blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        qkv_bias: bias on the qkv projections (ViT/MAE use True).
+        drop: dropout in blocks (training only).
+        attn_drop: attention-weight dropout (training only).
+        drop_path: stochastic depth, increased linearly from 0 to this value over the blocks.
+        act_layer: MLP activation constructor.
+        norm_layer: norm constructor (called with ``dim``); MAE uses LayerNorm(eps=1e-6).
+        final_norm: apply a final norm to ``tokens`` (feature taps are always raw).
+        cond_dim: if set, every block is followed by a `FiLM` on a per-sample vector
+            ``cond [b, cond_dim]`` (e.g. static catchment attributes).
+        fused_attn: see `Attention`.
+
+    Shapes:
+        ``forward(tokens [b, n, c], padding_mask [b, n] | None, *, cond [b, a] | None,
+        return_layers=None | "all" | int | ints, include_input=False) -> EncoderOutput``.
+        ``padding_mask`` True = padding: padded tokens never act as keys, their outputs are
+        finite and meaningless, and samples with no real token produce finite outputs.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        final_norm: bool = True,
+        cond_dim: Optional[int] = None,
+        fused_attn: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim, minimum=1)
+        self.depth = check_int("depth", depth, minimum=0)
+        check_probability("drop_path", drop_path)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop,
+                attn_drop=attn_drop,
+                drop_path=r,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                fused_attn=fused_attn,
+            )
+            for r in rates
+        )
+        self.cond_dim = cond_dim
+        self.films: Optional[nn.ModuleList] = None
+        if cond_dim is not None:
+            check_int("cond_dim", cond_dim, minimum=1)
+            self.films = nn.ModuleList(FiLM(cond_dim, dim) for _ in range(depth))
+        self.norm: nn.Module = norm_layer(dim) if final_norm else nn.Identity()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        cond: Optional[Tensor] = None,
+        return_layers: LayerSelection = None,
+        include_input: bool = False,
+    ) -> EncoderOutput:
+        x = check_float_tensor("tokens", tokens, ndim=3)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"tokens has width {x.shape[-1]} (shape {tuple(x.shape)}) but dim={self.dim}"
+            )
+        pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "tokens [b, n, c]")
+        if self.films is not None:
+            c = check_float_tensor("cond", cond, ndim=2)
+            if tuple(c.shape) != (x.shape[0], self.cond_dim):
+                raise ValueError(
+                    f"cond must have shape {(x.shape[0], self.cond_dim)}, got {tuple(c.shape)}"
+                )
+        elif cond is not None:
+            raise ValueError("cond was given but the encoder was built without cond_dim")
+        taps = set(resolve_layer_indices(return_layers, self.depth))
+        if include_input and return_layers is None:
+            raise ValueError("include_input=True needs return_layers")
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)
+        feats: list[Tensor] = [x] if include_input else []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, pad)
+            if self.films is not None:
+                x = self.films[i](x, cond)
+            if i in taps:
+                feats.append(x)
+        features = torch.stack(feats, dim=0) if feats else None
+        return EncoderOutput(self.norm(x), pad, features)
