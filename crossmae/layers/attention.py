@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
 from .._config import use_fused_attn
+from ._varlen import can_use_varlen, varlen_attend
 
 __all__ = ["Attention", "CrossAttention", "padded_attention"]
 
@@ -39,8 +40,17 @@ def _attend(
     *,
     dropout_p: float,
     fused: bool,
+    query_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Attention of ``q [b h n d]`` over ``k, v [b h m d]`` whose padded keys are finite."""
+    """Attention of ``q [b h n d]`` over ``k, v [b h m d]`` whose padded keys are finite.
+
+    The one place where crossmae's polarity (True = padding) becomes a kernel's. Dispatch:
+    no padding → SDPA without a mask (flash/cuDNN can run); padding on CUDA in half
+    precision → packed variable-length attention (`_varlen`), padding never computed
+    against real tokens and no dense mask; otherwise SDPA with a boolean mask, or the
+    explicit softmax path when ``fused`` is False. ``query_padding_mask`` (self-attention)
+    only lets the packed path skip padded queries; results are the same either way.
+    """
     if key_padding_mask is None:
         if fused:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -48,6 +58,9 @@ def _attend(
     # Rows with no real key attend to every (finite, zeroed) key and are zeroed afterwards:
     # no fully masked softmax row ever exists, whatever kernel or torch version runs.
     empty = key_padding_mask.all(dim=-1)  # [b]
+    if fused and can_use_varlen(q, dropout_p):
+        out = varlen_attend(q, k, v, key_padding_mask, query_padding_mask)
+        return out.masked_fill(empty[:, None, None, None], 0.0)
     attend = ~key_padding_mask | empty[:, None]  # [b m], True = attend (SDPA polarity)
     attend = attend[:, None, None, :]  # [b 1 1 m]
     if fused:
@@ -193,6 +206,7 @@ class Attention(nn.Module):
             pad,
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
+            query_padding_mask=pad,
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))

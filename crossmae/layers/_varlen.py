@@ -1,0 +1,123 @@
+"""Packed variable-length attention for padded batches on CUDA (no host sync).
+
+Legend: ``b`` batch, ``h`` heads, ``n`` query slots, ``m`` key slots, ``d`` head dim.
+
+A padded batch is turned into the packed layout of ``torch.nn.attention.varlen`` without
+knowing any length on the host: real tokens are moved to the front of their row (a stable
+sort of the padding flags, attention being invariant to key order), and every sample is
+split into two segments, *real* (its real queries against its real keys) and *dummy* (its
+padded queries against its padded keys). All boundaries come from on-device cumulative sums
+over the fixed strides ``n`` and ``m``, so the packed length is ``b * n`` / ``b * m`` and
+``max_q``/``max_k`` are the padded lengths: nothing syncs, shapes are static (compile- and
+CUDA-graph-friendly), and padded keys cost nothing to real queries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__: list[str] = []
+
+VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
+
+
+def _load_varlen() -> Optional[VarlenFn]:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn  # type: ignore[return-value]
+
+
+_VARLEN: Optional[VarlenFn] = _load_varlen()
+
+
+def varlen_available() -> bool:
+    """Whether this torch build ships ``torch.nn.attention.varlen.varlen_attn``."""
+    return _VARLEN is not None
+
+
+def can_use_varlen(q: Tensor, dropout_p: float) -> bool:
+    """Whether the packed kernel can serve this call (CUDA, half precision, flash head dims)."""
+    return (
+        _VARLEN is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and dropout_p == 0.0
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
+
+
+def _segments(lengths: Tensor, stride: int) -> Tensor:
+    """Cumulative boundaries ``[0, l_0, s, s + l_1, 2s, ..., b*s]`` as int32 ``[2b + 1]``."""
+    b = lengths.shape[0]
+    starts = torch.arange(b, device=lengths.device, dtype=torch.int32) * stride
+    mids = starts + lengths.to(torch.int32)
+    bounds = torch.stack([starts, mids], dim=1).reshape(-1)
+    end = torch.full((1,), b * stride, device=lengths.device, dtype=torch.int32)
+    return torch.cat([bounds, end])
+
+
+def _real_first(padding_mask: Tensor) -> Tensor:
+    """Per-row permutation putting real slots first (stable), int64 ``[b, n]``."""
+    return torch.argsort(padding_mask.to(torch.uint8), dim=1, stable=True)
+
+
+def _take(x: Tensor, perm: Tensor) -> Tensor:
+    """``x [b h n d]`` reordered along ``n`` by ``perm [b n]``."""
+    idx = perm[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+    return torch.gather(x, 2, idx)
+
+
+def varlen_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor,
+    query_padding_mask: Optional[Tensor] = None,
+    *,
+    kernel: Optional[VarlenFn] = None,
+) -> Tensor:
+    """Attention of ``q [b h n d]`` over the real keys of ``k, v [b h m d]`` via packed segments.
+
+    ``key_padding_mask`` / ``query_padding_mask``: bool, True = padding. Padded keys must be
+    finite (callers zero them). Rows of samples with no real key are left for the caller to
+    zero. ``kernel`` replaces the varlen function (used by the CPU tests with a reference).
+    """
+    fn = kernel if kernel is not None else _VARLEN
+    if fn is None:
+        raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    kperm = _real_first(key_padding_mask)
+    k = _take(k, kperm)
+    v = _take(v, kperm)
+    k_len = (~key_padding_mask).sum(dim=1)
+    if query_padding_mask is None:
+        q_len = torch.full_like(k_len, n)
+        qperm = None
+    else:
+        qperm = _real_first(query_padding_mask)
+        q = _take(q, qperm)
+        q_len = (~query_padding_mask).sum(dim=1)
+    out = fn(
+        rearrange(q, "b h n d -> (b n) h d").contiguous(),
+        rearrange(k, "b h m d -> (b m) h d").contiguous(),
+        rearrange(v, "b h m d -> (b m) h d").contiguous(),
+        _segments(q_len, n),
+        _segments(k_len, m),
+        n,
+        m,
+    )
+    out = rearrange(out, "(b n) h d -> b h n d", b=b)
+    if qperm is not None:  # undo the query reordering
+        inv = torch.empty_like(qperm).scatter_(
+            1, qperm, torch.arange(n, device=q.device).expand(b, n)
+        )
+        out = _take(out, inv)
+    return out
