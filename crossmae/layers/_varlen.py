@@ -92,7 +92,7 @@ def varlen_attend(
     fn = kernel if kernel is not None else _VARLEN
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
-    b, h, n, d = q.shape
+    b, n = q.shape[0], q.shape[2]
     m = k.shape[2]
     kperm = _real_first(key_padding_mask)
     k = _take(k, kperm)
