@@ -1,0 +1,356 @@
+"""Multimodal masked autoencoder: per-modality tokenizers and encoders, fusion, CrossMAE decoders.
+
+Legend: ``b`` batch, ``n_m`` tokens of modality ``m`` (time-major, ``t * l_m``), ``k_m``
+visible tokens of ``m``, ``p_m`` predicted tokens of ``m``, ``M`` fused keys (all
+modalities' visible tokens, plus static tokens), ``e`` encoder width.
+Mask polarity: every ``*_padding_mask`` True = padding slot.
+
+Data flow for every modality ``m`` (nothing here loops over samples):
+
+1. ``tokens, padding_mask = tokenizer(x_m)`` (invalid/missing data → padding tokens);
+2. a `MaskSplit` from the modality's masking function (or the one given), honouring that
+   padding; a per-sample ``missing`` flag removes every token of that sample;
+3. the visible tokens are encoded (optionally FiLM-conditioned on static attributes, and
+   with one static token appended so every sample keeps at least one real key);
+4. all modalities' encoded tokens are concatenated with their padding masks and fused by
+   a few more self-attention layers;
+5. each modality's decoder reconstructs its ``ids_predict`` from the fused keys
+   (`CrossMAEDecoder`, or `MAEDecoder` over the modality's own slice of the fused tokens);
+6. a masked MSE per modality (invalid target values never scored), weighted and summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Union, cast
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .._checks import check_tensor
+from ..decoders.cross import CrossMAEDecoder
+from ..decoders.mae import MAEDecoder
+from ..encoders.transformer import LayerSelection, TransformerEncoder
+from ..losses import masked_mse_loss
+from ..masking.split import MaskSplit, mask_split_from_masks
+from ..masking.strategies import grouped_random_masking, mask_missing_samples
+from ..masking.tokens import gather_tokens
+from ..tokenizers.series import SeriesTokenizer, StaticToken
+
+__all__ = [
+    "MaskingFn",
+    "Modality",
+    "MultimodalMAE",
+    "MultimodalOutput",
+    "grouped_masking_fn",
+]
+
+MaskingFn = Callable[[Tensor, int, Optional[torch.Generator]], MaskSplit]
+"""``(padding_mask [b, n], num_steps, generator) -> MaskSplit`` for one modality."""
+
+
+def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None) -> MaskingFn:
+    """Masking function: exact-count random masking per (sample, time step), see
+    `grouped_random_masking`. Tokens must be time-major (``n = t * l``)."""
+
+    def fn(padding_mask: Tensor, num_steps: int, generator: Optional[torch.Generator]) -> MaskSplit:
+        b, n = padding_mask.shape
+        if n % num_steps != 0:
+            raise ValueError(f"{n} tokens cannot be split into num_steps={num_steps} steps")
+        return grouped_random_masking(
+            b,
+            num_steps,
+            n // num_steps,
+            mask_ratio,
+            predict_ratio=predict_ratio,
+            padding_mask=padding_mask,
+            generator=generator,
+        )
+
+    return fn
+
+
+@dataclass(frozen=True)
+class _ModalityOptions:
+    loss_weight: float
+    uses_static: bool
+
+
+class Modality(nn.Module):
+    """The built parts of one modality.
+
+    Args:
+        tokenizer: a module ``tokenizer(x, **kwargs) -> (tokens [b, n, e], padding_mask [b, n])``
+            with ``targets(x, **kwargs) -> (target [b, n, o], target_valid)`` (e.g.
+            `RasterTokenizer`, `SeriesTokenizer`).
+        encoder: `TransformerEncoder` of width ``e`` (with ``cond_dim=e`` to be FiLM-conditioned
+            on the static token).
+        decoder: `CrossMAEDecoder` (context width = the fusion width) or `MAEDecoder`.
+        masking: `MaskingFn` (default: `grouped_masking_fn(0.4)`).
+        static_token: optional `StaticToken`; its token is appended to the encoded sequence
+            (never padding) and, if the encoder has ``cond_dim``, conditions it via FiLM.
+        loss_weight: weight of this modality's loss in the total.
+        num_steps: time steps ``t`` of the token layout (for the default masking).
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        encoder: TransformerEncoder,
+        decoder: Union[CrossMAEDecoder, MAEDecoder],
+        *,
+        masking: Optional[MaskingFn] = None,
+        static_token: Optional[StaticToken] = None,
+        loss_weight: float = 1.0,
+        num_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, TransformerEncoder):
+            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
+        if not isinstance(decoder, (CrossMAEDecoder, MAEDecoder)):
+            raise TypeError(
+                f"decoder must be a CrossMAEDecoder or MAEDecoder, got {type(decoder).__name__}"
+            )
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.decoder = decoder
+        self.static_token = static_token
+        self.masking: MaskingFn = masking if masking is not None else grouped_masking_fn(0.4)
+        self.loss_weight = float(loss_weight)
+        self.num_steps = int(num_steps)
+
+
+class MultimodalOutput(NamedTuple):
+    """What `MultimodalMAE.forward` returns.
+
+    Fields:
+        loss: scalar, ``sum_m weight_m * losses[m]``.
+        losses: per-modality scalar losses.
+        sample_losses: per-modality per-sample losses ``[b]`` (0 where nothing is scored).
+        preds: per-modality predictions ``[b, p_m, o_m]`` at ``splits[m].ids_predict``.
+        targets: per-modality targets ``[b, p_m, o_m]`` (invalid values are 0).
+        target_valid: per-modality bool ``[b, p_m, o_m]``, True = scored value.
+        splits: per-modality `MaskSplit`.
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    sample_losses: dict[str, Tensor]
+    preds: dict[str, Tensor]
+    targets: dict[str, Tensor]
+    target_valid: dict[str, Tensor]
+    splits: dict[str, MaskSplit]
+
+
+class MultimodalMAE(nn.Module):
+    """Named modalities → encoders → fused keys → one decoder per modality.
+
+    Args:
+        modalities: name → `Modality` (insertion order = order in the fused sequence).
+        fusion: optional `TransformerEncoder` over the concatenated encoded tokens (all
+            modality encoders must share its width). None: the concatenation is used as is.
+        use_weighted_fm: CrossMAE decoders receive ``[k, b, M, e]`` feature maps: the
+            outputs of the fusion layers ``fm_layers`` (and, with ``use_input``, the fusion
+            input). Decoders must then be built with ``num_feature_maps=k``.
+        fm_layers: fusion layers to tap (``"all"``, ints, negatives allowed).
+        use_input: include the fusion input (the concatenated modality encodings).
+
+    Shapes:
+        ``forward(inputs: {name: x_m}, *, tokenizer_kwargs={name: {...}}, static=None
+        ([b, a] or [b, s, a]), site_padding_mask=None ([b, s]), missing={name: bool [b]},
+        splits={name: MaskSplit}, generator=None) -> MultimodalOutput``.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, Modality],
+        fusion: Optional[TransformerEncoder] = None,
+        *,
+        use_weighted_fm: bool = False,
+        fm_layers: LayerSelection = "all",
+        use_input: bool = False,
+    ) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("modalities must name at least one modality")
+        for name, mod in modalities.items():
+            if not isinstance(mod, Modality):
+                raise TypeError(
+                    f"modalities[{name!r}] must be a Modality, got {type(mod).__name__}"
+                )
+        self.modalities = nn.ModuleDict(dict(modalities))
+        self.fusion = fusion
+        self.use_weighted_fm = bool(use_weighted_fm)
+        self.fm_layers = fm_layers
+        self.use_input = bool(use_input)
+        if self.use_weighted_fm and fusion is None:
+            raise ValueError("use_weighted_fm=True needs a fusion encoder to tap")
+
+    @property
+    def names(self) -> list[str]:
+        """Modality names in fused order."""
+        return list(self.modalities.keys())
+
+    def make_splits(
+        self,
+        padding_masks: Mapping[str, Tensor],
+        *,
+        missing: Optional[Mapping[str, Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, MaskSplit]:
+        """Draw one `MaskSplit` per modality (data preparation; may sync to size outputs)."""
+        splits: dict[str, MaskSplit] = {}
+        for name, mod in self._items():
+            split = mod.masking(padding_masks[name], mod.num_steps, generator)
+            if missing is not None and name in missing:
+                split = mask_missing_samples(split, missing[name])
+            splits[name] = split
+        return splits
+
+    def full_reconstruction_split(self, split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
+        """Same visible tokens, but every hidden real token is predicted (inference)."""
+        predict = ~split.visible_mask & ~padding_mask
+        return mask_split_from_masks(split.visible_mask, predict, padding_mask=padding_mask)
+
+    def _items(self) -> list[tuple[str, Modality]]:
+        return [(name, mod) for name, mod in self.modalities.items() if isinstance(mod, Modality)]
+
+    def _kwargs(
+        self,
+        name: str,
+        tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]],
+        site_padding_mask: Optional[Tensor],
+    ) -> dict[str, object]:
+        kwargs = dict((tokenizer_kwargs or {}).get(name, {}))
+        mod = self.modalities[name]
+        if site_padding_mask is not None and isinstance(mod.tokenizer, SeriesTokenizer):
+            kwargs.setdefault("site_padding_mask", site_padding_mask)
+        return kwargs
+
+    def tokenize(
+        self,
+        inputs: Mapping[str, Tensor],
+        tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]] = None,
+        site_padding_mask: Optional[Tensor] = None,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (tokens [b, n_m, e], padding_mask [b, n_m])}`` for every modality."""
+        missing_names = [n for n in self.names if n not in inputs]
+        if missing_names:
+            raise ValueError(f"inputs lacks modalities {missing_names}; got {sorted(inputs)}")
+        extra = sorted(set(inputs) - set(self.names))
+        if extra:
+            raise ValueError(f"inputs has unknown modalities {extra}; known: {self.names}")
+        out = {}
+        for name, mod in self._items():
+            kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
+            out[name] = mod.tokenizer(check_tensor(f"inputs[{name!r}]", inputs[name]), **kwargs)
+        return out
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        *,
+        tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]] = None,
+        static: Optional[Tensor] = None,
+        site_padding_mask: Optional[Tensor] = None,
+        missing: Optional[Mapping[str, Tensor]] = None,
+        splits: Optional[Mapping[str, MaskSplit]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> MultimodalOutput:
+        tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
+        if splits is None:
+            splits = self.make_splits(
+                {k: v[1] for k, v in tokenized.items()}, missing=missing, generator=generator
+            )
+        elif missing is not None:
+            splits = {
+                k: mask_missing_samples(s, missing[k]) if k in missing else s
+                for k, s in splits.items()
+            }
+        encoded: list[Tensor] = []
+        encoded_pad: list[Tensor] = []
+        widths: list[int] = []
+        for name, mod in self._items():
+            tokens, _ = tokenized[name]
+            split = splits[name]
+            visible, keep_pad = split.visible_tokens(tokens)
+            cond = None
+            static_tok = None
+            if mod.static_token is not None:
+                if static is None:
+                    raise ValueError(f"modality {name!r} has a static token: pass static=")
+                kw = {"site_padding_mask": site_padding_mask} if mod.static_token.per_site else {}
+                static_tok, _ = mod.static_token(static, **kw)
+                if mod.encoder.cond_dim is not None:
+                    cond = static_tok[:, 0]
+            enc = mod.encoder(visible, keep_pad, cond=cond).tokens
+            if static_tok is not None:
+                enc = torch.cat([enc, static_tok.to(enc.dtype)], dim=1)
+                keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
+            encoded.append(enc)
+            encoded_pad.append(keep_pad)
+            widths.append(enc.shape[1])
+        keys = torch.cat(encoded, dim=1)
+        keys_pad = torch.cat(encoded_pad, dim=1)
+        features: Optional[Tensor] = None
+        if self.fusion is not None:
+            fused = self.fusion(
+                keys,
+                keys_pad,
+                return_layers=self.fm_layers if self.use_weighted_fm else None,
+                include_input=self.use_input and self.use_weighted_fm,
+            )
+            keys, features = fused.tokens, fused.features
+
+        losses: dict[str, Tensor] = {}
+        sample_losses: dict[str, Tensor] = {}
+        preds: dict[str, Tensor] = {}
+        targets: dict[str, Tensor] = {}
+        valids: dict[str, Tensor] = {}
+        total = keys.new_zeros(())
+        offset = 0
+        for (name, mod), width in zip(self._items(), widths):
+            split = splits[name]
+            dec = mod.decoder
+            if isinstance(dec, CrossMAEDecoder):
+                context = features if features is not None and dec.wfm is not None else keys
+                pred = dec(
+                    context,
+                    split.ids_predict,
+                    context_padding_mask=keys_pad,
+                    query_padding_mask=split.predict_padding_mask,
+                )
+            else:
+                k_m = split.ids_keep.shape[1]
+                own = keys[:, offset : offset + k_m]
+                pred = dec(
+                    own,
+                    split.ids_keep,
+                    split.ids_predict,
+                    context_padding_mask=split.keep_padding_mask,
+                    query_padding_mask=split.predict_padding_mask,
+                    padding_mask=tokenized[name][1],
+                )
+            offset += width
+            kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
+            kwargs.pop("time_positions", None)
+            tokenizer = cast(Any, mod.tokenizer)
+            target_full, valid_full = tokenizer.targets(inputs[name], **kwargs)
+            target = gather_tokens(target_full, split.ids_predict)
+            valid = gather_tokens(valid_full, split.ids_predict)
+            per_sample = masked_mse_loss(
+                pred,
+                target,
+                padding_mask=split.predict_padding_mask,
+                valid_mask=valid,
+                reduction="none",
+            )
+            scored = (~split.predict_padding_mask[..., None] & valid).flatten(1).any(dim=1)
+            loss = per_sample.sum() / scored.sum().clamp(min=1).to(per_sample.dtype)
+            losses[name] = loss
+            sample_losses[name] = per_sample
+            preds[name], targets[name], valids[name] = pred, target, valid
+            total = total + mod.loss_weight * loss
+        return MultimodalOutput(total, losses, sample_losses, preds, targets, valids, dict(splits))
