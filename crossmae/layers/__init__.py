@@ -5,7 +5,7 @@ from __future__ import annotations
 from .attention import Attention, CrossAttention, padded_attention
 from .blocks import Block, CrossAttentionBlock
 from .drop import DropPath, drop_path
-from .feature_maps import WeightedFeatureMaps
+from .feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from .mlp import Mlp
 from .pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d, sincos_pos_embed_2d_from_coords
 
@@ -16,6 +16,7 @@ __all__ = [
     "CrossAttentionBlock",
     "DropPath",
     "Mlp",
+    "StackedLayerNorm",
     "WeightedFeatureMaps",
     "drop_path",
     "padded_attention",

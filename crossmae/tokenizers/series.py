@@ -1,0 +1,439 @@
+"""Series tokenizers: per-(step, site-group) tokens, a static-attribute token, token appending.
+
+Legend: ``b`` batch, ``s`` sites (e.g. catchments), ``t`` time steps, ``c`` channels per site,
+``g`` sites per patch (``group_size``), ``p`` patches (``P = ceil(s / g)``; the last one is
+filled up with padding sites), ``a`` static attributes, ``d`` embedding width.
+
+Site ``i`` belongs to patch ``i // g`` at slot ``i % g``; a token's values are laid out
+``(g c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .._checks import check_int, check_padding_mask, check_tensor
+from ..layers.pos_embed import sincos_pos_embed_1d
+from .raster import _time_embed_positions
+
+__all__ = ["SeriesTokenizer", "StaticToken", "append_tokens"]
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: object) -> Tensor:
+    t = check_tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def _check_bool_like(name: str, value: Optional[Tensor], shape: tuple[int, ...]) -> None:
+    if value is None:
+        return
+    t = check_tensor(name, value)
+    if t.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = missing), got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have the shape of x {shape}, got {tuple(t.shape)}")
+
+
+class SeriesTokenizer(nn.Module):
+    """Tokens for multi-site time series, ``group_size`` sites per token, time-major.
+
+    The ``s`` sites are cut into ``P = ceil(s / group_size)`` patches of ``group_size``
+    consecutive sites (the last patch is filled up with padding sites). Every (time step,
+    patch) pair becomes one token, **time-major**: token ``n = t_i * P + p``.
+
+    A value is *observed* when it is finite, not flagged by ``missing_mask`` and its site is
+    real (not flagged by ``site_padding_mask``, not a fill-up site). A token is
+    ``proj([values, missing]) + spatial + time + modality``, where ``values`` are the group's
+    ``g*c`` values with every unobserved one replaced by 0 and ``missing`` is the matching 0/1
+    indicator (1 = not observed), so an observed 0 and a missing value differ. Whatever an
+    unobserved value holds (NaN included) never reaches an output or a gradient.
+
+    * ``spatial``: a learned vector per patch (``spatial_embed="learned"``, parameter
+      ``spatial_pos_embed [P, d]``) or the sin-cos 1D embedding of the patch index
+      (``"sincos"``, computed on the fly in the parameter dtype).
+    * ``time``: sin-cos 1D embedding of the step's position (``time_embed="sincos"``; default
+      ``0..t-1``) or nothing (None).
+    * ``modality``: one learned vector ``modality_embed [d]`` (``modality_embed=True``).
+
+    A token with no observed value at all is flagged as padding, so a sample whose whole series
+    is missing (e.g. river flow before 1989) contributes zero real tokens.
+
+    Args:
+        embed_dim: token width ``d`` (even when a sin-cos embedding is used).
+        num_sites: ``s``.
+        in_chans: ``c`` values per site and step.
+        group_size: ``g`` sites per token.
+        spatial_embed: ``"learned"`` or ``"sincos"``.
+        time_embed: ``"sincos"`` or None.
+        modality_embed: add one learned modality vector to every token.
+        bias: bias in ``proj`` (Linear ``2*g*c -> d``).
+
+    Shapes: ``b`` batch, ``s`` sites, ``t`` steps, ``c`` channels, ``P`` patches, ``d`` width.
+    """
+
+    spatial_pos_embed: Optional[nn.Parameter]
+    modality_embed: Optional[nn.Parameter]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_sites: int,
+        *,
+        in_chans: int = 1,
+        group_size: int = 1,
+        spatial_embed: str = "learned",
+        time_embed: Optional[str] = "sincos",
+        modality_embed: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        d = check_int("embed_dim", embed_dim, minimum=1)
+        self.num_sites = check_int("num_sites", num_sites, minimum=1)
+        self.in_chans = check_int("in_chans", in_chans, minimum=1)
+        self.group_size = check_int("group_size", group_size, minimum=1)
+        if spatial_embed not in ("learned", "sincos"):
+            raise ValueError(f"spatial_embed must be 'learned' or 'sincos', got {spatial_embed!r}")
+        if time_embed not in ("sincos", None):
+            raise ValueError(f"time_embed must be 'sincos' or None, got {time_embed!r}")
+        if (spatial_embed == "sincos" or time_embed == "sincos") and d % 2 != 0:
+            raise ValueError(f"embed_dim must be even for sin-cos embeddings, got {d}")
+        _check_flag("modality_embed", modality_embed)
+        _check_flag("bias", bias)
+        self.embed_dim = d
+        self.num_patches = math.ceil(self.num_sites / self.group_size)
+        self.spatial_embed_kind = spatial_embed
+        self.time_embed_kind = time_embed
+        self.values_per_token = self.group_size * self.in_chans
+        self.proj = nn.Linear(2 * self.values_per_token, d, bias=bias)
+        self.spatial_pos_embed = (
+            nn.Parameter(torch.empty(self.num_patches, d)) if spatial_embed == "learned" else None
+        )
+        self.modality_embed = nn.Parameter(torch.empty(d)) if modality_embed else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform ``proj`` (zero bias); truncated normal (std 0.02) learned vectors."""
+        nn.init.xavier_uniform_(self.proj.weight)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+        if self.spatial_pos_embed is not None:
+            nn.init.trunc_normal_(self.spatial_pos_embed, std=0.02)
+        if self.modality_embed is not None:
+            nn.init.trunc_normal_(self.modality_embed, std=0.02)
+
+    def spatial_embedding(self) -> Tensor:
+        """The spatial embedding of every patch.
+
+        Returns:
+            ``[P, d]`` in the parameter dtype: the learned ``spatial_pos_embed`` or the sin-cos
+            1D embedding of the patch index ``0..P-1``.
+        """
+        if self.spatial_pos_embed is not None:
+            return self.spatial_pos_embed
+        positions = torch.arange(self.num_patches, device=self.proj.weight.device)
+        return sincos_pos_embed_1d(self.embed_dim, positions, dtype=self.proj.weight.dtype)
+
+    def num_tokens(self, num_steps: int) -> int:
+        """Number of tokens ``t * P`` for ``num_steps`` steps."""
+        return check_int("num_steps", num_steps, minimum=1) * self.num_patches
+
+    def _grouped(
+        self,
+        x: object,
+        site_padding_mask: Optional[Tensor],
+        missing_mask: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Values (unobserved zeroed) and observed flags, both ``[b, t, p, (g c)]``."""
+        xt = _check_float("x", x)
+        if xt.ndim == 3:
+            if self.in_chans != 1:
+                raise ValueError(
+                    f"x of shape {tuple(xt.shape)} is read as [b, s, t] (c = 1) but "
+                    f"in_chans={self.in_chans}; pass [b, s, t, c]"
+                )
+        elif xt.ndim != 4:
+            raise ValueError(f"x must be [b, s, t] or [b, s, t, c], got {tuple(xt.shape)}")
+        if xt.shape[1] != self.num_sites or (xt.ndim == 4 and xt.shape[3] != self.in_chans):
+            raise ValueError(
+                f"x has shape {tuple(xt.shape)} but the tokenizer expects s={self.num_sites} "
+                f"sites and c={self.in_chans} channels ([b, s, t(, c)])"
+            )
+        if xt.shape[2] == 0:
+            raise ValueError(f"x must have at least one time step, got shape {tuple(xt.shape)}")
+        _check_bool_like("missing_mask", missing_mask, tuple(xt.shape))
+        b = xt.shape[0]
+        check_padding_mask("site_padding_mask", site_padding_mask, (b, self.num_sites), "x")
+        if xt.ndim == 3:
+            xt = xt[..., None]
+            if missing_mask is not None:
+                missing_mask = missing_mask[..., None]
+        observed = torch.isfinite(xt)
+        if missing_mask is not None:
+            observed = observed & ~missing_mask
+        if site_padding_mask is not None:
+            observed = observed & ~site_padding_mask[:, :, None, None]
+        fill = self.num_patches * self.group_size - self.num_sites
+        if fill > 0:
+            shape = (b, fill, xt.shape[2], self.in_chans)
+            xt = torch.cat([xt, xt.new_zeros(shape)], dim=1)
+            observed = torch.cat(
+                [observed, torch.zeros(shape, dtype=torch.bool, device=xt.device)], dim=1
+            )
+        values = torch.where(observed, xt, xt.new_zeros(()))
+        pattern = "b (p g) t c -> b t p (g c)"
+        grouped: Tensor = rearrange(values, pattern, g=self.group_size)
+        grouped_observed: Tensor = rearrange(observed, pattern, g=self.group_size)
+        return grouped, grouped_observed
+
+    def _position_4d(self, time_positions: Optional[Tensor], num_steps: int, batch: int) -> Tensor:
+        """Spatial + time embedding broadcastable to ``[b, t, p, d]``."""
+        pos = self.spatial_embedding()[None, None]
+        device = self.proj.weight.device
+        if time_positions is None:
+            tp = torch.arange(num_steps, device=device)
+        else:
+            tp = _time_embed_positions(time_positions, batch).to(device)
+            if tp.shape[-1] != num_steps:
+                raise ValueError(
+                    f"time_positions has shape {tuple(tp.shape)} but there are {num_steps} steps"
+                )
+        if self.time_embed_kind == "sincos":
+            table = sincos_pos_embed_1d(self.embed_dim, tp, dtype=self.proj.weight.dtype)
+            if table.ndim == 2:
+                table = table[None]
+            pos = pos + table[:, :, None, :]
+        return pos
+
+    def forward(
+        self,
+        x: Tensor,
+        site_padding_mask: Optional[Tensor] = None,
+        *,
+        missing_mask: Optional[Tensor] = None,
+        time_positions: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Tokenize a batch of multi-site series.
+
+        Args:
+            x: float ``[b, s, t]`` (``c = 1``; only with ``in_chans=1``) or ``[b, s, t, c]``.
+                NaN/inf mark missing values.
+            site_padding_mask: optional bool ``[b, s]``, **True = padding site** (its values
+                never enter a token).
+            missing_mask: optional bool of ``x``'s shape, **True = missing value** (in addition
+                to non-finite values).
+            time_positions: optional real ``[t]`` or ``[b, t]`` step positions for the sin-cos
+                time embedding (e.g. day of year); default ``0..t-1``.
+
+        Returns:
+            ``(tokens, padding_mask)``: tokens ``[b, t*P, d]`` time-major (token
+            ``n = t_i * P + p``); padding_mask bool ``[b, t*P]``, **True = padding**: the token
+            has no observed value (all its sites padded or all its values missing). Padded
+            tokens are finite.
+        """
+        values, observed = self._grouped(x, site_padding_mask, missing_mask)
+        b, t = values.shape[0], values.shape[1]
+        dtype = self.proj.weight.dtype
+        feats = torch.cat([values.to(dtype), (~observed).to(dtype)], dim=-1)
+        h = self.proj(feats) + self._position_4d(time_positions, t, b)
+        if self.modality_embed is not None:
+            h = h + self.modality_embed
+        tokens: Tensor = rearrange(h, "b t p d -> b (t p) d")
+        padding_mask: Tensor = rearrange(~observed.any(dim=-1), "b t p -> b (t p)")
+        return tokens, padding_mask
+
+    def targets(
+        self,
+        x: Tensor,
+        site_padding_mask: Optional[Tensor] = None,
+        *,
+        missing_mask: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Reconstruction targets in token order, with their validity.
+
+        Args:
+            x: float ``[b, s, t]`` or ``[b, s, t, c]`` (as in `forward`).
+            site_padding_mask: optional bool ``[b, s]``, True = padding site.
+            missing_mask: optional bool of ``x``'s shape, True = missing value.
+
+        Returns:
+            ``(target, target_valid)``: target ``[b, t*P, g*c]`` in ``x``'s dtype, values laid
+            out ``(g c)``, unobserved ones replaced by 0; target_valid bool of the same shape,
+            **True = observed value**, the weight for a masked loss.
+        """
+        values, observed = self._grouped(x, site_padding_mask, missing_mask)
+        target: Tensor = rearrange(values, "b t p k -> b (t p) k")
+        target_valid: Tensor = rearrange(observed, "b t p k -> b (t p) k")
+        return target, target_valid
+
+    def token_positions(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """Time step and patch of every token.
+
+        Args:
+            num_steps: ``t``.
+
+        Returns:
+            ``(t_index, patch_index)``, both int64 ``[t*P]``: token ``n`` is step
+            ``n // P`` of patch ``n % P`` (sites ``p*g .. p*g + g - 1``).
+        """
+        t = check_int("num_steps", num_steps, minimum=1)
+        device = self.proj.weight.device
+        t_index = torch.arange(t, device=device).repeat_interleave(self.num_patches)
+        return t_index, torch.arange(self.num_patches, device=device).repeat(t)
+
+    def position_embedding(
+        self,
+        num_steps: Optional[int] = None,
+        time_positions: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The spatial + time part of the tokens (no values, no modality vector).
+
+        Args:
+            num_steps: ``t`` (may be omitted when ``time_positions`` is given).
+            time_positions: optional real ``[t]`` or ``[b, t]`` step positions.
+
+        Returns:
+            ``[t*P, d]`` (``[b, t*P, d]`` for ``[b, t]`` time positions), time-major.
+        """
+        tp = None if time_positions is None else _time_embed_positions(time_positions)
+        if num_steps is None:
+            if tp is None:
+                raise ValueError("position_embedding needs num_steps or time_positions")
+            t = tp.shape[-1]
+        else:
+            t = check_int("num_steps", num_steps, minimum=1)
+        batch = tp.shape[0] if tp is not None and tp.ndim == 2 else 1
+        pos = self._position_4d(tp, t, batch)
+        pos = pos.expand(batch, t, self.num_patches, self.embed_dim)
+        out: Tensor = rearrange(pos, "b t p d -> b (t p) d")
+        if tp is None or tp.ndim == 1:
+            out = out[0]
+        return out
+
+
+class StaticToken(nn.Module):
+    """One never-padded token from static attributes (e.g. catchment descriptors).
+
+    Appended to a sequence (see `append_tokens`) it guarantees every sample at least one real
+    key. Missing attributes (non-finite values) are replaced by 0 and flagged by a 0/1 indicator
+    (1 = missing), so the projection is ``proj([values, missing])`` (Linear ``2a -> d``).
+
+    With ``per_site=True`` the attributes are per site: every real site is projected without
+    the bias, the projections are averaged over the real sites only, and the bias is added. A
+    sample with zero real sites gets exactly the learned bias (a finite token). Padded sites
+    never influence anything, whatever they hold (NaN included).
+
+    Args:
+        num_attributes: ``a``.
+        embed_dim: token width ``d``.
+        per_site: attributes are ``[b, s, a]`` (averaged over real sites) instead of ``[b, a]``.
+
+    Shapes: ``b`` batch, ``s`` sites, ``a`` attributes, ``d`` width.
+    """
+
+    def __init__(self, num_attributes: int, embed_dim: int, *, per_site: bool = False) -> None:
+        super().__init__()
+        self.num_attributes = check_int("num_attributes", num_attributes, minimum=1)
+        self.embed_dim = check_int("embed_dim", embed_dim, minimum=1)
+        self.per_site = _check_flag("per_site", per_site)
+        self.proj = nn.Linear(2 * self.num_attributes, self.embed_dim)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.trunc_normal_(self.proj.bias, std=0.02)
+
+    def forward(
+        self, static: Tensor, site_padding_mask: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """Embed the static attributes as one token.
+
+        Args:
+            static: float ``[b, a]`` (or ``[b, s, a]`` with ``per_site=True``); NaN/inf =
+                missing attribute.
+            site_padding_mask: optional bool ``[b, s]``, **True = padding site** (only with
+                ``per_site=True``).
+
+        Returns:
+            ``(token, padding_mask)``: token ``[b, 1, d]``; padding_mask bool ``[b, 1]``, all
+            False (**True = padding**; this token is always real).
+        """
+        x = _check_float("static", static)
+        want = 3 if self.per_site else 2
+        if x.ndim != want or x.shape[-1] != self.num_attributes:
+            layout = "[b, s, a]" if self.per_site else "[b, a]"
+            raise ValueError(
+                f"static must have shape {layout} with a={self.num_attributes} "
+                f"(per_site={self.per_site}), got {tuple(x.shape)}"
+            )
+        if site_padding_mask is not None and not self.per_site:
+            raise ValueError("site_padding_mask is only accepted with per_site=True")
+        b = x.shape[0]
+        if self.per_site:
+            check_padding_mask("site_padding_mask", site_padding_mask, (b, x.shape[1]), "static")
+        dtype = self.proj.weight.dtype
+        observed = torch.isfinite(x)
+        values = torch.where(observed, x, x.new_zeros(())).to(dtype)
+        feats = torch.cat([values, (~observed).to(dtype)], dim=-1)
+        if self.per_site:
+            h = nn.functional.linear(feats, self.proj.weight)  # [b s d]
+            if site_padding_mask is None:
+                real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            else:
+                real = ~site_padding_mask
+            total = torch.where(real[..., None], h, h.new_zeros(())).sum(dim=1)
+            count = real.sum(dim=1, keepdim=True).clamp(min=1).to(total.dtype)
+            token = total / count + self.proj.bias
+        else:
+            token = self.proj(feats)
+        return token[:, None, :], torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+
+
+def append_tokens(
+    tokens: Tensor,
+    padding_mask: Optional[Tensor],
+    extra_tokens: Tensor,
+    extra_padding_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Concatenate two token sets along the token axis, with their padding masks.
+
+    Typical use: append a `StaticToken` to a series' tokens so every sample keeps a real key.
+
+    Args:
+        tokens: ``[b, n, d]``.
+        padding_mask: bool ``[b, n]``, **True = padding**, or None (all real).
+        extra_tokens: ``[b, m, d]`` (same ``b`` and ``d``).
+        extra_padding_mask: bool ``[b, m]``, True = padding, or None (all real).
+
+    Returns:
+        ``(tokens, padding_mask)``: ``[b, n + m, d]`` (dtype promoted as `torch.cat` does) and
+        bool ``[b, n + m]``; the extra tokens come last.
+    """
+    x = check_tensor("tokens", tokens)
+    e = check_tensor("extra_tokens", extra_tokens)
+    if x.ndim != 3:
+        raise ValueError(f"tokens must have shape [b, n, d], got {tuple(x.shape)}")
+    if e.ndim != 3 or e.shape[0] != x.shape[0] or e.shape[2] != x.shape[2]:
+        raise ValueError(
+            f"extra_tokens must have shape [{x.shape[0]}, m, {x.shape[2]}] to match tokens "
+            f"{tuple(x.shape)}, got {tuple(e.shape)}"
+        )
+    if e.device != x.device:
+        raise ValueError(f"extra_tokens is on {e.device} but tokens is on {x.device}")
+    b, n, m = x.shape[0], x.shape[1], e.shape[1]
+    pm = check_padding_mask("padding_mask", padding_mask, (b, n), "tokens")
+    em = check_padding_mask("extra_padding_mask", extra_padding_mask, (b, m), "extra_tokens")
+    if pm is None:
+        pm = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    if em is None:
+        em = torch.zeros(b, m, dtype=torch.bool, device=x.device)
+    return torch.cat([x, e], dim=1), torch.cat([pm, em], dim=1)

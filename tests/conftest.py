@@ -1,0 +1,34 @@
+"""Shared pytest configuration: hypothesis profiles and torch determinism.
+
+Profiles (select with the environment variable ``HYPOTHESIS_PROFILE``):
+
+* ``dev`` (default): few examples, fast local runs.
+* ``ci``: more examples, prints reproduction blobs on failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+settings.register_profile(
+    "dev",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=_SUPPRESS,
+)
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SUPPRESS,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
