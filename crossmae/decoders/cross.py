@@ -15,6 +15,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
+from ..layers import _varlen
+from ..layers._varlen import real_first_permutation, take_tokens
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..masking.tokens import gather_tokens
@@ -77,7 +79,8 @@ class CrossMAEDecoder(nn.Module):
 
     Shapes:
         ``forward(context, ids_predict [b, p], *, context_padding_mask [b, m] | None,
-        query_padding_mask [b, p] | None, pos [n, c] | [b, n, c] | None) -> [b, p, o]``
+        query_padding_mask [b, p] | None, pos [n, c] | [b, n, c] | None,
+        context_padding_is_trailing=False) -> [b, p, o]``
         where ``context`` is ``[b, m, e]`` (no WFM) or ``[k, b, m, e]`` (WFM).
         Outputs at padded query slots are finite and meaningless. A sample with no real
         context token still gets finite predictions (from the queries alone).
@@ -177,6 +180,7 @@ class CrossMAEDecoder(nn.Module):
         context_padding_mask: Optional[Tensor] = None,
         query_padding_mask: Optional[Tensor] = None,
         pos: Optional[Tensor] = None,
+        context_padding_is_trailing: bool = False,
     ) -> Tensor:
         ctx = self.contexts(context)
         if ctx.shape[-1] != self.context_dim:
@@ -194,9 +198,17 @@ class CrossMAEDecoder(nn.Module):
             "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict [b, p]"
         )
         x = self.queries(ids_predict, pos)
-        if cpad is not None:  # zero padded keys once for every layer
-            ctx = ctx.masked_fill(cpad[..., None], 0.0)
+        trailing = context_padding_is_trailing
+        if cpad is not None:
+            ctx = ctx.masked_fill(cpad[..., None], 0.0)  # once for every layer
+            if _varlen.prefer_trailing_padding(ctx) and not trailing:
+                # Key order is irrelevant to attention: move padding to the end of every row
+                # once, so the packed CUDA path needs no per-layer reordering copy.
+                perm = real_first_permutation(cpad)
+                ctx = take_tokens(ctx, perm, ctx.ndim - 2)
+                cpad = torch.gather(cpad, 1, perm)
+                trailing = True
         for j, blk in enumerate(self.blocks):
             layer_ctx = ctx[j] if ctx.ndim == 4 else ctx
-            x = blk(x, layer_ctx, cpad, qpad)
+            x = blk(x, layer_ctx, cpad, qpad, context_padding_is_trailing=trailing)
         return self.head(self.norm(x))

@@ -14,6 +14,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
+from ..layers import _varlen
+from ..layers._varlen import inverse_permutation, real_first_permutation, take_tokens
 from ..layers.blocks import Block
 
 __all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
@@ -110,7 +112,8 @@ class TransformerEncoder(nn.Module):
 
     Shapes:
         ``forward(tokens [b, n, c], padding_mask [b, n] | None, *, cond [b, a] | None,
-        return_layers=None | "all" | int | ints, include_input=False) -> EncoderOutput``.
+        return_layers=None | "all" | int | ints, include_input=False,
+        padding_is_trailing=False) -> EncoderOutput``.
         ``padding_mask`` True = padding: padded tokens never act as keys, their outputs are
         finite and meaningless, and samples with no real token produce finite outputs.
     """
@@ -167,6 +170,7 @@ class TransformerEncoder(nn.Module):
         cond: Optional[Tensor] = None,
         return_layers: LayerSelection = None,
         include_input: bool = False,
+        padding_is_trailing: bool = False,
     ) -> EncoderOutput:
         x = check_float_tensor("tokens", tokens, ndim=3)
         if x.shape[-1] != self.dim:
@@ -187,12 +191,26 @@ class TransformerEncoder(nn.Module):
             raise ValueError("include_input=True needs return_layers")
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
+        # On CUDA the packed attention path wants padding at the end of every row: reorder
+        # once here (attention is permutation-equivariant) instead of in every layer.
+        perm: Optional[Tensor] = None
+        block_pad = pad
+        if pad is not None and _varlen.prefer_trailing_padding(x) and not padding_is_trailing:
+            perm = real_first_permutation(pad)
+            x = take_tokens(x, perm, 1)
+            block_pad = torch.gather(pad, 1, perm)
+        trailing = padding_is_trailing or perm is not None
         feats: list[Tensor] = [x] if include_input else []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, pad)
+            x = blk(x, block_pad, padding_is_trailing=trailing)
             if self.films is not None:
                 x = self.films[i](x, cond)
             if i in taps:
                 feats.append(x)
         features = torch.stack(feats, dim=0) if feats else None
+        if perm is not None:
+            inv = inverse_permutation(perm)
+            x = take_tokens(x, inv, 1)
+            if features is not None:
+                features = take_tokens(features, inv, 2)
         return EncoderOutput(self.norm(x), pad, features)

@@ -53,6 +53,12 @@ def can_use_varlen(q: Tensor, dropout_p: float) -> bool:
     )
 
 
+def prefer_trailing_padding(x: Tensor) -> bool:
+    """Whether reordering tokens so padding is trailing pays off for ``x`` (CUDA only: the
+    packed kernel exists there; elsewhere the boolean mask needs no reordering)."""
+    return x.is_cuda
+
+
 def _segments(lengths: Tensor, stride: int) -> Tensor:
     """Cumulative boundaries ``[0, l_0, s, s + l_1, 2s, ..., b*s]`` as int32 ``[2b + 1]``."""
     b = lengths.shape[0]
@@ -63,9 +69,25 @@ def _segments(lengths: Tensor, stride: int) -> Tensor:
     return torch.cat([bounds, end])
 
 
-def _real_first(padding_mask: Tensor) -> Tensor:
+def real_first_permutation(padding_mask: Tensor) -> Tensor:
     """Per-row permutation putting real slots first (stable), int64 ``[b, n]``."""
     return torch.argsort(padding_mask.to(torch.uint8), dim=1, stable=True)
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """Inverse of a per-row permutation ``perm [b, n]``."""
+    n = perm.shape[1]
+    src = torch.arange(n, device=perm.device).expand(perm.shape[0], n)
+    return torch.empty_like(perm).scatter_(1, perm, src)
+
+
+def take_tokens(x: Tensor, perm: Tensor, dim: int) -> Tensor:
+    """``x`` reordered along token dim ``dim`` by ``perm [b, n]`` (batch is ``dim - 1`` or
+    the leading batch axis right before the tokens)."""
+    shape = [1] * x.ndim
+    shape[dim - 1], shape[dim] = perm.shape
+    idx = perm.reshape(shape).expand(*x.shape[:dim], perm.shape[1], *x.shape[dim + 1 :])
+    return torch.gather(x, dim, idx)
 
 
 def _take(x: Tensor, perm: Tensor) -> Tensor:
@@ -81,6 +103,8 @@ def varlen_attend(
     key_padding_mask: Tensor,
     query_padding_mask: Optional[Tensor] = None,
     *,
+    keys_sorted: bool = False,
+    queries_sorted: bool = False,
     kernel: Optional[VarlenFn] = None,
 ) -> Tensor:
     """Attention of ``q [b h n d]`` over the real keys of ``k, v [b h m d]`` via packed segments.
@@ -94,16 +118,18 @@ def varlen_attend(
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
     b, n = q.shape[0], q.shape[2]
     m = k.shape[2]
-    kperm = _real_first(key_padding_mask)
-    k = _take(k, kperm)
-    v = _take(v, kperm)
+    if not keys_sorted:
+        kperm = real_first_permutation(key_padding_mask)
+        k = _take(k, kperm)
+        v = _take(v, kperm)
     k_len = (~key_padding_mask).sum(dim=1)
+    qperm = None
     if query_padding_mask is None:
         q_len = torch.full_like(k_len, n)
-        qperm = None
     else:
-        qperm = _real_first(query_padding_mask)
-        q = _take(q, qperm)
+        if not queries_sorted:
+            qperm = real_first_permutation(query_padding_mask)
+            q = _take(q, qperm)
         q_len = (~query_padding_mask).sum(dim=1)
     out = fn(
         rearrange(q, "b h n d -> (b n) h d").contiguous(),
@@ -116,8 +142,5 @@ def varlen_attend(
     )
     out = rearrange(out, "(b n) h d -> b h n d", b=b)
     if qperm is not None:  # undo the query reordering
-        inv = torch.empty_like(qperm).scatter_(
-            1, qperm, torch.arange(n, device=q.device).expand(b, n)
-        )
-        out = _take(out, inv)
+        out = _take(out, inverse_permutation(qperm))
     return out

@@ -41,6 +41,8 @@ def _attend(
     dropout_p: float,
     fused: bool,
     query_padding_mask: Optional[Tensor] = None,
+    keys_sorted: bool = False,
+    queries_sorted: bool = False,
 ) -> Tensor:
     """Attention of ``q [b h n d]`` over ``k, v [b h m d]`` whose padded keys are finite.
 
@@ -50,6 +52,8 @@ def _attend(
     against real tokens and no dense mask; otherwise SDPA with a boolean mask, or the
     explicit softmax path when ``fused`` is False. ``query_padding_mask`` (self-attention)
     only lets the packed path skip padded queries; results are the same either way.
+    ``keys_sorted``/``queries_sorted``: padding is known to be trailing in every row, which
+    saves the packed path a reordering copy (ignored elsewhere).
     """
     if key_padding_mask is None:
         if fused:
@@ -59,7 +63,15 @@ def _attend(
     # no fully masked softmax row ever exists, whatever kernel or torch version runs.
     empty = key_padding_mask.all(dim=-1)  # [b]
     if fused and can_use_varlen(q, dropout_p):
-        out = varlen_attend(q, k, v, key_padding_mask, query_padding_mask)
+        out = varlen_attend(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            query_padding_mask,
+            keys_sorted=keys_sorted,
+            queries_sorted=queries_sorted,
+        )
         return out.masked_fill(empty[:, None, None, None], 0.0)
     attend = ~key_padding_mask | empty[:, None]  # [b m], True = attend (SDPA polarity)
     attend = attend[:, None, None, :]  # [b 1 1 m]
@@ -166,7 +178,9 @@ class Attention(nn.Module):
     Shapes:
         ``forward(x [b, n, c], padding_mask [b, n] | None) -> [b, n, c]``;
         ``padding_mask`` True = padding: such tokens are ignored as keys, and their own
-        outputs are finite but meaningless.
+        outputs are finite but meaningless. ``padding_is_trailing=True`` promises that every
+        row's padding comes after its real tokens (as in `MaskSplit` ids), which lets the CUDA
+        packed path skip a reordering copy; a wrong promise gives wrong results.
     """
 
     def __init__(
@@ -191,7 +205,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        padding_is_trailing: bool = False,
+    ) -> Tensor:
         x = _check_tokens("x", x, self.dim, "dim")
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
@@ -207,6 +227,8 @@ class Attention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
             query_padding_mask=pad,
+            keys_sorted=padding_is_trailing,
+            queries_sorted=padding_is_trailing,
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
@@ -239,6 +261,8 @@ class CrossAttention(nn.Module):
         ``forward(x [b, n, c], context [b, m, context_dim], context_padding_mask [b, m] | None)
         -> [b, n, c]``; ``context_padding_mask`` True = padding (ignored as a key). A sample
         with no real context token gets exactly 0 from the attention (then ``proj``'s bias).
+        ``context_padding_is_trailing=True`` promises every row's padding comes after its real
+        tokens (saves the CUDA packed path a reordering copy).
     """
 
     def __init__(
@@ -268,7 +292,12 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: Tensor, context: Tensor, context_padding_mask: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_padding_mask: Optional[Tensor] = None,
+        *,
+        context_padding_is_trailing: bool = False,
     ) -> Tensor:
         x = _check_tokens("x", x, self.dim, "dim")
         context = _check_tokens("context", context, self.context_dim, "context_dim")
@@ -293,6 +322,7 @@ class CrossAttention(nn.Module):
             pad,
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
+            keys_sorted=context_padding_is_trailing,
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))

@@ -42,7 +42,8 @@ class Block(nn.Module):
         fused_attn: see `Attention`.
 
     Shapes:
-        ``forward(x [b, n, c], padding_mask [b, n] | None) -> [b, n, c]``; True = padding.
+        ``forward(x [b, n, c], padding_mask [b, n] | None, *, padding_is_trailing=False)
+        -> [b, n, c]``; True = padding (see `Attention` for ``padding_is_trailing``).
         Padded tokens are zeroed on entry, so their outputs are finite (and meaningless) and
         never influence real tokens.
     """
@@ -76,11 +77,18 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, _hidden(dim, mlp_ratio), act_layer=act_layer, drop=drop)
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Optional[Tensor] = None,
+        *,
+        padding_is_trailing: bool = False,
+    ) -> Tensor:
         if padding_mask is not None:
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(padding_mask[..., None], 0.0)
-        x = x + self.drop_path1(self.attn(self.norm1(x), padding_mask))
+        attn = self.attn(self.norm1(x), padding_mask, padding_is_trailing=padding_is_trailing)
+        x = x + self.drop_path1(attn)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -163,11 +171,23 @@ class CrossAttentionBlock(nn.Module):
         context: Tensor,
         context_padding_mask: Optional[Tensor] = None,
         query_padding_mask: Optional[Tensor] = None,
+        *,
+        context_padding_is_trailing: bool = False,
+        query_padding_is_trailing: bool = False,
     ) -> Tensor:
         if query_padding_mask is not None:
             check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(query_padding_mask[..., None], 0.0)
         if self.has_self_attn:
-            x = x + self.drop_path0(self.self_attn(self.norm0(x), query_padding_mask))
-        x = x + self.drop_path1(self.cross_attn(self.norm1(x), context, context_padding_mask))
+            sa = self.self_attn(
+                self.norm0(x), query_padding_mask, padding_is_trailing=query_padding_is_trailing
+            )
+            x = x + self.drop_path0(sa)
+        ca = self.cross_attn(
+            self.norm1(x),
+            context,
+            context_padding_mask,
+            context_padding_is_trailing=context_padding_is_trailing,
+        )
+        x = x + self.drop_path1(ca)
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -109,3 +109,35 @@ def test_segments_are_static_and_cover_everything() -> None:
 def test_can_use_varlen_is_false_on_cpu() -> None:
     q = torch.randn(1, 1, 2, 8, dtype=torch.bfloat16)
     assert not _varlen.can_use_varlen(q, 0.0)
+
+
+@pytest.mark.parametrize("wfm", [False, True])
+def test_encoder_and_decoder_reorder_once_and_agree(
+    monkeypatch: pytest.MonkeyPatch, wfm: bool
+) -> None:
+    """The CUDA-only 'padding to the end, once per stack' reordering, forced on CPU with the
+    reference kernel, gives the same encoder outputs (in the original order) and decoder
+    predictions as the plain masked path."""
+    from crossmae.decoders import CrossMAEDecoder
+    from crossmae.encoders import TransformerEncoder
+
+    g = generator(7)
+    enc = TransformerEncoder(16, 2, 4).eval()
+    dec = CrossMAEDecoder(16, 8, 2, 2, 5, num_tokens=9, num_feature_maps=3 if wfm else None).eval()
+    x = torch.randn(3, 9, 16, generator=g)
+    pad = torch.rand(3, 9, generator=g) < 0.4
+    pad[2] = True
+    ids = torch.randint(0, 9, (3, 4), generator=g)
+    with torch.no_grad():
+        ref = enc(x, pad, return_layers="all", include_input=True)
+        ref_pred = dec(ref.features if wfm else ref.tokens, ids, context_padding_mask=pad)
+        monkeypatch.setattr(_varlen, "prefer_trailing_padding", lambda t: True)
+        monkeypatch.setattr(attention, "can_use_varlen", lambda q, p: True)
+        monkeypatch.setattr(_varlen, "_VARLEN", reference_varlen)
+        out = enc(x, pad, return_layers="all", include_input=True)
+        pred = dec(out.features if wfm else out.tokens, ids, context_padding_mask=pad)
+    real = ~pad
+    torch.testing.assert_close(out.tokens[real], ref.tokens[real], atol=1e-5, rtol=1e-5)
+    assert out.features is not None and ref.features is not None
+    torch.testing.assert_close(out.features[:, real], ref.features[:, real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
