@@ -33,10 +33,12 @@ from .._checks import check_tensor
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import LayerSelection, TransformerEncoder
+from ..layers import _varlen
 from ..losses import masked_mse_loss
 from ..masking.split import MaskSplit, mask_split_from_masks
 from ..masking.strategies import grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
+from ..tokenizers.raster import RasterTokenizer
 from ..tokenizers.series import SeriesTokenizer, StaticToken
 
 __all__ = [
@@ -47,15 +49,22 @@ __all__ = [
     "grouped_masking_fn",
 ]
 
-MaskingFn = Callable[[Tensor, int, Optional[torch.Generator]], MaskSplit]
-"""``(padding_mask [b, n], num_steps, generator) -> MaskSplit`` for one modality."""
+MaskingFn = Callable[[Tensor, int, Optional[torch.Generator], bool], MaskSplit]
+"""``(padding_mask [b, n], num_steps, generator, never_padded) -> MaskSplit`` for one
+modality. With ``never_padded`` the mask is all False and may be ignored (so the output
+widths are known on the host and no device sync happens)."""
 
 
 def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None) -> MaskingFn:
     """Masking function: exact-count random masking per (sample, time step), see
     `grouped_random_masking`. Tokens must be time-major (``n = t * l``)."""
 
-    def fn(padding_mask: Tensor, num_steps: int, generator: Optional[torch.Generator]) -> MaskSplit:
+    def fn(
+        padding_mask: Tensor,
+        num_steps: int,
+        generator: Optional[torch.Generator],
+        never_padded: bool,
+    ) -> MaskSplit:
         b, n = padding_mask.shape
         if n % num_steps != 0:
             raise ValueError(f"{n} tokens cannot be split into num_steps={num_steps} steps")
@@ -65,8 +74,9 @@ def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None)
             n // num_steps,
             mask_ratio,
             predict_ratio=predict_ratio,
-            padding_mask=padding_mask,
+            padding_mask=None if never_padded else padding_mask,
             generator=generator,
+            device=padding_mask.device,
         )
 
     return fn
@@ -93,6 +103,9 @@ class Modality(nn.Module):
             (never padding) and, if the encoder has ``cond_dim``, conditions it via FiLM.
         loss_weight: weight of this modality's loss in the total.
         num_steps: time steps ``t`` of the token layout (for the default masking).
+        never_padded: the tokenizer never flags padding (default: inferred, True for a
+            `RasterTokenizer` without ``pad_empty_tokens``). Masking then runs without a
+            padding mask, so its output widths are known on the host: no device sync.
     """
 
     def __init__(
@@ -105,6 +118,7 @@ class Modality(nn.Module):
         static_token: Optional[StaticToken] = None,
         loss_weight: float = 1.0,
         num_steps: int = 1,
+        never_padded: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if not isinstance(encoder, TransformerEncoder):
@@ -120,6 +134,9 @@ class Modality(nn.Module):
         self.masking: MaskingFn = masking if masking is not None else grouped_masking_fn(0.4)
         self.loss_weight = float(loss_weight)
         self.num_steps = int(num_steps)
+        if never_padded is None:
+            never_padded = isinstance(tokenizer, RasterTokenizer) and not tokenizer.pad_empty_tokens
+        self.never_padded = bool(never_padded)
 
 
 class MultimodalOutput(NamedTuple):
@@ -203,7 +220,7 @@ class MultimodalMAE(nn.Module):
         """Draw one `MaskSplit` per modality (data preparation; may sync to size outputs)."""
         splits: dict[str, MaskSplit] = {}
         for name, mod in self._items():
-            split = mod.masking(padding_masks[name], mod.num_steps, generator)
+            split = mod.masking(padding_masks[name], mod.num_steps, generator, mod.never_padded)
             if missing is not None and name in missing:
                 split = mask_missing_samples(split, missing[name])
             splits[name] = split
@@ -285,7 +302,14 @@ class MultimodalMAE(nn.Module):
                 static_tok, _ = mod.static_token(static, **kw)
                 if mod.encoder.cond_dim is not None:
                     cond = static_tok[:, 0]
-            enc = mod.encoder(visible, keep_pad, cond=cond).tokens
+            # MaskSplit slots put padding last; a never-padded modality has none at all, so its
+            # encoder runs without a mask (flash attention on CUDA).
+            enc = mod.encoder(
+                visible,
+                None if mod.never_padded else keep_pad,
+                cond=cond,
+                padding_is_trailing=True,
+            ).tokens
             if static_tok is not None:
                 enc = torch.cat([enc, static_tok.to(enc.dtype)], dim=1)
                 keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
@@ -304,6 +328,15 @@ class MultimodalMAE(nn.Module):
             )
             keys, features = fused.tokens, fused.features
 
+        # Keys are shared by every CrossMAE decoder: move their padding to the end of each row
+        # once (CUDA packed attention), instead of once per decoder.
+        dec_keys, dec_features, dec_pad = keys, features, keys_pad
+        if _varlen.prefer_trailing_padding(keys):
+            perm = _varlen.real_first_permutation(keys_pad)
+            dec_keys = _varlen.take_tokens(keys, perm, 1)
+            dec_pad = torch.gather(keys_pad, 1, perm)
+            if features is not None:
+                dec_features = _varlen.take_tokens(features, perm, 2)
         losses: dict[str, Tensor] = {}
         sample_losses: dict[str, Tensor] = {}
         preds: dict[str, Tensor] = {}
@@ -315,12 +348,13 @@ class MultimodalMAE(nn.Module):
             split = splits[name]
             dec = mod.decoder
             if isinstance(dec, CrossMAEDecoder):
-                context = features if features is not None and dec.wfm is not None else keys
+                use_fm = dec_features is not None and dec.wfm is not None
                 pred = dec(
-                    context,
+                    dec_features if use_fm else dec_keys,
                     split.ids_predict,
-                    context_padding_mask=keys_pad,
+                    context_padding_mask=dec_pad,
                     query_padding_mask=split.predict_padding_mask,
+                    context_padding_is_trailing=dec_pad is not keys_pad,
                 )
             else:
                 k_m = split.ids_keep.shape[1]

@@ -141,3 +141,43 @@ def test_encoder_and_decoder_reorder_once_and_agree(
     assert out.features is not None and ref.features is not None
     torch.testing.assert_close(out.features[:, real], ref.features[:, real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
+
+
+def test_multimodal_model_same_loss_on_the_packed_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The water model's CUDA route (keys reordered once, packed kernel) forced on CPU."""
+    from crossmae.models.water import water_mae_small
+
+    torch.manual_seed(0)
+    t = 3
+    model = water_mae_small(
+        num_steps=t,
+        image_size=(40, 30),
+        num_land_patches=6,
+        num_sites=12,
+        group_size=4,
+        embed_dim=32,
+        num_heads=4,
+        decoder_dim=16,
+        decoder_num_heads=4,
+        decoder_depth=1,
+        raster_depth=1,
+        series_depth=1,
+    ).eval()
+    g = generator(11)
+    inputs = {n: torch.randn(2, t, 40, 30, generator=g) for n in model.names[:3]}
+    inputs["evaporation"] = torch.randn(2, 12, t, generator=g)
+    flow = torch.randn(2, 12, t, generator=g)
+    flow[0] = float("nan")
+    inputs["river_flow"] = flow
+    static = torch.randn(2, 12, 11, generator=g)
+    with torch.no_grad():
+        ref = model(inputs, static=static, generator=generator(5))
+        monkeypatch.setattr(_varlen, "prefer_trailing_padding", lambda x: True)
+        monkeypatch.setattr(attention, "can_use_varlen", lambda q, p: True)
+        monkeypatch.setattr(_varlen, "_VARLEN", reference_varlen)
+        out = model(inputs, static=static, generator=generator(5))
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-5)
+    for name in model.names:
+        torch.testing.assert_close(
+            out.sample_losses[name], ref.sample_losses[name], atol=1e-4, rtol=1e-5
+        )
