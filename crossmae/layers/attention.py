@@ -203,7 +203,7 @@ class Attention(nn.Module):
         self.fused_attn: bool = use_fused_attn() if fused_attn is None else bool(fused_attn)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop: nn.Module = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(
         self,
@@ -289,7 +289,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(self.context_dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop: nn.Module = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(
         self,

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_padding_mask, check_ratio
+from .._checks import check_padding_mask, check_probability, check_ratio
 from .attention import Attention, CrossAttention
 from .drop import DropPath
 from .mlp import Mlp
@@ -63,6 +63,7 @@ class Block(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_probability("drop_path", drop_path)
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
             dim,
@@ -72,10 +73,10 @@ class Block(nn.Module):
             proj_drop=drop,
             fused_attn=fused_attn,
         )
-        self.drop_path1 = DropPath(drop_path)
+        self.drop_path1: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, _hidden(dim, mlp_ratio), act_layer=act_layer, drop=drop)
-        self.drop_path2 = DropPath(drop_path)
+        self.drop_path2: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self,
@@ -138,6 +139,7 @@ class CrossAttentionBlock(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_probability("drop_path", drop_path)
         self.has_self_attn = bool(self_attn)
         if self.has_self_attn:
             self.norm0 = norm_layer(dim)
@@ -149,7 +151,7 @@ class CrossAttentionBlock(nn.Module):
                 proj_drop=drop,
                 fused_attn=fused_attn,
             )
-            self.drop_path0 = DropPath(drop_path)
+            self.drop_path0: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm1 = norm_layer(dim)
         self.cross_attn = CrossAttention(
             dim,
@@ -160,10 +162,10 @@ class CrossAttentionBlock(nn.Module):
             proj_drop=drop,
             fused_attn=fused_attn,
         )
-        self.drop_path1 = DropPath(drop_path)
+        self.drop_path1: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, _hidden(dim, mlp_ratio), act_layer=act_layer, drop=drop)
-        self.drop_path2 = DropPath(drop_path)
+        self.drop_path2: nn.Module = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self,

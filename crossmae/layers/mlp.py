@@ -48,9 +48,9 @@ class Mlp(nn.Module):
         check_probability("drop", drop)
         self.fc1 = nn.Linear(in_features, hidden, bias=bias)
         self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.fc2 = nn.Linear(hidden, out, bias=bias)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop1(self.act(self.fc1(x)))
