@@ -31,8 +31,10 @@ def main() -> None:
 
         model = water_mae_small().to(dev)
         b = 8
-        inputs = {k: torch.randn(b, 30, 290, 180, device=dev) for k in
-                  ("precipitation", "soil_moisture", "temperature")}
+        inputs = {
+            k: torch.randn(b, 30, 290, 180, device=dev)
+            for k in ("precipitation", "soil_moisture", "temperature")
+        }
         inputs["evaporation"] = torch.randn(b, 604, 30, device=dev)
         inputs["river_flow"] = torch.randn(b, 604, 30, device=dev)
         static = torch.randn(b, 604, 11, device=dev)
@@ -42,6 +44,7 @@ def main() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(inputs, static=static, generator=g)
             out.loss.backward()
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -49,8 +52,14 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(
+        prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60
+        )
+    )
+    print(
+        prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -116,14 +115,17 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
     ctx = torch.randn(b, 1 + keep, enc_dim, device=dev, requires_grad=True)
     ids_keep = torch.rand(b, n, device=dev).argsort(1)[:, :keep]
     results = {}
-    for compiled in [False, True] if compile_ else [False]:
+    modes = ["eager", "compiled", "compiled-cudagraphs"] if compile_ else ["eager"]
+    for tag in modes:
+        compiled = tag != "eager"
+        mode = "reduce-overhead" if tag == "compiled-cudagraphs" else None
         mae = MAEDecoder(enc_dim, dim, depth, heads, 768, n).to(dev)
-        fmae = torch.compile(mae) if compiled else mae
+        fmae = torch.compile(mae, mode=mode) if compiled else mae
         for pr in (0.25, 0.75):
             p = int(n * pr)
             ids_pred = torch.rand(b, n, device=dev).argsort(1)[:, :p].sort(1).values
             cross = CrossMAEDecoder(enc_dim, dim, depth, heads, 768, num_tokens=n).to(dev)
-            fcross = torch.compile(cross) if compiled else cross
+            fcross = torch.compile(cross, mode=mode) if compiled else cross
 
             def step_cross() -> None:
                 with autocast(dev, dev.type == "cuda"):
@@ -135,7 +137,6 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
                     out = fmae(ctx[:, 1:], ids_keep, ids_pred)
                 out.float().square().mean().backward()
 
-            tag = "compiled" if compiled else "eager"
             t_c = bench(step_cross, dev)
             t_m = bench(step_mae, dev)
             results[(tag, pr)] = t_m / t_c
@@ -145,7 +146,6 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
 
 # --------------------------------------------------------------------------- 2. image model
 def section_image(dev: torch.device, small: bool, compile_: bool) -> None:
-    from crossmae.models.factories import crossmae_vit_base
 
     log("\n## 2. image CrossMAE ViT-B/16 full training step (bf16 autocast, fused AdamW)")
     b = 256 if not small else 4
@@ -153,46 +153,68 @@ def section_image(dev: torch.device, small: bool, compile_: bool) -> None:
     ceiling = matmul_ceiling(dev)
     record("image", "bf16 matmul ceiling", tflops=ceiling)
     configs = {
-        "predict0.25+wfm(all+input)": dict(predict_ratio=0.25, use_weighted_fm=True, use_input=True),
+        "predict0.25+wfm(all+input)": dict(
+            predict_ratio=0.25, use_weighted_fm=True, use_input=True
+        ),
         "predict0.25 no-wfm": dict(predict_ratio=0.25, use_weighted_fm=False),
         "predict0.75 no-wfm": dict(predict_ratio=0.75, use_weighted_fm=False),
         "mae-decoder": dict(use_cross_attn=False, predict_ratio=0.75, use_weighted_fm=False),
     }
-    extra = {} if not small else dict(embed_dim=96, depth=2, num_heads=4, decoder_embed_dim=64,
-                                      decoder_num_heads=4, decoder_depth=2)
+    extra = (
+        {}
+        if not small
+        else dict(
+            embed_dim=96,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=64,
+            decoder_num_heads=4,
+            decoder_depth=2,
+        )
+    )
     imgs = torch.randn(b, 3, size, size, device=dev)
     for compiled in [False, True] if compile_ else [False]:
         for name, kw in configs.items():
-            torch.manual_seed(0)
-            model = crossmae_vit_base(img_size=size, **kw, **extra).to(dev)
-            fused = dev.type == "cuda"
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-            fwd = torch.compile(model) if compiled else model
-            gen = torch.Generator(device=dev).manual_seed(0)
-
-            def step() -> None:
-                with autocast(dev, dev.type == "cuda"):
-                    out = fwd(imgs, generator=gen)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            with peak_memory(dev) as mem:
-                ms = bench(step, dev, warmup=3 if not compiled else 4, iters=10)
-            flops = count_flops(step) if not compiled else None
-            tag = "compiled" if compiled else "eager"
-            row: dict[str, Any] = dict(ms=ms, img_per_s=b / (ms * 1e-3), **mem)
-            if flops:
-                row["tflops"] = flops / (ms * 1e-3) / 1e12
-                row["ceiling_share"] = row["tflops"] / ceiling
-                ROWS_FLOPS[name] = flops
-            elif name in ROWS_FLOPS:
-                row["tflops"] = ROWS_FLOPS[name] / (ms * 1e-3) / 1e12
-                row["ceiling_share"] = row["tflops"] / ceiling
-            record("image", f"{tag} {name}", **row)
-            del model, opt, fwd
+            _image_row(dev, imgs, b, name, {**kw, **extra}, size, compiled, ceiling)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _image_row(
+    dev: torch.device,
+    imgs: torch.Tensor,
+    b: int,
+    name: str,
+    kw: dict[str, Any],
+    size: int,
+    compiled: bool,
+    ceiling: float,
+) -> None:
+    from crossmae.models.factories import crossmae_vit_base
+
+    torch.manual_seed(0)
+    model = crossmae_vit_base(img_size=size, **kw).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    fwd = torch.compile(model) if compiled else model
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def step() -> None:
+        with autocast(dev, dev.type == "cuda"):
+            out = fwd(imgs, generator=gen)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with peak_memory(dev) as mem:
+        ms = bench(step, dev, warmup=3 if not compiled else 4, iters=10)
+    flops = count_flops(step) if not compiled else ROWS_FLOPS.get(name)
+    if not compiled and flops:
+        ROWS_FLOPS[name] = flops
+    row: dict[str, Any] = dict(ms=ms, img_per_s=b / (ms * 1e-3), **mem)
+    if flops:
+        row["tflops"] = flops / (ms * 1e-3) / 1e12
+        row["ceiling_share"] = row["tflops"] / ceiling
+    record("image", f"{'compiled' if compiled else 'eager'} {name}", **row)
 
 
 ROWS_FLOPS: dict[str, int] = {}
@@ -205,8 +227,16 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     log("\n## 3. water model at its default shapes (bf16 autocast, AdamW)")
     kw: dict[str, Any] = {}
     if small:
-        kw = dict(num_steps=4, image_size=(60, 40), num_land_patches=10, num_sites=40,
-                  embed_dim=32, decoder_dim=16, num_heads=4, decoder_num_heads=4)
+        kw = dict(
+            num_steps=4,
+            image_size=(60, 40),
+            num_land_patches=10,
+            num_sites=40,
+            embed_dim=32,
+            decoder_dim=16,
+            num_heads=4,
+            decoder_num_heads=4,
+        )
     model = water_mae_small(**kw).to(dev)
     cfg_t = 4 if small else 30
     h, w = (60, 40) if small else (290, 180)
@@ -216,8 +246,10 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
         if small and b == 16:
             continue
         g = torch.Generator(device=dev).manual_seed(0)
-        inputs = {n: torch.randn(b, cfg_t, h, w, device=dev) for n in
-                  ("precipitation", "soil_moisture", "temperature")}
+        inputs = {
+            n: torch.randn(b, cfg_t, h, w, device=dev)
+            for n in ("precipitation", "soil_moisture", "temperature")
+        }
         inputs["evaporation"] = torch.randn(b, sites, cfg_t, device=dev)
         rf = torch.randn(b, sites, cfg_t, device=dev)
         if half_missing:
@@ -238,8 +270,14 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
         try:
             with peak_memory(dev) as mem:
                 ms = bench(step, dev, warmup=2, iters=8)
-            record("water", f"batch={b} half_missing_river_flow={half_missing}", ms=ms,
-                   samples_per_s=b / (ms * 1e-3), nonfinite_steps=bad[0], **mem)
+            record(
+                "water",
+                f"batch={b} half_missing_river_flow={half_missing}",
+                ms=ms,
+                samples_per_s=b / (ms * 1e-3),
+                nonfinite_steps=bad[0],
+                **mem,
+            )
         except torch.cuda.OutOfMemoryError:
             record("water", f"batch={b} half_missing_river_flow={half_missing}", ms="OOM")
 
@@ -262,13 +300,19 @@ def section_varlen(dev: torch.device, small: bool, compile_: bool) -> None:
             with autocast(dev, dev.type == "cuda"):
                 out = enc(x, p).tokens
             out.float().square().mean().backward()
+
         return f
 
     t_a = bench(run(x_eq, None), dev)
     t_b = bench(run(x_var, pad), dev)
     record("varlen", f"encoder d={dim}x{depth} b={b} equal len={equal}", ms=t_a)
-    record("varlen", f"encoder lengths U[{n // 4},{n}] padded to {n}", ms=t_b, ratio_b_over_a=t_b / t_a,
-           padded_share=1 - total / (b * n))
+    record(
+        "varlen",
+        f"encoder lengths U[{n // 4},{n}] padded to {n}",
+        ms=t_b,
+        ratio_b_over_a=t_b / t_a,
+        padded_share=1 - total / (b * n),
+    )
 
 
 # --------------------------------------------------------------------------- 0. kernels (GPU)
@@ -280,7 +324,10 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
     log("\n## 0. attention kernels at the water model's shapes (bf16, fwd+bwd, B=8, 8 heads)")
     log(f"  varlen available: {_varlen.varlen_available()}")
     b, h = 8, 8
-    for name, nq, nk, d in (("fusion self-attn", 7892, 7892, 32), ("decoder cross-attn", 1110, 7892, 16)):
+    for name, nq, nk, d in (
+        ("fusion self-attn", 7892, 7892, 32),
+        ("decoder cross-attn", 1110, 7892, 16),
+    ):
         q = torch.randn(b, h, nq, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(b, h, nk, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(b, h, nk, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -293,6 +340,7 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
         def fb(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
             def f() -> None:
                 fn().float().sum().backward()
+
             return f
 
         t_none = bench(fb(lambda: F.scaled_dot_product_attention(q, k, v)), dev)
@@ -304,10 +352,14 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
             t_var = bench(fb(lambda: _varlen.varlen_attend(q, k, v, kpad, qpad)), dev)
             row["varlen_ms"] = t_var
             with torch.no_grad():
-                ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                     attn_mask=att).masked_fill(empty[:, None, None, None], 0)
-                out = _varlen.varlen_attend(q, k, v, kpad, qpad).float().masked_fill(
-                    empty[:, None, None, None], 0)
+                ref = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=att
+                ).masked_fill(empty[:, None, None, None], 0)
+                out = (
+                    _varlen.varlen_attend(q, k, v, kpad, qpad)
+                    .float()
+                    .masked_fill(empty[:, None, None, None], 0)
+                )
                 real_q = torch.ones(b, nq, dtype=torch.bool, device=dev) if qpad is None else ~qpad
                 diff = (out - ref).permute(0, 2, 1, 3)[real_q].abs().max()
                 row["varlen_max_abs_err"] = float(diff)
@@ -325,7 +377,9 @@ SECTIONS = {
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cpu", action="store_true", help="CPU-sized variant (sections 1, 2, 4)")
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
@@ -337,8 +391,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ["decoder", "image", "varlen"] if small else list(SECTIONS)
     )
     torch.backends.cuda.matmul.allow_tf32 = True
-    log(f"# crossmae benchmarks  torch {torch.__version__}  device "
-        f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}")
+    log(
+        f"# crossmae benchmarks  torch {torch.__version__}  device "
+        f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}"
+    )
     failures = 0
     for name in names:
         try:

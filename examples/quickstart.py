@@ -24,7 +24,11 @@ def main() -> None:
     pos = cm.sincos_pos_embed_1d(dim, n)  # [n, dim]
 
     split = cm.random_masking(
-        b, n, 0.75, predict_ratio=0.25, padding_mask=padding_mask,
+        b,
+        n,
+        0.75,
+        predict_ratio=0.25,
+        padding_mask=padding_mask,
         generator=torch.Generator().manual_seed(0),
     )
     embed = torch.nn.Linear(width, dim)
@@ -38,8 +42,10 @@ def main() -> None:
         visible, keep_pad = split.visible_tokens(tokens)
         enc = encoder(visible, keep_pad, return_layers="all", include_input=True)
         pred = decoder(
-            enc.features, split.ids_predict,
-            context_padding_mask=keep_pad, query_padding_mask=split.predict_padding_mask,
+            enc.features,
+            split.ids_predict,
+            context_padding_mask=keep_pad,
+            query_padding_mask=split.predict_padding_mask,
         )
         target, pred_pad = split.predict_tokens(inputs)
         err = ((pred - target) ** 2).mean(-1).masked_fill(pred_pad, 0.0)
@@ -48,8 +54,18 @@ def main() -> None:
         return per_sample.sum() / has_targets.sum().clamp(min=1)
 
     print("real tokens per sample:     ", lengths.tolist())
-    print("visible tokens per sample:  ", split.num_keep.tolist(), "-> ids_keep", tuple(split.ids_keep.shape))
-    print("predicted tokens per sample:", split.num_predict.tolist(), "-> ids_predict", tuple(split.ids_predict.shape))
+    print(
+        "visible tokens per sample:  ",
+        split.num_keep.tolist(),
+        "-> ids_keep",
+        tuple(split.ids_keep.shape),
+    )
+    print(
+        "predicted tokens per sample:",
+        split.num_predict.tolist(),
+        "-> ids_predict",
+        tuple(split.ids_predict.shape),
+    )
     loss = loss_of(x)
     loss.backward()
     grads_finite = all(p.grad is not None and p.grad.isfinite().all() for p in decoder.parameters())
