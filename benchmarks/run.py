@@ -128,11 +128,15 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
             fcross = torch.compile(cross, mode=mode) if compiled else cross
 
             def step_cross() -> None:
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast(dev, dev.type == "cuda"):
                     out = fcross(ctx, ids_pred)
                 out.float().square().mean().backward()
 
             def step_mae() -> None:
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast(dev, dev.type == "cuda"):
                     out = fmae(ctx[:, 1:], ids_keep, ids_pred)
                 out.float().square().mean().backward()

@@ -151,7 +151,7 @@ class CrossMAEDecoder(nn.Module):
         if table is None:
             raise ValueError("pos is required: this decoder was built with pos_embed=None")
         if table.ndim == 2:
-            q = table[ids]  # [b, p, c]
+            q = torch.nn.functional.embedding(ids, table)  # [b, p, c]; cheap backward
         elif table.ndim == 3 and table.shape[0] == ids.shape[0]:
             q = gather_tokens(table, ids)
         else:
@@ -198,6 +198,10 @@ class CrossMAEDecoder(nn.Module):
             "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict [b, p]"
         )
         x = self.queries(ids_predict, pos)
+        # Under autocast every layer's kv projection would cast the (float32) context again:
+        # cast it once here instead.
+        if torch.is_autocast_enabled(ctx.device.type):
+            ctx = ctx.to(torch.get_autocast_dtype(ctx.device.type))
         trailing = context_padding_is_trailing
         if cpad is not None:
             ctx = ctx.masked_fill(cpad[..., None], 0.0)  # once for every layer

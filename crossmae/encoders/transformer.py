@@ -200,13 +200,22 @@ class TransformerEncoder(nn.Module):
             x = take_tokens(x, perm, 1)
             block_pad = torch.gather(pad, 1, perm)
         trailing = padding_is_trailing or perm is not None
-        feats: list[Tensor] = [x] if include_input else []
+        # Feature taps are consumed by a matmul (WeightedFeatureMaps): under autocast keep them
+        # in the autocast dtype, which halves the traffic of stacking them.
+        tap_dtype: Optional[torch.dtype] = None
+        if taps and torch.is_autocast_enabled(x.device.type):
+            tap_dtype = torch.get_autocast_dtype(x.device.type)
+
+        def tap(t: Tensor) -> Tensor:
+            return t if tap_dtype is None else t.to(tap_dtype)
+
+        feats: list[Tensor] = [tap(x)] if include_input else []
         for i, blk in enumerate(self.blocks):
             x = blk(x, block_pad, padding_is_trailing=trailing)
             if self.films is not None:
                 x = self.films[i](x, cond)
             if i in taps:
-                feats.append(x)
+                feats.append(tap(x))
         features = torch.stack(feats, dim=0) if feats else None
         if perm is not None:
             inv = inverse_permutation(perm)
