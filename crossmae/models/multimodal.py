@@ -277,6 +277,12 @@ class MultimodalMAE(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> MultimodalOutput:
         tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
+        # A modality's visible set is known to be unpadded only when its split was drawn here
+        # without padding and no sample of it was removed; user splits may be ragged.
+        dense = {
+            name: splits is None and mod.never_padded and (missing is None or name not in missing)
+            for name, mod in self._items()
+        }
         if splits is None:
             splits = self.make_splits(
                 {k: v[1] for k, v in tokenized.items()}, missing=missing, generator=generator
@@ -306,7 +312,7 @@ class MultimodalMAE(nn.Module):
             # encoder runs without a mask (flash attention on CUDA).
             enc = mod.encoder(
                 visible,
-                None if mod.never_padded else keep_pad,
+                None if dense[name] else keep_pad,
                 cond=cond,
                 padding_is_trailing=True,
             ).tokens

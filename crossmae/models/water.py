@@ -47,6 +47,10 @@ def default_land_patches(num_patches: int = 522, num_land: int = 94, seed: int =
 class WaterMAEConfig:
     """Configuration of `build_water_mae` (defaults: the water model's real config).
 
+    ``mask_ratio=0.39`` reproduces the water model's counts with crossmae's formula
+    ``n_keep = int(n * (1 - mask_ratio))``: 57 of 94 land patches visible per step (37 hidden)
+    and 46 of 76 series patches (the original code hid ``int(n * 0.4)``).
+
     Switches: ``use_cross_attn`` (False → MAE-style decoders), ``decoder_self_attn``,
     ``use_weighted_fm`` (decoders mix the fusion layers ``fm_layers``, plus the fusion input
     with ``use_input``).
@@ -72,7 +76,7 @@ class WaterMAEConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 8
     mlp_ratio: float = 4.0
-    mask_ratio: float = 0.4
+    mask_ratio: float = 0.39
     predict_ratio: Optional[float] = None
     use_cross_attn: bool = True
     decoder_self_attn: bool = False
@@ -161,6 +165,7 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
             cfg.patch_size,
             cfg.image_size,
             valid_patch_mask=valid,
+            spatial_embed="learned",
             modality_embed=True,
         )
         t_idx, p_idx = tok.token_positions(cfg.num_steps)
