@@ -18,6 +18,7 @@ from .._checks import check_float_tensor, check_index_tensor, check_int, check_p
 from ..layers import _varlen
 from ..layers._varlen import real_first_permutation, take_tokens
 from ..layers.blocks import CrossAttentionBlock
+from ..layers.drop import drop_path_schedule
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..masking.tokens import gather_tokens
 
@@ -49,7 +50,41 @@ def build_pos_table(
     return table.detach().clone(), None
 
 
-class CrossMAEDecoder(nn.Module):
+class _QueryEmbeddings(nn.Module):
+    """Mask token, position table and modality vector shared by both decoders (the attribute
+    names ``mask_token``, ``pos_embed``, ``pos_table``, ``modality_embed`` are part of the
+    state-dict layout)."""
+
+    pos_table: Optional[Tensor]
+    pos_embed: Optional[nn.Parameter]
+    modality_embed: Optional[nn.Parameter]
+    mask_token: nn.Parameter
+
+    def _init_queries(
+        self,
+        dim: int,
+        pos_embed: Union[str, Tensor, None],
+        num_tokens: Optional[int],
+        modality_embed: bool,
+    ) -> None:
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        fixed, learned = build_pos_table(pos_embed, num_tokens, dim)
+        self.pos_embed = learned
+        self.register_buffer("pos_table", fixed, persistent=False)
+        self.modality_embed = nn.Parameter(torch.zeros(dim)) if modality_embed else None
+
+    def _position_table(self, pos: Optional[Tensor]) -> Tensor:
+        """``pos`` if given, else the learned or fixed table; ValueError when there is none."""
+        table = pos
+        if table is None:
+            table = self.pos_embed if self.pos_embed is not None else self.pos_table
+        if table is None:
+            raise ValueError("pos is required: this decoder was built with pos_embed=None")
+        return table
+
+
+class CrossMAEDecoder(_QueryEmbeddings):
     """Stack of `CrossAttentionBlock` s decoding only the tokens to reconstruct.
 
     Queries are ``mask_token + pos[ids_predict] (+ modality embedding)``; keys/values are the
@@ -86,8 +121,6 @@ class CrossMAEDecoder(nn.Module):
         context token still gets finite predictions (from the queries alone).
     """
 
-    pos_table: Optional[Tensor]
-
     def __init__(
         self,
         context_dim: int,
@@ -112,19 +145,14 @@ class CrossMAEDecoder(nn.Module):
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)
         check_int("out_dim", out_dim, minimum=1)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        fixed, learned = build_pos_table(pos_embed, num_tokens, dim)
-        self.pos_embed = learned
-        self.register_buffer("pos_table", fixed, persistent=False)
-        self.modality_embed = nn.Parameter(torch.zeros(dim)) if modality_embed else None
+        self._init_queries(dim, pos_embed, num_tokens, modality_embed)
         self.num_feature_maps = num_feature_maps
         self.wfm: Optional[WeightedFeatureMaps] = None
         self.dec_norms: Optional[StackedLayerNorm] = None
         if num_feature_maps is not None:
             self.wfm = WeightedFeatureMaps(num_feature_maps, depth)
             self.dec_norms = StackedLayerNorm(depth, context_dim)
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_schedule(drop_path, depth)
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(
                 dim,
@@ -145,11 +173,7 @@ class CrossMAEDecoder(nn.Module):
     def queries(self, ids_predict: Tensor, pos: Optional[Tensor] = None) -> Tensor:
         """Build the queries ``[b, p, c]`` for the tokens at ``ids_predict``."""
         ids = check_index_tensor("ids_predict", ids_predict)
-        table = pos
-        if table is None:
-            table = self.pos_embed if self.pos_embed is not None else self.pos_table
-        if table is None:
-            raise ValueError("pos is required: this decoder was built with pos_embed=None")
+        table = self._position_table(pos)
         if table.ndim == 2:
             q = torch.nn.functional.embedding(ids, table)  # [b, p, c]; cheap backward
         elif table.ndim == 3 and table.shape[0] == ids.shape[0]:

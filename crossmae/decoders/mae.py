@@ -15,13 +15,14 @@ from torch import Tensor
 
 from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
 from ..layers.blocks import Block
+from ..layers.drop import drop_path_schedule
 from ..masking.tokens import gather_tokens, scatter_tokens
-from .cross import build_pos_table
+from .cross import _QueryEmbeddings
 
 __all__ = ["MAEDecoder"]
 
 
-class MAEDecoder(nn.Module):
+class MAEDecoder(_QueryEmbeddings):
     """MAE's decoder: embed visible tokens, scatter them among mask tokens, self-attend.
 
     Every position of the full sequence is decoded (that is MAE's cost); the predictions at
@@ -50,8 +51,6 @@ class MAEDecoder(nn.Module):
         ``padding_mask`` marks padding in the full sequence (never a key).
     """
 
-    pos_table: Optional[Tensor]
-
     def __init__(
         self,
         context_dim: int,
@@ -74,13 +73,8 @@ class MAEDecoder(nn.Module):
         self.dim = check_int("dim", dim, minimum=1)
         self.num_tokens = check_int("num_tokens", num_tokens, minimum=0)
         self.embed = nn.Linear(context_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        fixed, learned = build_pos_table(pos_embed, num_tokens, dim)
-        self.pos_embed = learned
-        self.register_buffer("pos_table", fixed, persistent=False)
-        self.modality_embed = nn.Parameter(torch.zeros(dim)) if modality_embed else None
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self._init_queries(dim, pos_embed, num_tokens, modality_embed)
+        rates = drop_path_schedule(drop_path, depth)
         self.blocks = nn.ModuleList(
             Block(
                 dim,
@@ -130,11 +124,7 @@ class MAEDecoder(nn.Module):
             torch.ones_like(ids_keep, dtype=x.dtype)[..., None], ids_keep, n, padding_mask=cpad
         )
         full = visible + (1 - hit) * self.mask_token.to(x.dtype)
-        table = pos
-        if table is None:
-            table = self.pos_embed if self.pos_embed is not None else self.pos_table
-        if table is None:
-            raise ValueError("pos is required: this decoder was built with pos_embed=None")
+        table = self._position_table(pos)
         full = full + table.to(full.dtype)
         if self.modality_embed is not None:
             full = full + self.modality_embed

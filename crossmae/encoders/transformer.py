@@ -17,6 +17,7 @@ from .._checks import check_float_tensor, check_int, check_padding_mask, check_p
 from ..layers import _varlen
 from ..layers._varlen import inverse_permutation, real_first_permutation, take_tokens
 from ..layers.blocks import Block
+from ..layers.drop import drop_path_schedule
 
 __all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
 
@@ -139,7 +140,7 @@ class TransformerEncoder(nn.Module):
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=0)
         check_probability("drop_path", drop_path)
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_schedule(drop_path, depth)
         self.blocks = nn.ModuleList(
             Block(
                 dim,

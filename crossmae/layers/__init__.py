@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .attention import Attention, CrossAttention, padded_attention
 from .blocks import Block, CrossAttentionBlock
-from .drop import DropPath, drop_path
+from .drop import DropPath, drop_path, drop_path_schedule
 from .feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from .mlp import Mlp
 from .pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d, sincos_pos_embed_2d_from_coords
@@ -19,6 +19,7 @@ __all__ = [
     "StackedLayerNorm",
     "WeightedFeatureMaps",
     "drop_path",
+    "drop_path_schedule",
     "padded_attention",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",

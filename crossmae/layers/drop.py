@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .._checks import check_probability
 
-__all__ = ["DropPath", "drop_path"]
+__all__ = ["DropPath", "drop_path", "drop_path_schedule"]
 
 
 def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
@@ -27,6 +27,15 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tens
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep_mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
     return x * keep_mask.div_(keep)
+
+
+def drop_path_schedule(drop_path: float, depth: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 (first block) to ``drop_path`` (last).
+
+    The usual ViT schedule; ``depth`` rates, all 0 when ``drop_path == 0``.
+    """
+    check_probability("drop_path", drop_path)
+    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
 
 
 class DropPath(nn.Module):
