@@ -7,7 +7,7 @@ Legend: ``b`` batch, ``n`` tokens, ``c`` width, ``k`` returned feature maps,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ from ..layers import _varlen
 from ..layers._varlen import inverse_permutation, real_first_permutation, take_tokens
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
+from ..layers.packing import PackedTokens, packed_segment_ids
 
 __all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
 
@@ -88,7 +89,10 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.proj(cond).unsqueeze(1).chunk(2, dim=-1)
+        mod = self.proj(cond)
+        if x.ndim == 3:  # [b, n, c] with cond [b, a]; packed rows [t, c] come with cond [t, a]
+            mod = mod.unsqueeze(1)
+        scale, shift = mod.chunk(2, dim=-1)
         return torch.addcmul(x + shift, x, scale)
 
 
@@ -224,3 +228,46 @@ class TransformerEncoder(nn.Module):
             if features is not None:
                 features = take_tokens(features, inv, 2)
         return EncoderOutput(self.norm(x), pad, features)
+
+    def forward_packed(
+        self,
+        packed: PackedTokens,
+        *,
+        cond: Optional[Tensor] = None,
+        return_layers: LayerSelection = None,
+        include_input: bool = False,
+    ) -> EncoderOutput:
+        """Encode a packed layout (see `pack_tokens`): cost follows the real tokens.
+
+        Returns an `EncoderOutput` whose ``tokens`` are ``[t, c]`` packed rows, whose
+        ``padding_mask`` is the slack-row mask ``[t]`` (True = not a real token) and whose
+        ``features`` are ``[k, t, c]``; `unpack_tokens` brings rows back to ``[b, n, c]``.
+        ``cond [b, a]`` (FiLM) is looked up per row.
+        """
+        if not isinstance(packed, PackedTokens):
+            raise TypeError(f"packed must be PackedTokens, got {type(packed).__name__}")
+        x = check_float_tensor("packed.tokens", packed.tokens, ndim=2)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"packed.tokens has width {x.shape[-1]} but dim={self.dim}")
+        row_cond: Optional[Tensor] = None
+        if self.films is not None:
+            c = check_float_tensor("cond", cond, ndim=2)
+            b = c.shape[0]
+            if tuple(c.shape) != (b, self.cond_dim):
+                raise ValueError(f"cond must have shape {(b, self.cond_dim)}, got {tuple(c.shape)}")
+            seg = packed_segment_ids(packed).clamp(max=max(b - 1, 0))
+            row_cond = c[seg] if b > 0 else c.new_zeros(x.shape[0], c.shape[1])
+        elif cond is not None:
+            raise ValueError("cond was given but the encoder was built without cond_dim")
+        if include_input and return_layers is None:
+            raise ValueError("include_input=True needs return_layers")
+        taps = set(resolve_layer_indices(return_layers, self.depth))
+        feats: list[Tensor] = [x] if include_input else []
+        for i, blk in enumerate(self.blocks):
+            x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen)
+            if self.films is not None and row_cond is not None:
+                x = self.films[i](x, row_cond)
+            if i in taps:
+                feats.append(x)
+        features = torch.stack(feats, dim=0) if feats else None
+        return EncoderOutput(self.norm(x), packed.row_padding_mask, features)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -27,9 +28,10 @@ from torch import Tensor
 
 from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
 from .._config import use_fused_attn
+from . import _varlen
 from ._varlen import can_use_varlen, varlen_attend
 
-__all__ = ["Attention", "CrossAttention", "padded_attention"]
+__all__ = ["Attention", "CrossAttention", "packed_attention", "padded_attention"]
 
 
 def _attend(
@@ -142,6 +144,44 @@ def padded_attention(
     )
 
 
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    fused: Optional[bool] = None,
+) -> Tensor:
+    """Attention within the segments of a packed layout (see `pack_tokens`).
+
+    Args:
+        q, k, v: ``[t, h, d]`` packed rows.
+        cu_seqlens: int32 ``[s + 1]`` segment boundaries (last entry ``t``).
+        max_seqlen: an upper bound of every segment's length (used by the CUDA kernel).
+        fused: use the packed CUDA kernel / SDPA (default: `use_fused_attn`) or the explicit
+            softmax path.
+
+    Returns:
+        ``[t, h, d]``: every row attends to the rows of its own segment only. On CUDA in half
+        precision this is ``torch.nn.attention.varlen`` (no mask, no padding); elsewhere a
+        block-diagonal boolean mask over the ``t`` rows (fine for CPU-sized ``t``).
+    """
+    use_fused = use_fused_attn() if fused is None else fused
+    if use_fused and can_use_varlen(q, 0.0) and _varlen._VARLEN is not None:
+        return _varlen._VARLEN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    t = q.shape[0]
+    rows = torch.arange(t, device=q.device, dtype=cu_seqlens.dtype)
+    seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    attend = (seg[:, None] == seg[None, :])[None, None]  # [1 1 t t], True = attend
+    qh, kh, vh = (rearrange(a, "t h d -> 1 h t d") for a in (q, k, v))
+    if use_fused:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend)
+    else:
+        out = _manual_attention(qh, kh, vh, attend, 0.0)
+    return rearrange(out, "1 h t d -> t h d")
+
+
 def _check_heads(dim: int, num_heads: int) -> int:
     check_int("dim", dim, minimum=1)
     check_int("num_heads", num_heads, minimum=1)
@@ -232,6 +272,22 @@ class Attention(nn.Module):
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """Self-attention within the segments of a packed layout (see `pack_tokens`).
+
+        ``x [t, c]`` packed rows, ``cu_seqlens`` int32 segment boundaries, ``max_seqlen`` an
+        upper bound of the segment lengths → ``[t, c]``. Attention dropout is not applied on
+        this path.
+        """
+        x = check_float_tensor("x", x, ndim=2)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has width {x.shape[-1]} but dim={self.dim}")
+        q, k, v = rearrange(
+            self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads
+        ).unbind(0)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
+        return self.proj_drop(self.proj(rearrange(out, "t h d -> t (h d)")))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, fused_attn={self.fused_attn}"

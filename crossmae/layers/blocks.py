@@ -92,6 +92,12 @@ class Block(nn.Module):
         x = x + self.drop_path1(attn)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """The same block over a packed layout ``x [t, c]`` (see `pack_tokens`); stochastic
+        depth is per row here, not per sample."""
+        x = x + self.drop_path1(self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
 
 class CrossAttentionBlock(nn.Module):
     """CrossMAE decoder block: queries attend to a (padded) context.
