@@ -164,6 +164,9 @@ def section_image(dev: torch.device, small: bool, compile_: bool) -> None:
         "predict0.75 no-wfm": dict(predict_ratio=0.75, use_weighted_fm=False),
         "mae-decoder": dict(use_cross_attn=False, predict_ratio=0.75, use_weighted_fm=False),
     }
+    wanted = [c for c in args_image_configs().split(",") if c]
+    if wanted:
+        configs = {k: v for k, v in configs.items() if any(w in k for w in wanted)}
     extra = (
         {}
         if not small
@@ -222,6 +225,13 @@ def _image_row(
 
 
 ROWS_FLOPS: dict[str, int] = {}
+
+
+def args_image_configs() -> str:
+    """Comma-separated substrings selecting image configs (env CROSSMAE_BENCH_IMAGE)."""
+    import os
+
+    return os.environ.get("CROSSMAE_BENCH_IMAGE", "")
 
 
 # --------------------------------------------------------------------------- 3. water model
