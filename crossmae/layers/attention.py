@@ -156,7 +156,9 @@ def packed_attention(
     """Attention within the segments of a packed layout (see `pack_tokens`).
 
     Args:
-        q, k, v: ``[t, h, d]`` packed rows.
+        q: queries ``[t, h, d]`` (packed rows).
+        k: keys ``[t, h, d]``.
+        v: values ``[t, h, d]``.
         cu_seqlens: int32 ``[s + 1]`` segment boundaries (last entry ``t``).
         max_seqlen: an upper bound of every segment's length (used by the CUDA kernel).
         fused: use the packed CUDA kernel / SDPA (default: `use_fused_attn`) or the explicit
