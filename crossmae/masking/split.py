@@ -156,7 +156,7 @@ def random_masking(
             )
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, n, generator=generator, device=dev)
+        noise = uniform_noise((b, n), generator, dev)
     noise = noise.to(dev)
 
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
@@ -189,6 +189,19 @@ def random_masking(
     ids_keep, keep_pad = _first_slots(ids_shuffle, n_keep, width_keep)
     ids_predict, predict_pad = _ascending_ids(predict_mask, n_pred, width_pred)
     return MaskSplit(ids_keep, keep_pad, ids_predict, predict_pad, visible_mask, predict_mask)
+
+
+def uniform_noise(
+    shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device
+) -> Tensor:
+    """Uniform noise on ``device``, drawn from ``generator`` on the generator's own device.
+
+    A CPU generator with CUDA data is fine (the noise is drawn on the CPU, then moved), so
+    the same seed gives the same masks on every device.
+    """
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
 def _resolve_device(

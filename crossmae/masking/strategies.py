@@ -37,7 +37,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from .._checks import check_int, check_padding_mask, check_ratio, check_tensor
-from .split import MaskSplit, _ascending_ids, _resolve_device, mask_split_from_masks
+from .split import MaskSplit, _ascending_ids, _resolve_device, mask_split_from_masks, uniform_noise
 
 __all__ = [
     "channel_masking",
@@ -234,7 +234,7 @@ def grouped_random_masking(
     noise = _check_noise(noise, (b, n), "(batch_size, t * l)")
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, n, generator=generator, device=dev)
+        noise = uniform_noise((b, n), generator, dev)
     noise_g = rearrange(noise.to(dev), "b (t l) -> b t l", t=t, l=l_)
     real = _real_grid(pad, b, t, l_, dev)
     vis, pred = _unit_roles(noise_g, real, mr, pr)
@@ -296,7 +296,7 @@ def chunk_masking(
     noise = _check_noise(noise, (b, num_chunks), "(batch_size, ceil(num_steps / chunk_size))")
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, num_chunks, generator=generator, device=dev)
+        noise = uniform_noise((b, num_chunks), generator, dev)
     static = pad is None and t % s == 0
     return _step_split(b, t, l_, s, noise.to(dev), pad, mr, pr, static)
 
@@ -345,7 +345,7 @@ def time_step_masking(
     noise = _check_noise(noise, (b, t), "(batch_size, num_steps)")
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, t, generator=generator, device=dev)
+        noise = uniform_noise((b, t), generator, dev)
     return _step_split(b, t, l_, 1, noise.to(dev), pad, mr, pr, pad is None)
 
 
@@ -438,7 +438,7 @@ def channel_masking(
     noise = _check_noise(noise, (b, c), "(batch_size, num_channels)")
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, c, generator=generator, device=dev)
+        noise = uniform_noise((b, c), generator, dev)
     return _step_split(b, c, l_, 1, noise.to(dev), pad, mr, pr, pad is None)
 
 
@@ -487,7 +487,7 @@ def tube_masking(
     noise = _check_noise(noise, (b, l_), "(batch_size, num_locations)")
     dev = _resolve_device(device, pad, noise, generator)
     if noise is None:
-        noise = torch.rand(b, l_, generator=generator, device=dev)
+        noise = uniform_noise((b, l_), generator, dev)
     real_tok = _real_grid(pad, b, t, l_, dev)
     vis_l, pred_l = _unit_roles(noise.to(dev), real_tok.any(dim=1), mr, pr)
 
@@ -621,6 +621,6 @@ def modality_dropout(
     noise = _check_noise(noise, (b,), "the split's batch")
     if noise is not None or p > 0.0:
         if noise is None:
-            noise = torch.rand(b, generator=generator, device=dev)
+            noise = uniform_noise((b,), generator, dev)
         gone = gone | (noise.to(dev) < p)
     return _drop_rows(sp, gone)

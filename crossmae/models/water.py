@@ -21,7 +21,7 @@ from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
 from ..layers.pos_embed import sincos_pos_embed_2d_from_coords
-from ..tokenizers.raster import RasterTokenizer
+from ..tokenizers.raster import RasterTokenizer, raster_position_embedding
 from ..tokenizers.series import SeriesTokenizer, StaticToken
 from .multimodal import Modality, MultimodalMAE, grouped_masking_fn
 
@@ -107,11 +107,14 @@ class WaterMAEConfig:
             resolve_layer_indices(self.fm_layers, self.fusion_depth)
 
 
+def _series_positions(dim: int, t_index: Tensor, loc_index: Tensor) -> Tensor:
+    """Fixed decoder positions of series tokens: 2D sin-cos of (step, patch index)."""
+    return sincos_pos_embed_2d_from_coords(dim, torch.stack([t_index, loc_index], dim=-1))
+
+
 def _decoder(
-    cfg: WaterMAEConfig, out_dim: int, t_index: Tensor, loc_index: Tensor, fm_count: Optional[int]
+    cfg: WaterMAEConfig, out_dim: int, pos: Tensor, fm_count: Optional[int]
 ) -> CrossMAEDecoder | MAEDecoder:
-    coords = torch.stack([t_index, loc_index], dim=-1)
-    pos = sincos_pos_embed_2d_from_coords(cfg.decoder_dim, coords)  # (step, location)
     if cfg.use_cross_attn:
         return CrossMAEDecoder(
             cfg.embed_dim,
@@ -168,7 +171,6 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
             spatial_embed="learned",
             modality_embed=True,
         )
-        t_idx, p_idx = tok.token_positions(cfg.num_steps)
         enc = TransformerEncoder(
             cfg.embed_dim,
             cfg.raster_depth,
@@ -181,7 +183,13 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
         modalities[name] = Modality(
             tok,
             enc,
-            _decoder(cfg, out_dim, t_idx, p_idx, fm_count),
+            # queries know (step, row, col) like the tokens: the tokenizer's sin-cos formula
+            _decoder(
+                cfg,
+                out_dim,
+                raster_position_embedding(cfg.decoder_dim, tok.patch_coords, cfg.num_steps),
+                fm_count,
+            ),
             masking=mask_fn,
             loss_weight=weights[name],
             num_steps=cfg.num_steps,
@@ -203,7 +211,9 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
         modalities[name] = Modality(
             stok,
             enc,
-            _decoder(cfg, cfg.group_size, t_idx, p_idx, fm_count),
+            _decoder(
+                cfg, cfg.group_size, _series_positions(cfg.decoder_dim, t_idx, p_idx), fm_count
+            ),
             masking=mask_fn,
             static_token=StaticToken(cfg.num_static, cfg.embed_dim, per_site=True),
             loss_weight=weights[name],
