@@ -1,0 +1,227 @@
+"""Render ``docs/reliability.md`` from the outcomes recorded by ``tests/reliability``.
+
+Every reliability check appends one JSON line ``{callable, tried, outcome, ok, test}`` to
+the file named by the environment variable ``CROSSMAE_RELIABILITY_OUT`` (see
+``tests/reliability/reliability_helpers.py``). This script runs that suite (``--run``) or
+reads such a file (``--input``), and writes a plain-markdown page: a summary, the open
+failures, and one table row per (public name, input tried, test).
+
+Usage::
+
+    .venv/bin/python tools/gen_reliability_table.py --run            # run the suite, write the page
+    .venv/bin/python tools/gen_reliability_table.py --input rows.jsonl
+    .venv/bin/python tools/gen_reliability_table.py --run --check    # fail if the page is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "docs" / "reliability.md"
+ENV = "CROSSMAE_RELIABILITY_OUT"
+NOT_CALLABLE = {"__version__"}  # public names that are data, not callables
+
+HEADER = """\
+# Reliability
+
+How every public callable of `crossmae` behaves under bad and extreme input. This page is
+generated from the reliability test suite (`tests/reliability`); do not edit it by hand.
+
+## The standard
+
+Bad input gets a `ValueError` or `TypeError` that names the argument and shows the value,
+raised before any work; nothing is silently truncated, broadcast or reinterpreted; or the
+input gets a documented, correct result. No `IndexError`, `RuntimeError` or
+`AssertionError` from deep inside torch.
+
+What the suite tries, for every public function and module `forward`: wrong rank, wrong
+dtype (float masks, integer tokens, float64 tokens into a float32 module), mismatched batch
+or length between tokens and masks, negative or too-large sizes, ratios outside their
+range, an empty batch (`b = 0`), zero tokens (`n = 0`), NaN/inf in real and in padded
+inputs, non-contiguous and channels-last inputs (same result as contiguous), constructor
+arguments; plus a hypothesis fuzz of the main entry points, a dtype matrix, determinism,
+checkpoint round trips and gradients for every masking strategy.
+
+## Documented behaviour
+
+- **Index and length values** (`ids_*` past the sequence, negative ids, lengths outside
+  `[0, max_len]`) are not range-checked: checking a value needs a device sync. On the CPU
+  the kernel raises (`RuntimeError`/`IndexError`), on CUDA a device-side assert fires. An
+  out-of-range value is never silently dropped, clamped or wrapped.
+- **NaN/inf in real data propagates** to the outputs of that sample only (never to other
+  samples, never hidden). NaN/inf in **padded** slots, in tokens that are not selected, or
+  at invalid target values never reaches an output, a loss or a gradient.
+- **Tokenizers** (`RasterTokenizer`, `SeriesTokenizer`, `StaticToken`, and the models built
+  on them) read NaN/inf as a *missing value*: it is zeroed and flagged, so NaN and inf give
+  identical, finite tokens.
+- **NaN in masking noise** sorts last (as `torch.sort` does): the counts stay exact.
+- **Empty batches and empty token sets** return correctly shaped empty results (losses
+  return 0 with zero gradients). Without a `padding_mask` the masking functions size their
+  outputs from the ratios alone, so an empty batch still has `k = int(n * (1 - r))` columns.
+- **Device mismatch** between arguments (e.g. tokens on CUDA, a mask on the CPU) can only
+  happen on a GPU machine and is not exercised by this CPU suite.
+- **dtypes**: every component runs in float32, float64, bf16 and fp16 autocast on the CPU
+  (fp16 CPU autocast is supported by the installed torch), and as a `.bfloat16()` /
+  `.half()` module fed float32 side inputs. Outputs are finite and within a relative L2
+  error of the float64 result of 1e-5 (float32), 1e-10 (float64), 1e-2 (fp16) and 5e-2
+  (bf16).
+
+## Regenerate
+
+```bash
+.venv/bin/python tools/gen_reliability_table.py --run
+```
+
+runs `pytest tests/reliability` with `CROSSMAE_RELIABILITY_OUT` set and rewrites this page
+(`--check` fails instead when the page is out of date).
+"""
+
+
+def run_suite(out_file: Path, pytest_args: list[str]) -> int:
+    env = dict(os.environ, **{ENV: str(out_file)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/reliability",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *pytest_args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+
+
+def load_rows(path: Path) -> list[dict[str, object]]:
+    """Records, de-duplicated on (callable, tried, test): the last one wins."""
+    rows: dict[tuple[str, str, str], dict[str, object]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[(str(r["callable"]), str(r["tried"]), str(r["test"]))] = r
+    return list(rows.values())
+
+
+def _cell(text: object) -> str:
+    """Plain table-cell text: no pipes or newlines; ``*`` and ``<`` escaped outside code."""
+    parts = str(text).replace("|", "/").replace("\n", " ").strip().split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside `code` spans
+        parts[i] = parts[i].replace("*", "\\*").replace("<", "&lt;")
+    return "`".join(parts)
+
+
+def _code(text: object) -> str:
+    return "`" + str(text).replace("|", "/").replace("\n", " ").replace("`", "'").strip() + "`"
+
+
+def _public_names() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    import crossmae
+
+    return sorted(crossmae.__all__)
+
+
+def render(rows: list[dict[str, object]]) -> str:
+    rows = sorted(rows, key=lambda r: (str(r["callable"]).lower(), str(r["test"]), str(r["tried"])))
+    failures = [r for r in rows if not r["ok"]]
+    names = _public_names()
+    covered = {str(r["callable"]) for r in rows}
+    missing = [n for n in names if n not in covered and n not in NOT_CALLABLE]
+    fail_names = sorted({str(r["callable"]) for r in failures}, key=str.lower)
+
+    out = [HEADER, "## Summary", ""]
+    public = [n for n in names if n not in NOT_CALLABLE]
+    out.append(
+        f"{len(rows)} checks, covering {len([n for n in public if n in covered])} of the "
+        f"{len(public)} public callables in `crossmae.__all__`; "
+        f"**{len(failures)} checks fail the standard**"
+        + (
+            f" (in {len(fail_names)} names: {', '.join(_code(n) for n in fail_names)})."
+            if failures
+            else "."
+        )
+    )
+    out.append("")
+    if missing:
+        out.append(
+            "Public callables without a check: " + ", ".join(_code(n) for n in missing) + "."
+        )
+        out.append("")
+    if failures:
+        out += [
+            "## Open failures",
+            "",
+            "| Public name | Input tried | Outcome | Test that checks it |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in failures:
+            out.append(
+                f"| {_code(r['callable'])} | {_cell(r['tried'])} | {_cell(r['outcome'])} | {_code(r['test'])} |"
+            )
+        out.append("")
+    out += [
+        "## All checks",
+        "",
+        "| Public name | Input tried | Outcome | Test that checks it |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        outcome = _cell(r["outcome"])
+        if not r["ok"] and outcome.startswith("FAIL: "):
+            outcome = "**FAIL**: " + outcome[len("FAIL: ") :]
+        out.append(
+            f"| {_code(r['callable'])} | {_cell(r['tried'])} | {outcome} | {_code(r['test'])} |"
+        )
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", action="store_true", help="run tests/reliability first")
+    parser.add_argument("--input", type=Path, help="a JSON-lines file of recorded outcomes")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--check", action="store_true", help="fail if --output differs instead of writing it"
+    )
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = parser.parse_args(argv)
+    if args.run == (args.input is not None):
+        parser.error("pass exactly one of --run and --input")
+    if args.run:
+        with tempfile.TemporaryDirectory() as tmp:
+            records = Path(tmp) / "reliability.jsonl"
+            records.touch()
+            code = run_suite(records, args.pytest_args)
+            if code not in (0, 1):  # 1 = some tests failed: their failures are the table's point
+                print(f"pytest exited with {code}; not writing the page", file=sys.stderr)
+                return code
+            rows = load_rows(records)
+    else:
+        rows = load_rows(args.input)
+    if not rows:
+        print("no records found", file=sys.stderr)
+        return 2
+    text = render(rows)
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date; regenerate it with --run", file=sys.stderr)
+            return 1
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output} ({len(rows)} rows, {sum(1 for r in rows if not r['ok'])} failing)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
