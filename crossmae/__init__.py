@@ -85,7 +85,7 @@ from .tokenizers import (
     valid_patches_from_mask,
 )
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "Attention",
