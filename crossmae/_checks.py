@@ -31,6 +31,27 @@ def check_float_tensor(name: str, value: object, ndim: Optional[int] = None) -> 
     return t
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_module_dtype(name: str, value: Tensor, dtype: torch.dtype, module: str) -> None:
+    """Check that ``value`` has the dtype of the parameters it meets (``dtype``).
+
+    Skipped while autocast is enabled for ``value``'s device and both dtypes are ones autocast
+    casts (float32/float16/bfloat16; it never touches float64). Nothing is cast here.
+    """
+    if value.dtype != dtype and not (
+        value.dtype in _AUTOCAST_DTYPES
+        and dtype in _AUTOCAST_DTYPES
+        and torch.is_autocast_enabled(value.device.type)
+    ):
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but {module} has parameters of dtype {dtype}; "
+            f"cast one of them (e.g. `{name}.to({dtype})` or `module.to({value.dtype})`) or "
+            "run under torch.autocast (which casts float32/float16/bfloat16, never float64)"
+        )
+
+
 def check_index_tensor(name: str, value: object, ndim: int = 2) -> Tensor:
     t = check_tensor(name, value)
     if t.dtype not in (torch.int64, torch.int32):

@@ -146,7 +146,8 @@ def masked_mse_loss(
         Padded or invalid positions may hold NaN/inf without changing the loss or gradients.
 
     Raises:
-        TypeError: non-float ``pred``/``target``/``weight`` or non-bool masks.
+        TypeError: non-float ``pred``/``target``/``weight``, non-bool masks or a
+            non-bool ``norm_pix``.
         ValueError: shapes not matching, ``eps <= 0`` or an unknown ``reduction``.
     """
     pred = check_float_tensor("pred", pred, ndim=3)
@@ -166,6 +167,8 @@ def masked_mse_loss(
                 f"weight has shape {tuple(weight.shape)} but pred {shape} needs shape "
                 f"{(b,)} (per sample) or {(b, p)} (per token)"
             )
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"norm_pix must be a bool, got {norm_pix!r} ({type(norm_pix).__name__})")
     e = _check_eps(eps)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

@@ -76,12 +76,27 @@ class _QueryEmbeddings(nn.Module):
 
     def _position_table(self, pos: Optional[Tensor]) -> Tensor:
         """``pos`` if given, else the learned or fixed table; ValueError when there is none."""
-        table = pos
-        if table is None:
-            table = self.pos_embed if self.pos_embed is not None else self.pos_table
-        if table is None:
+        if pos is not None:
+            table = check_float_tensor("pos", pos)
+            if table.ndim not in (2, 3):
+                raise ValueError(
+                    f"pos must have shape [n, c] or [b, n, c], got {tuple(table.shape)}"
+                )
+            return table
+        own = self.pos_embed if self.pos_embed is not None else self.pos_table
+        if own is None:
             raise ValueError("pos is required: this decoder was built with pos_embed=None")
-        return table
+        return own
+
+
+def _param_dtype_check(name: str, x: Tensor, dtype: torch.dtype, owner: str) -> None:
+    """``x`` must have the decoder's dtype unless autocast is on (metadata only)."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"{name} has dtype {x.dtype} but the {owner}'s parameters are {dtype}: cast it with "
+        f".to({dtype}), convert the module, or run under torch.autocast"
+    )
 
 
 class CrossMAEDecoder(_QueryEmbeddings):
@@ -118,7 +133,9 @@ class CrossMAEDecoder(_QueryEmbeddings):
         context_padding_is_trailing=False) -> [b, p, o]``
         where ``context`` is ``[b, m, e]`` (no WFM) or ``[k, b, m, e]`` (WFM).
         Outputs at padded query slots are finite and meaningless. A sample with no real
-        context token still gets finite predictions (from the queries alone).
+        context token still gets finite predictions (from the queries alone). ``context``
+        must have the decoder's dtype (any float dtype under autocast); ``pos`` may be any
+        float dtype (it is cast).
     """
 
     def __init__(
@@ -145,6 +162,8 @@ class CrossMAEDecoder(_QueryEmbeddings):
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)
         check_int("out_dim", out_dim, minimum=1)
+        if num_feature_maps is not None:
+            check_int("num_feature_maps", num_feature_maps, minimum=1)
         self._init_queries(dim, pos_embed, num_tokens, modality_embed)
         self.num_feature_maps = num_feature_maps
         self.wfm: Optional[WeightedFeatureMaps] = None
@@ -174,26 +193,47 @@ class CrossMAEDecoder(_QueryEmbeddings):
         """Build the queries ``[b, p, c]`` for the tokens at ``ids_predict``."""
         ids = check_index_tensor("ids_predict", ids_predict)
         table = self._position_table(pos)
+        if table.shape[-1] != self.dim or (table.ndim == 3 and table.shape[0] != ids.shape[0]):
+            raise ValueError(
+                f"pos must be [n, {self.dim}] or [{ids.shape[0]}, n, {self.dim}] (dim={self.dim}, "
+                f"batch {ids.shape[0]}), got {tuple(table.shape)}"
+            )
         if table.ndim == 2:
             q = torch.nn.functional.embedding(ids, table)  # [b, p, c]; cheap backward
-        elif table.ndim == 3 and table.shape[0] == ids.shape[0]:
-            q = gather_tokens(table, ids)
         else:
-            raise ValueError(
-                f"pos must be [n, c] or [b, n, c] with b={ids.shape[0]}, got {tuple(table.shape)}"
-            )
-        if q.shape[-1] != self.dim:
-            raise ValueError(f"pos has width {q.shape[-1]} but dim={self.dim}")
+            q = gather_tokens(table, ids)
         q = q.to(self.mask_token.dtype) + self.mask_token
         if self.modality_embed is not None:
             q = q + self.modality_embed
         return q
 
+    def _check_context(self, context: object) -> Tensor:
+        """``context`` is ``[b, m, e]`` (no WFM) or ``[k, b, m, e]`` (WFM), in the decoder's
+        dtype (any float dtype under autocast)."""
+        if self.wfm is None:
+            ctx = check_float_tensor("context", context)
+            if ctx.ndim != 3 or ctx.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"context must have shape [b, m, {self.context_dim}] (context_dim="
+                    f"{self.context_dim}), got {tuple(ctx.shape)}"
+                )
+        else:
+            ctx = check_float_tensor("context", context)
+            k = self.num_feature_maps
+            if ctx.ndim != 4 or ctx.shape[0] != k or ctx.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"context must have shape [{k}, b, m, {self.context_dim}] "
+                    f"(num_feature_maps={k} stacked encoder feature maps of width "
+                    f"context_dim={self.context_dim}), got {tuple(ctx.shape)}"
+                )
+        _param_dtype_check("context", ctx, self.mask_token.dtype, "decoder")
+        return ctx
+
     def contexts(self, context: Tensor) -> Tensor:
         """Per-layer contexts ``[depth, b, m, e]`` (WFM) or the context ``[b, m, e]`` as is."""
+        ctx = self._check_context(context)
         if self.wfm is None or self.dec_norms is None:
-            return check_float_tensor("context", context, ndim=3)
-        ctx = check_float_tensor("context", context, ndim=4)
+            return ctx
         return self.dec_norms(self.wfm(ctx))
 
     def forward(
@@ -206,22 +246,20 @@ class CrossMAEDecoder(_QueryEmbeddings):
         pos: Optional[Tensor] = None,
         context_padding_is_trailing: bool = False,
     ) -> Tensor:
-        ctx = self.contexts(context)
-        if ctx.shape[-1] != self.context_dim:
+        raw = self._check_context(context)
+        ids = check_index_tensor("ids_predict", ids_predict)
+        b, m = raw.shape[-3], raw.shape[-2]
+        if ids.shape[0] != b:
             raise ValueError(
-                f"context has width {ctx.shape[-1]} (shape {tuple(context.shape)}) but "
-                f"context_dim={self.context_dim}"
-            )
-        b, m = ctx.shape[-3], ctx.shape[-2]
-        if ids_predict.shape[0] != b:
-            raise ValueError(
-                f"ids_predict has batch {ids_predict.shape[0]} but context has batch {b}"
+                f"ids_predict has batch {ids.shape[0]} (shape {tuple(ids.shape)}) but context "
+                f"has batch {b} (shape {tuple(raw.shape)})"
             )
         cpad = check_padding_mask("context_padding_mask", context_padding_mask, (b, m), "context")
         qpad = check_padding_mask(
-            "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict [b, p]"
+            "query_padding_mask", query_padding_mask, ids.shape, "ids_predict [b, p]"
         )
-        x = self.queries(ids_predict, pos)
+        x = self.queries(ids, pos)
+        ctx = self.contexts(raw)
         # Under autocast every layer's kv projection would cast the (float32) context again:
         # cast it once here instead.
         if torch.is_autocast_enabled(ctx.device.type):

@@ -16,8 +16,8 @@ from torch import Tensor
 from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
-from ..masking.tokens import gather_tokens, scatter_tokens
-from .cross import _QueryEmbeddings
+from ..masking.tokens import gather_tokens
+from .cross import _param_dtype_check, _QueryEmbeddings
 
 __all__ = ["MAEDecoder"]
 
@@ -48,7 +48,10 @@ class MAEDecoder(_QueryEmbeddings):
         context_padding_mask [b, m] | None, query_padding_mask [b, p] | None,
         padding_mask [b, n] | None, pos [n, c] | [b, n, c] | None) -> [b, p, o]``.
         ``context_padding_mask`` marks padded visible slots (never scattered);
-        ``padding_mask`` marks padding in the full sequence (never a key).
+        ``padding_mask`` marks padding in the full sequence (never a key). ``context`` must
+        have the decoder's dtype (any float dtype under autocast); ``pos`` is cast to it.
+        Real ``ids_keep`` must be distinct and in ``[0, n)``: an id out of range is not
+        checked on the host (that would sync) and the scatter kernel raises.
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class MAEDecoder(_QueryEmbeddings):
         super().__init__()
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
+        self.depth = check_int("depth", depth, minimum=1)
+        check_int("out_dim", out_dim, minimum=1)
         self.num_tokens = check_int("num_tokens", num_tokens, minimum=0)
         self.embed = nn.Linear(context_dim, dim)
         self._init_queries(dim, pos_embed, num_tokens, modality_embed)
@@ -101,13 +106,24 @@ class MAEDecoder(_QueryEmbeddings):
         padding_mask: Optional[Tensor] = None,
         pos: Optional[Tensor] = None,
     ) -> Tensor:
-        ctx = check_float_tensor("context", context, ndim=3)
+        ctx = check_float_tensor("context", context)
+        if ctx.ndim != 3 or ctx.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"context must have shape [b, m, {self.context_dim}] (context_dim="
+                f"{self.context_dim}), got {tuple(ctx.shape)}"
+            )
+        _param_dtype_check("context", ctx, self.mask_token.dtype, "decoder")
         ids_keep = check_index_tensor("ids_keep", ids_keep)
         ids_predict = check_index_tensor("ids_predict", ids_predict)
         b, n = ctx.shape[0], self.num_tokens
         if tuple(ids_keep.shape) != tuple(ctx.shape[:2]):
             raise ValueError(
                 f"ids_keep has shape {tuple(ids_keep.shape)} but context has {tuple(ctx.shape)}"
+            )
+        if ids_predict.shape[0] != b:
+            raise ValueError(
+                f"ids_predict has batch {ids_predict.shape[0]} (shape "
+                f"{tuple(ids_predict.shape)}) but context has batch {b}"
             )
         cpad = check_padding_mask(
             "context_padding_mask", context_padding_mask, ids_keep.shape, "ids_keep"
@@ -116,15 +132,31 @@ class MAEDecoder(_QueryEmbeddings):
             "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict"
         )
         pad = check_padding_mask("padding_mask", padding_mask, (b, n), "(b, num_tokens)")
+        table = self._position_table(pos)
+        if (table.ndim == 2 and tuple(table.shape) != (n, self.dim)) or (
+            table.ndim == 3 and tuple(table.shape) != (b, n, self.dim)
+        ):
+            raise ValueError(
+                f"pos must have shape [{n}, {self.dim}] or [{b}, {n}, {self.dim}] (num_tokens="
+                f"{n}, dim={self.dim}, batch {b}), got {tuple(table.shape)}"
+            )
         x = self.embed(ctx)
+        # Scatter the visible tokens among mask tokens. An additive scatter: padded slots are
+        # zeroed and sent to token 0 (adding 0 changes nothing), real ids are unique, so the
+        # sum is exact, and an id out of [0, n) is an index error of the kernel, never
+        # silently dropped.
+        idx = ids_keep.long()
+        weight = torch.ones_like(idx, dtype=x.dtype)
         if cpad is not None:
             x = x.masked_fill(cpad[..., None], 0.0)
-        visible = scatter_tokens(x, ids_keep, n, padding_mask=cpad)  # [b n c], 0 elsewhere
-        hit = scatter_tokens(
-            torch.ones_like(ids_keep, dtype=x.dtype)[..., None], ids_keep, n, padding_mask=cpad
-        )
-        full = visible + (1 - hit) * self.mask_token.to(x.dtype)
-        table = self._position_table(pos)
+            idx = idx.masked_fill(cpad, 0)
+            weight = weight.masked_fill(cpad, 0.0)
+        visible = x.new_zeros(b, n, x.shape[-1])  # [b n c], 0 where nothing is visible
+        hit = x.new_zeros(b, n)  # [b n], 1 at visible tokens
+        if n > 0:  # (with n = 0 every visible slot must be padding: nothing to place)
+            visible = visible.scatter_add(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)
+            hit = hit.scatter_add(1, idx, weight)
+        full = visible + (1 - hit[..., None]) * self.mask_token.to(x.dtype)
         full = full + table.to(full.dtype)
         if self.modality_embed is not None:
             full = full + self.modality_embed

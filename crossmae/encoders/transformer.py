@@ -40,31 +40,65 @@ class EncoderOutput(NamedTuple):
     features: Optional[Tensor]
 
 
-def resolve_layer_indices(layers: LayerSelection, depth: int) -> tuple[int, ...]:
+def resolve_layer_indices(
+    layers: LayerSelection, depth: int, name: str = "layers"
+) -> tuple[int, ...]:
     """Normalize a layer selection (``"all"``, an int, or ints, negatives allowed) to indices.
 
-    Returns sorted, de-duplicated indices in ``[0, depth)``; raises ValueError when an index
-    is out of range or the selection is empty.
+    Args:
+        layers: the selection; None selects nothing.
+        depth: number of layers.
+        name: the argument name used in error messages (e.g. ``"return_layers"``).
+
+    Returns:
+        Sorted indices in ``[0, depth)``. Raises TypeError for a selection that is not
+        ``"all"``, an int or a sequence of ints, and ValueError when an index is out of
+        range, repeated, or the selection is empty.
     """
     if layers is None:
         return ()
     if isinstance(layers, str):
         if layers != "all":
-            raise ValueError(f"layers must be 'all', an int or a sequence of ints, got {layers!r}")
+            raise ValueError(f"{name} must be 'all', an int or a sequence of ints, got {layers!r}")
         return tuple(range(depth))
+    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence)):
+        raise TypeError(
+            f"{name} must be 'all', an int or a sequence of ints, got {layers!r} "
+            f"({type(layers).__name__})"
+        )
     items = [layers] if isinstance(layers, int) else list(layers)
     out: list[int] = []
     for i in items:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layer indices must be ints, got {i!r} in {layers!r}")
+            raise TypeError(f"{name} must hold ints, got {i!r} in {layers!r}")
         if not -depth <= i < depth:
-            raise ValueError(f"layer index {i} out of range for depth {depth} (in {layers!r})")
+            raise ValueError(
+                f"{name} index {i} is out of range for depth {depth} (got {name}={layers!r})"
+            )
         out.append(i % depth)
     if not out:
-        raise ValueError(f"layers selects no layer: {layers!r}")
+        raise ValueError(f"{name} selects no layer: {layers!r}")
     if len(set(out)) != len(out):
-        raise ValueError(f"layers selects a layer twice: {layers!r}")
+        raise ValueError(f"{name} selects a layer twice: {layers!r}")
     return tuple(sorted(out))
+
+
+def _param_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """dtype of the module's first floating-point parameter (None when it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _check_input_dtype(name: str, x: Tensor, dtype: Optional[torch.dtype], owner: str) -> None:
+    """``x`` must have the module's parameter dtype, unless autocast is on (metadata only)."""
+    if dtype is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"{name} has dtype {x.dtype} but the {owner}'s parameters are {dtype}: cast it with "
+        f".to({dtype}), convert the module, or run under torch.autocast"
+    )
 
 
 class FiLM(nn.Module):
@@ -77,7 +111,9 @@ class FiLM(nn.Module):
         dim: modulated width ``c``.
 
     Shapes:
-        ``forward(x [b, n, c], cond [b, a]) -> [b, n, c]``.
+        ``forward(x [b, n, c], cond [b, a]) -> [b, n, c]``, or packed rows
+        ``forward(x [t, c], cond [t, a]) -> [t, c]``. ``x`` must have the module's dtype
+        (unless autocast is on); ``cond`` is cast to it.
     """
 
     def __init__(self, cond_dim: int, dim: int) -> None:
@@ -89,7 +125,22 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        mod = self.proj(cond)
+        x = check_float_tensor("x", x)
+        if x.ndim not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have shape [b, n, {self.dim}] (or packed [t, {self.dim}]), "
+                f"got {tuple(x.shape)}"
+            )
+        _check_input_dtype("x", x, self.proj.weight.dtype, "FiLM")
+        c = check_float_tensor("cond", cond)
+        if tuple(c.shape) != (x.shape[0], self.cond_dim):
+            layout = "[b, a]" if x.ndim == 3 else "[t, a] (one row per packed token)"
+            raise ValueError(
+                f"cond must have shape {layout} = {(x.shape[0], self.cond_dim)} for x of shape "
+                f"{tuple(x.shape)}, got {tuple(c.shape)}"
+            )
+        # cond is a side input (e.g. float32 attributes): it follows the module's dtype.
+        mod = self.proj(c.to(self.proj.weight.dtype))
         if x.ndim == 3:  # [b, n, c] with cond [b, a]; packed rows [t, c] come with cond [t, a]
             mod = mod.unsqueeze(1)
         scale, shift = mod.chunk(2, dim=-1)
@@ -182,6 +233,7 @@ class TransformerEncoder(nn.Module):
             raise ValueError(
                 f"tokens has width {x.shape[-1]} (shape {tuple(x.shape)}) but dim={self.dim}"
             )
+        _check_input_dtype("tokens", x, _param_dtype(self), "encoder")
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "tokens [b, n, c]")
         if self.films is not None:
             c = check_float_tensor("cond", cond, ndim=2)
@@ -189,11 +241,12 @@ class TransformerEncoder(nn.Module):
                 raise ValueError(
                     f"cond must have shape {(x.shape[0], self.cond_dim)}, got {tuple(c.shape)}"
                 )
+            cond = c.to(cast(FiLM, self.films[0]).proj.weight.dtype) if len(self.films) else c
         elif cond is not None:
             raise ValueError("cond was given but the encoder was built without cond_dim")
-        taps = set(resolve_layer_indices(return_layers, self.depth))
         if include_input and return_layers is None:
             raise ValueError("include_input=True needs return_layers")
+        taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
         # On CUDA the packed attention path wants padding at the end of every row: reorder
@@ -249,19 +302,26 @@ class TransformerEncoder(nn.Module):
         x = check_float_tensor("packed.tokens", packed.tokens, ndim=2)
         if x.shape[-1] != self.dim:
             raise ValueError(f"packed.tokens has width {x.shape[-1]} but dim={self.dim}")
+        _check_input_dtype("packed.tokens", x, _param_dtype(self), "encoder")
         row_cond: Optional[Tensor] = None
         if self.films is not None:
             c = check_float_tensor("cond", cond, ndim=2)
-            b = c.shape[0]
+            # segments: b samples, then max(1, ceil(t / max_seqlen)) slack pieces (static)
+            t = x.shape[0]
+            b = packed.cu_seqlens.shape[0] - 1 - max(1, -(-t // max(packed.max_seqlen, 1)))
             if tuple(c.shape) != (b, self.cond_dim):
-                raise ValueError(f"cond must have shape {(b, self.cond_dim)}, got {tuple(c.shape)}")
+                raise ValueError(
+                    f"cond must have shape {(b, self.cond_dim)} (one row per packed sample), "
+                    f"got {tuple(c.shape)}"
+                )
+            c = c.to(cast(FiLM, self.films[0]).proj.weight.dtype) if len(self.films) else c
             seg = packed_segment_ids(packed).clamp(max=max(b - 1, 0))
             row_cond = c[seg] if b > 0 else c.new_zeros(x.shape[0], c.shape[1])
         elif cond is not None:
             raise ValueError("cond was given but the encoder was built without cond_dim")
         if include_input and return_layers is None:
             raise ValueError("include_input=True needs return_layers")
-        taps = set(resolve_layer_indices(return_layers, self.depth))
+        taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
         feats: list[Tensor] = [x] if include_input else []
         for i, blk in enumerate(self.blocks):
             x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen)

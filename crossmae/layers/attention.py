@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
+from .._checks import (
+    check_float_tensor,
+    check_int,
+    check_module_dtype,
+    check_padding_mask,
+    check_probability,
+    check_same_device,
+    check_tensor,
+)
 from .._config import use_fused_attn
 from . import _varlen
 from ._varlen import can_use_varlen, varlen_attend
@@ -117,6 +125,9 @@ def padded_attention(
         fused: use ``F.scaled_dot_product_attention`` (default: the process-wide switch,
             see `set_fused_attn`) or the explicit softmax path.
 
+    ``q``, ``k`` and ``v`` must share one floating dtype (a ``TypeError`` otherwise; nothing
+    is cast).
+
     Returns:
         ``[b, h, n, d]``. Rows whose sample has no real key are exactly 0. Padded keys and
         values are zeroed first, so NaN/inf stored there cannot reach the output.
@@ -131,6 +142,7 @@ def padded_attention(
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    _check_same_dtype(q, k, v)
     check_probability("dropout_p", dropout_p)
     pad = check_padding_mask(
         "key_padding_mask", key_padding_mask, (k.shape[0], k.shape[2]), "k [b, h, m, d]"
@@ -156,11 +168,13 @@ def packed_attention(
     """Attention within the segments of a packed layout (see `pack_tokens`).
 
     Args:
-        q: queries ``[t, h, d]`` (packed rows).
-        k: keys ``[t, h, d]``.
-        v: values ``[t, h, d]``.
-        cu_seqlens: int32 ``[s + 1]`` segment boundaries (last entry ``t``).
-        max_seqlen: an upper bound of every segment's length (used by the CUDA kernel).
+        q: queries ``[t, h, d]`` (packed rows), floating point.
+        k: keys ``[t, h, d]`` (same shape, dtype and device as ``q``).
+        v: values ``[t, h, d]`` (same shape, dtype and device as ``q``).
+        cu_seqlens: int32 (or int64) ``[s + 1]`` segment boundaries, first entry 0, last
+            entry ``t`` (the values are checked off-GPU only: on CUDA that would sync).
+        max_seqlen: an int ``>= 1``, an upper bound of every segment's length (used by the
+            CUDA kernel).
         fused: use the packed CUDA kernel / SDPA (default: `use_fused_attn`) or the explicit
             softmax path.
 
@@ -168,10 +182,19 @@ def packed_attention(
         ``[t, h, d]``: every row attends to the rows of its own segment only. On CUDA in half
         precision this is ``torch.nn.attention.varlen`` (no mask, no padding); elsewhere a
         block-diagonal boolean mask over the ``t`` rows (fine for CPU-sized ``t``).
+
+    Raises:
+        TypeError: non-tensor or non-float ``q``/``k``/``v``, mixed dtypes, non-integer
+            ``cu_seqlens``, non-int ``max_seqlen``.
+        ValueError: shapes other than the above, ``max_seqlen < 1``, devices that differ.
     """
+    _check_packed_qkv(q, k, v)
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
+    check_int("max_seqlen", max_seqlen, minimum=1)
     use_fused = use_fused_attn() if fused is None else fused
     if use_fused and can_use_varlen(q, 0.0) and _varlen._VARLEN is not None:
-        return _varlen._VARLEN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        cu32 = cu_seqlens.to(torch.int32)  # the kernel's index dtype (no-op for int32)
+        return _varlen._VARLEN(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
     t = q.shape[0]
     rows = torch.arange(t, device=q.device, dtype=cu_seqlens.dtype)
     seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
@@ -184,6 +207,50 @@ def packed_attention(
     return rearrange(out, "1 h t d -> t h d")
 
 
+def _check_same_dtype(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """q, k and v must share one dtype (no silent promotion or kernel error)."""
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k and v must share "
+                "one dtype (cast explicitly)"
+            )
+
+
+def _check_packed_qkv(q: object, k: object, v: object) -> None:
+    """Packed ``q, k, v``: float ``[t, h, d]``, one shape, one dtype, one device."""
+    qt = check_float_tensor("q", q, ndim=3)
+    kt = check_float_tensor("k", k, ndim=3)
+    vt = check_float_tensor("v", v, ndim=3)
+    for name, t in (("k", kt), ("v", vt)):
+        if t.shape != qt.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but q has shape {tuple(qt.shape)}; packed "
+                "q, k, v must all be [t, h, d] with the same t, h and d"
+            )
+        check_same_device(name, t, "q", qt)
+    _check_same_dtype(qt, kt, vt)
+
+
+def _check_cu_seqlens(cu_seqlens: object, q: Tensor) -> Tensor:
+    """int32/int64 ``[s + 1]`` boundaries from 0 to ``t`` (values checked off-GPU only)."""
+    cu = check_tensor("cu_seqlens", cu_seqlens)
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 (or int64) tensor, got dtype {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape [s + 1] (s >= 0), got {tuple(cu.shape)}")
+    check_same_device("cu_seqlens", cu, "q", q)
+    if not cu.is_cuda and not torch.compiler.is_compiling():
+        # Off-GPU reading two values costs nothing; on CUDA it would sync, so it is skipped.
+        first, last, t = int(cu[0]), int(cu[-1]), q.shape[0]
+        if first != 0 or last != t:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the {t} packed rows of q, got first entry "
+                f"{first} and last entry {last}"
+            )
+    return cu
+
+
 def _check_heads(dim: int, num_heads: int) -> int:
     check_int("dim", dim, minimum=1)
     check_int("num_heads", num_heads, minimum=1)
@@ -192,14 +259,36 @@ def _check_heads(dim: int, num_heads: int) -> int:
     return dim // num_heads
 
 
-def _check_tokens(name: str, x: object, width: int, width_name: str) -> Tensor:
-    t = check_float_tensor(name, x, ndim=3)
+def _check_tokens(
+    name: str, x: object, width: int, width_name: str, dtype: torch.dtype, ndim: int = 3
+) -> Tensor:
+    """Tokens ``[b, n, width]`` (``[t, width]`` with ``ndim=2``) of the modules' dtype
+    ``dtype`` (any float dtype under autocast). Metadata only."""
+    t = check_float_tensor(name, x, ndim=ndim)
     if t.shape[-1] != width:
         raise ValueError(
             f"{name} has last dimension {t.shape[-1]} (shape {tuple(t.shape)}) but the module "
             f"was built with {width_name}={width}"
         )
+    check_module_dtype(name, t, dtype, "the module")
     return t
+
+
+def _check_cross_inputs(
+    attn: CrossAttention, x: object, context: object, context_padding_mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The checks of `CrossAttention.forward` (shared with `CrossAttentionBlock`)."""
+    xt = _check_tokens("x", x, attn.dim, "dim", attn.q.weight.dtype)
+    ct = _check_tokens("context", context, attn.context_dim, "context_dim", attn.kv.weight.dtype)
+    if ct.shape[0] != xt.shape[0]:
+        raise ValueError(
+            f"x and context must have the same batch size, got x {tuple(xt.shape)} and "
+            f"context {tuple(ct.shape)}"
+        )
+    pad = check_padding_mask(
+        "context_padding_mask", context_padding_mask, ct.shape[:2], "context [b, m, c]"
+    )
+    return xt, ct, pad
 
 
 class Attention(nn.Module):
@@ -254,7 +343,7 @@ class Attention(nn.Module):
         *,
         padding_is_trailing: bool = False,
     ) -> Tensor:
-        x = _check_tokens("x", x, self.dim, "dim")
+        x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype)
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
@@ -282,9 +371,7 @@ class Attention(nn.Module):
         upper bound of the segment lengths → ``[t, c]``. Attention dropout is not applied on
         this path.
         """
-        x = check_float_tensor("x", x, ndim=2)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x has width {x.shape[-1]} but dim={self.dim}")
+        x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype, ndim=2)
         q, k, v = rearrange(
             self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads
         ).unbind(0)
@@ -357,16 +444,7 @@ class CrossAttention(nn.Module):
         *,
         context_padding_is_trailing: bool = False,
     ) -> Tensor:
-        x = _check_tokens("x", x, self.dim, "dim")
-        context = _check_tokens("context", context, self.context_dim, "context_dim")
-        if context.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"x and context must have the same batch size, got x {tuple(x.shape)} and "
-                f"context {tuple(context.shape)}"
-            )
-        pad = check_padding_mask(
-            "context_padding_mask", context_padding_mask, context.shape[:2], "context [b, m, c]"
-        )
+        x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_padding_mask, check_probability, check_ratio
-from .attention import Attention, CrossAttention
+from .attention import Attention, CrossAttention, _check_cross_inputs, _check_tokens
 from .drop import DropPath
 from .mlp import Mlp
 
@@ -85,6 +85,7 @@ class Block(nn.Module):
         *,
         padding_is_trailing: bool = False,
     ) -> Tensor:
+        x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype)
         if padding_mask is not None:
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(padding_mask[..., None], 0.0)
@@ -95,6 +96,7 @@ class Block(nn.Module):
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """The same block over a packed layout ``x [t, c]`` (see `pack_tokens`); stochastic
         depth is per row here, not per sample."""
+        x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype, ndim=2)
         x = x + self.drop_path1(self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -183,6 +185,9 @@ class CrossAttentionBlock(nn.Module):
         context_padding_is_trailing: bool = False,
         query_padding_is_trailing: bool = False,
     ) -> Tensor:
+        # Every argument is checked before any work (the attention modules check again:
+        # metadata only, so that costs nothing).
+        x, context, _ = _check_cross_inputs(self.cross_attn, x, context, context_padding_mask)
         if query_padding_mask is not None:
             check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(query_padding_mask[..., None], 0.0)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_probability
+from .._checks import check_float_tensor, check_probability
 
 __all__ = ["DropPath", "drop_path", "drop_path_schedule"]
 
@@ -18,8 +18,11 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tens
     Identity when ``drop_prob == 0`` or ``training`` is False.
 
     Shapes:
-        ``x [b, ...] -> [b, ...]``
+        ``x [b, ...] -> [b, ...]``, ``x`` floating point.
     """
+    x = check_float_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError("x must have a batch dimension [b, ...], got a scalar (shape ())")
     check_probability("drop_prob", drop_prob)
     if drop_prob == 0.0 or not training:
         return x

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_float_tensor, check_int
 
 __all__ = ["StackedLayerNorm", "WeightedFeatureMaps"]
 
@@ -119,8 +119,7 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        x = check_float_tensor("x", x)
         if x.ndim < 2 or x.shape[0] != self.num or x.shape[-1] != self.dim:
             raise ValueError(
                 f"x must have shape [{self.num}, ..., {self.dim}], got {tuple(x.shape)}"

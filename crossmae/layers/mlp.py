@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_int, check_probability
+from .._checks import check_float_tensor, check_int, check_module_dtype, check_probability
 
 __all__ = ["Mlp"]
 
@@ -27,7 +27,8 @@ class Mlp(nn.Module):
         bias: whether both linear layers have a bias.
 
     Shapes:
-        ``forward(x [..., in_features]) -> [..., out_features]``
+        ``forward(x [..., in_features]) -> [..., out_features]``; ``x`` floating point, of
+        the parameters' dtype (any float dtype under autocast).
     """
 
     def __init__(
@@ -53,5 +54,12 @@ class Mlp(nn.Module):
         self.drop2: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        x = check_float_tensor("x", x)
+        if x.ndim == 0 or x.shape[-1] != self.fc1.in_features:
+            raise ValueError(
+                f"x must have shape [..., {self.fc1.in_features}] (in_features="
+                f"{self.fc1.in_features}), got {tuple(x.shape)}"
+            )
+        check_module_dtype("x", x, self.fc1.weight.dtype, "the module")
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(x))

@@ -97,14 +97,52 @@ def pack_tokens(x: Tensor, padding_mask: Tensor, capacity: int) -> PackedTokens:
     return PackedTokens(tokens, cu, index, row_pad, piece, n)
 
 
+def _check_packed(packed: object) -> PackedTokens:
+    if not isinstance(packed, PackedTokens):
+        raise TypeError(
+            f"packed must be a PackedTokens (from pack_tokens), got {type(packed).__name__}"
+        )
+    return packed
+
+
+def _packed_batch_size(packed: PackedTokens) -> int:
+    """``b`` of the batch ``packed`` was made from, read from its static layout (no sync)."""
+    t = packed.source_index.shape[0]
+    pieces = max(1, -(-t // max(packed.num_tokens, 1)))  # slack segments, as in pack_tokens
+    return int(packed.cu_seqlens.shape[0]) - 1 - pieces
+
+
 def unpack_tokens(values: Tensor, packed: PackedTokens, batch_size: int) -> Tensor:
-    """Scatter packed rows ``values [t, ...]`` back to ``[b, n, ...]`` (padding slots = 0)."""
+    """Scatter packed rows ``values [t, ...]`` back to ``[b, n, ...]`` (padding slots = 0).
+
+    Args:
+        values: float ``[t, ...]``, one row per packed row (e.g. ``packed.tokens`` after an
+            encoder).
+        packed: the `PackedTokens` layout from `pack_tokens`.
+        batch_size: ``b`` of the batch that was packed (must match the layout).
+
+    Returns:
+        ``[b, n, ...]``; padding slots hold 0.
+
+    Raises:
+        TypeError: ``values`` not a float tensor, ``packed`` not a `PackedTokens`, or
+            ``batch_size`` not an int.
+        ValueError: ``values`` rows or ``batch_size`` not matching the layout.
+    """
     v = check_float_tensor("values", values)
-    if v.shape[0] != packed.source_index.shape[0]:
+    packed = _check_packed(packed)
+    if v.ndim == 0 or v.shape[0] != packed.source_index.shape[0]:
         raise ValueError(
-            f"values has {v.shape[0]} rows but the packed layout has {packed.source_index.shape[0]}"
+            f"values has shape {tuple(v.shape)} but the packed layout has "
+            f"{packed.source_index.shape[0]} rows ([t, ...])"
         )
     b = check_int("batch_size", batch_size, minimum=0)
+    expected = _packed_batch_size(packed)
+    if b != expected:
+        raise ValueError(
+            f"batch_size={b} but the packed layout holds {expected} samples "
+            f"(cu_seqlens {tuple(packed.cu_seqlens.shape)}, {packed.source_index.shape[0]} rows)"
+        )
     n = packed.num_tokens
     out = v.new_zeros(b * n + 1, *v.shape[1:])
     idx = packed.source_index.masked_fill(packed.row_padding_mask, b * n)  # slack → scratch row
@@ -114,5 +152,6 @@ def unpack_tokens(values: Tensor, packed: PackedTokens, batch_size: int) -> Tens
 
 def packed_segment_ids(packed: PackedTokens) -> Tensor:
     """Sample index of every packed row, int64 ``[t]`` (``>= b`` for slack rows)."""
+    packed = _check_packed(packed)
     rows = torch.arange(packed.tokens.shape[0], device=packed.tokens.device, dtype=torch.int32)
     return torch.searchsorted(packed.cu_seqlens[1:], rows, right=True).long()

@@ -26,6 +26,18 @@ def _check_dim(dim: object, multiple: int) -> int:
     return d
 
 
+def _check_dtype(dtype: object) -> torch.dtype:
+    """The output dtype: None (torch's default dtype) or a floating-point torch.dtype."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype (e.g. torch.float32) or None, got "
+            f"{dtype!r}; sine-cosine values in [-1, 1] cannot be stored in it"
+        )
+    return dtype
+
+
 def _embed_1d(dim: int, pos: Tensor) -> Tensor:
     half = dim // 2
     omega = torch.arange(half, dtype=torch.float64, device=pos.device) / half
@@ -46,12 +58,13 @@ def sincos_pos_embed_1d(
         dim: embedding width (even, > 0).
         positions: float or int tensor ``[..., n]`` of positions (any values), or an int
             ``n`` meaning ``arange(n)``.
-        dtype: output dtype (default: torch's default dtype).
+        dtype: floating-point output dtype (default: torch's default dtype).
 
     Returns:
         ``[..., n, dim]``: ``sin`` of every frequency, then ``cos``.
     """
     d = _check_dim(dim, 2)
+    out_dtype = _check_dtype(dtype)
     if isinstance(positions, int) and not isinstance(positions, bool):
         pos = torch.arange(check_int("positions", positions, minimum=0), dtype=torch.float64)
     else:
@@ -60,7 +73,7 @@ def sincos_pos_embed_1d(
             raise TypeError(f"positions must be a real int or float tensor, got {pos.dtype}")
         if pos.ndim == 0:
             raise ValueError("positions must have at least one dimension [..., n], got a scalar")
-    return _embed_1d(d, pos).to(dtype or torch.get_default_dtype())
+    return _embed_1d(d, pos).to(out_dtype)
 
 
 def sincos_pos_embed_2d_from_coords(
@@ -71,20 +84,21 @@ def sincos_pos_embed_2d_from_coords(
     Args:
         dim: embedding width (multiple of 4).
         coords: float or int tensor ``[..., n, 2]`` holding ``(row, col)`` per token.
-        dtype: output dtype (default: torch's default dtype).
+        dtype: floating-point output dtype (default: torch's default dtype).
 
     Returns:
         ``[..., n, dim]``: the first ``dim/2`` channels embed the column, the last ``dim/2``
         the row (MAE's layout), so grid coordinates reproduce `sincos_pos_embed_2d`.
     """
     d = _check_dim(dim, 4)
+    out_dtype = _check_dtype(dtype)
     c = check_tensor("coords", coords)
     if c.dtype == torch.bool or c.is_complex():
         raise TypeError(f"coords must be a real int or float tensor, got {c.dtype}")
     if c.ndim < 2 or c.shape[-1] != 2:
         raise ValueError(f"coords must have shape [..., n, 2] (row, col), got {tuple(c.shape)}")
     emb = torch.cat([_embed_1d(d // 2, c[..., 1]), _embed_1d(d // 2, c[..., 0])], dim=-1)
-    return emb.to(dtype or torch.get_default_dtype())
+    return emb.to(out_dtype)
 
 
 def sincos_pos_embed_2d(
@@ -98,12 +112,13 @@ def sincos_pos_embed_2d(
     Args:
         dim: embedding width (multiple of 4).
         grid_size: ``H`` (square) or ``(H, W)``.
-        dtype: output dtype (default: torch's default dtype).
+        dtype: floating-point output dtype (default: torch's default dtype).
 
     Returns:
         ``[H * W, dim]``; token ``k = row * W + col``. No cls row (prepend zeros if needed).
     """
     d = _check_dim(dim, 4)
+    out_dtype = _check_dtype(dtype)
     if isinstance(grid_size, int) and not isinstance(grid_size, bool):
         h = w = check_int("grid_size", grid_size, minimum=1)
     elif isinstance(grid_size, (tuple, list)) and len(grid_size) == 2:
@@ -113,4 +128,4 @@ def sincos_pos_embed_2d(
         raise TypeError(f"grid_size must be an int or a pair (H, W), got {grid_size!r}")
     rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
     cols = torch.arange(w, dtype=torch.float64).repeat(h)
-    return sincos_pos_embed_2d_from_coords(d, torch.stack([rows, cols], dim=-1), dtype=dtype)
+    return sincos_pos_embed_2d_from_coords(d, torch.stack([rows, cols], dim=-1), dtype=out_dtype)

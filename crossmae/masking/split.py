@@ -58,13 +58,38 @@ class MaskSplit(NamedTuple):
         Returns ``(tokens [b, k, ...], keep_padding_mask [b, k])``; padded slots of
         ``tokens`` are zeroed so stray NaN in unused inputs cannot travel.
         """
-        out = gather_tokens(x, self.ids_keep)
-        return _zero_padded(out, self.keep_padding_mask), self.keep_padding_mask
+        ids, pad = self._field_pair("ids_keep", "keep_padding_mask")
+        out = gather_tokens(x, ids)
+        return _zero_padded(out, pad), pad
 
     def predict_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gather the target tokens of ``x [b, n, ...]``: ``(tokens [b, p, ...], predict_padding_mask)``."""
-        out = gather_tokens(x, self.ids_predict)
-        return _zero_padded(out, self.predict_padding_mask), self.predict_padding_mask
+        ids, pad = self._field_pair("ids_predict", "predict_padding_mask")
+        out = gather_tokens(x, ids)
+        return _zero_padded(out, pad), pad
+
+    def _field_pair(self, ids_name: str, pad_name: str) -> tuple[Tensor, Tensor]:
+        """``split.<ids_name>`` (integer ``[b, k]``) and ``split.<pad_name>`` (bool ``[b, k]``).
+
+        Metadata checks only, so a hand-built or edited split fails with an error naming
+        the field instead of deep inside a kernel.
+        """
+        ids, pad = getattr(self, ids_name), getattr(self, pad_name)
+        for name, t in ((ids_name, ids), (pad_name, pad)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"split.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"split.{ids_name} must be an int64 index tensor, got {ids.dtype}")
+        if pad.dtype != torch.bool:
+            raise TypeError(
+                f"split.{pad_name} must have dtype torch.bool (True = padding), got {pad.dtype}"
+            )
+        if ids.ndim != 2 or tuple(pad.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"split.{ids_name} {tuple(ids.shape)} and split.{pad_name} "
+                f"{tuple(pad.shape)} must both be [b, k]"
+            )
+        return ids, pad
 
     def to(self, device: Union[str, torch.device]) -> MaskSplit:
         """Move every field to ``device``."""

@@ -11,9 +11,43 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_index_tensor, check_int, check_padding_mask, check_tensor
+from .._checks import (
+    check_index_tensor,
+    check_int,
+    check_padding_mask,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["gather_tokens", "lengths_to_padding_mask", "padding_mask_to_lengths", "scatter_tokens"]
+
+
+def _host_checkable(t: Tensor) -> bool:
+    """Whether a value check of ``t`` is free: a CPU tensor outside of compilation."""
+    return not t.is_cuda and not torch.compiler.is_compiling()
+
+
+def _bad_values(t: Tensor, bad: Tensor, limit: int = 8) -> str:
+    """The first ``limit`` entries of ``t`` where ``bad`` is True, with their positions."""
+    where = torch.nonzero(bad)[:limit]
+    shown = ", ".join(f"{int(t[tuple(i)])} at {tuple(int(j) for j in i)}" for i in where)
+    more = int(bad.sum()) - int(where.shape[0])
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _check_ids_in_range(ids: Tensor, n: int, pad: Optional[Tensor], what: str) -> None:
+    """Every non-padded id in ``[0, n)``; a ValueError on the CPU, a device assertion else."""
+    ok = (ids >= 0) & (ids < n)
+    if pad is not None:
+        ok = ok | pad
+    if _host_checkable(ids):
+        if not bool(ok.all()):
+            excepted = " (slots flagged by padding_mask excepted)" if pad is not None else ""
+            raise ValueError(
+                f"ids must be in [0, {what}={n}){excepted}, got {_bad_values(ids, ~ok)}"
+            )
+    else:
+        torch._assert_async(ok.all(), f"ids out of range [0, {what})")
 
 
 def _expand_index(ids: Tensor, like: Tensor) -> Tensor:
@@ -33,6 +67,11 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
 
     Returns:
         ``[b, k, ...]``.
+
+    Raises:
+        TypeError: ``x`` not a tensor or ``ids`` not an integer tensor.
+        ValueError: shapes not matching, or (CPU tensors) an id outside ``[0, n)``; on CUDA
+            an out-of-range id fails the gather kernel's device-side assertion.
     """
     x = check_tensor("x", x)
     ids = check_index_tensor("ids", ids)
@@ -45,6 +84,8 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
         )
     if x.shape[1] == 0 and ids.shape[1] > 0:
         raise ValueError(f"x has no tokens (shape {tuple(x.shape)}) but ids selects {ids.shape[1]}")
+    if _host_checkable(ids):  # on CUDA the gather kernel asserts on its own
+        _check_ids_in_range(ids, x.shape[1], None, "n")
     return torch.gather(x, 1, _expand_index(ids.long(), x))
 
 
@@ -71,6 +112,11 @@ def scatter_tokens(
 
     Returns:
         ``[b, num_tokens, ...]`` with ``values``' dtype and device.
+
+    Raises:
+        TypeError: ``values``/``ids``/``padding_mask`` of the wrong type or dtype.
+        ValueError: shapes not matching, or a non-padded id outside ``[0, num_tokens)``
+            (checked on CPU tensors; a device-side assertion on CUDA, so no host sync).
     """
     values = check_tensor("values", values)
     ids = check_index_tensor("ids", ids)
@@ -81,6 +127,10 @@ def scatter_tokens(
             f"and ids {tuple(ids.shape)}"
         )
     pad = check_padding_mask("padding_mask", padding_mask, ids.shape, "ids [b, k]")
+    if pad is not None:
+        check_same_device("padding_mask", pad, "ids", ids)
+    # index n is the scratch slot for padded values: a real id there would vanish silently
+    _check_ids_in_range(ids, n, pad, "num_tokens")
     idx = ids.long()
     if pad is not None:
         idx = idx.masked_fill(pad, n)  # scratch slot n, sliced off below
@@ -99,6 +149,12 @@ def lengths_to_padding_mask(lengths: Tensor, max_len: Optional[int] = None) -> T
 
     Returns:
         bool ``[b, max_len]``.
+
+    Raises:
+        TypeError: ``lengths`` not an integer tensor or ``max_len`` not an int.
+        ValueError: ``lengths`` not ``[b]``, ``max_len < 0``, or a length outside
+            ``[0, max_len]`` (never truncated). With ``max_len`` given the range is checked on
+            CPU tensors and by a device-side assertion on CUDA (no host sync).
     """
     lengths = check_tensor("lengths", lengths)
     if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
@@ -106,8 +162,25 @@ def lengths_to_padding_mask(lengths: Tensor, max_len: Optional[int] = None) -> T
     if lengths.ndim != 1:
         raise ValueError(f"lengths must have shape [b], got {tuple(lengths.shape)}")
     if max_len is None:
-        max_len = int(lengths.max()) if lengths.numel() > 0 else 0
-    n = check_int("max_len", max_len, minimum=0)
+        if lengths.numel() == 0:
+            n = 0
+        else:
+            # one host sync for both bounds (documented: pass max_len to avoid it)
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(lengths)).tolist())
+            if lo < 0:
+                raise ValueError(f"lengths must be >= 0, got {_bad_values(lengths, lengths < 0)}")
+            n = hi
+    else:
+        n = check_int("max_len", max_len, minimum=0)
+        ok = (lengths >= 0) & (lengths <= n)
+        if _host_checkable(lengths):
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"lengths must be in [0, max_len={n}] (never truncated), got "
+                    f"{_bad_values(lengths, ~ok)}"
+                )
+        else:
+            torch._assert_async(ok.all(), "lengths outside [0, max_len]")
     return torch.arange(n, device=lengths.device)[None, :] >= lengths[:, None]
 
 

@@ -308,7 +308,7 @@ class ImageCrossMAEConfig:
             layers = tuple(layers)
             object.__setattr__(self, "fm_layers", layers)
         try:
-            resolve_layer_indices(layers, self.depth)
+            resolve_layer_indices(layers, self.depth, "fm_layers")
         except (TypeError, ValueError) as e:
             raise type(e)(f"{owner}.fm_layers={self.fm_layers!r} is invalid: {e}") from None
 
@@ -337,7 +337,7 @@ class ImageCrossMAEConfig:
         feature weighting)."""
         if not self.use_weighted_fm:
             return ()
-        return resolve_layer_indices(self.fm_layers, self.depth)
+        return resolve_layer_indices(self.fm_layers, self.depth, "fm_layers")
 
     @property
     def num_feature_maps(self) -> Optional[int]:

@@ -36,6 +36,7 @@ from ..losses import masked_mse_loss, norm_pix_target
 from ..masking.split import MaskSplit, mask_split_from_masks, random_masking
 from ..masking.tokens import scatter_tokens
 from ..tokenizers.raster import patchify, unpatchify
+from ._inputs import check_mask_split
 
 __all__ = ["ImageCrossMAE", "ImageCrossMAEOutput"]
 
@@ -196,7 +197,7 @@ class ImageCrossMAE(nn.Module):
                     "with fm_layers (weighted feature maps) the encoder's final norm is never "
                     "used: build the encoder with final_norm=False"
                 )
-            self.fm_layers = resolve_layer_indices(fm_layers, encoder.depth)
+            self.fm_layers = resolve_layer_indices(fm_layers, encoder.depth, "fm_layers")
             self.use_input = use_input
             num_maps = len(self.fm_layers) + int(use_input)
         self._check_decoder(decoder, num_maps, feature_mix, feature_norm)
@@ -331,26 +332,7 @@ class ImageCrossMAE(nn.Module):
         return x
 
     def _check_split(self, split: object, batch: int) -> MaskSplit:
-        if not isinstance(split, MaskSplit):
-            raise TypeError(f"split must be a MaskSplit, got {type(split).__name__}")
-        for name in ("visible_mask", "predict_mask"):
-            t = getattr(split, name)
-            if tuple(t.shape) != (batch, self.num_patches):
-                raise ValueError(
-                    f"split.{name} has shape {tuple(t.shape)} but imgs need "
-                    f"{(batch, self.num_patches)} (batch, patches)"
-                )
-        for ids, pad in (
-            ("ids_keep", "keep_padding_mask"),
-            ("ids_predict", "predict_padding_mask"),
-        ):
-            i, p = getattr(split, ids), getattr(split, pad)
-            if i.ndim != 2 or i.shape[0] != batch or tuple(p.shape) != tuple(i.shape):
-                raise ValueError(
-                    f"split.{ids} {tuple(i.shape)} and split.{pad} {tuple(p.shape)} must both "
-                    f"be [{batch}, width]"
-                )
-        return split
+        return check_mask_split("split", split, batch, self.num_patches, "imgs")
 
     def random_split(
         self,

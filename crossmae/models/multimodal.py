@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_tensor
+from .._checks import check_int, check_ratio, check_tensor
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
-from ..encoders.transformer import LayerSelection, TransformerEncoder
+from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
 from ..layers import _varlen
 from ..losses import masked_mse_loss
 from ..masking.split import MaskSplit, mask_split_from_masks
@@ -40,6 +40,7 @@ from ..masking.strategies import grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
 from ..tokenizers.raster import RasterTokenizer
 from ..tokenizers.series import SeriesTokenizer, StaticToken
+from ._inputs import check_mask_split
 
 __all__ = [
     "MaskingFn",
@@ -121,22 +122,60 @@ class Modality(nn.Module):
         never_padded: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        if not isinstance(tokenizer, nn.Module) or not callable(
+            getattr(tokenizer, "targets", None)
+        ):
+            raise TypeError(
+                "tokenizer must be an nn.Module with a targets() method (e.g. RasterTokenizer, "
+                f"SeriesTokenizer), got {type(tokenizer).__name__}"
+            )
         if not isinstance(encoder, TransformerEncoder):
             raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
         if not isinstance(decoder, (CrossMAEDecoder, MAEDecoder)):
             raise TypeError(
                 f"decoder must be a CrossMAEDecoder or MAEDecoder, got {type(decoder).__name__}"
             )
+        if masking is not None and not callable(masking):
+            raise TypeError(f"masking must be a MaskingFn or None, got {type(masking).__name__}")
+        if static_token is not None and not isinstance(static_token, StaticToken):
+            raise TypeError(
+                f"static_token must be a StaticToken or None, got {type(static_token).__name__}"
+            )
+        weight = check_ratio("loss_weight", loss_weight)
+        if weight < 0:
+            raise ValueError(f"loss_weight must be >= 0, got {loss_weight!r}")
+        steps = check_int("num_steps", num_steps, minimum=1)
+        if never_padded is not None and not isinstance(never_padded, bool):
+            raise TypeError(f"never_padded must be a bool or None, got {never_padded!r}")
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.decoder = decoder
         self.static_token = static_token
         self.masking: MaskingFn = masking if masking is not None else grouped_masking_fn(0.4)
-        self.loss_weight = float(loss_weight)
-        self.num_steps = int(num_steps)
+        self.loss_weight = weight
+        self.num_steps = steps
         if never_padded is None:
             never_padded = isinstance(tokenizer, RasterTokenizer) and not tokenizer.pad_empty_tokens
         self.never_padded = bool(never_padded)
+
+
+def _decoder_positions(decoder: Union[CrossMAEDecoder, MAEDecoder]) -> Optional[int]:
+    """Tokens a decoder has positions for (its table's rows); None without a table."""
+    if isinstance(decoder, MAEDecoder):
+        return decoder.num_tokens
+    table = decoder.pos_embed if decoder.pos_embed is not None else decoder.pos_table
+    return None if table is None else int(table.shape[-2])
+
+
+def _check_batch(name: str, value: object, batch: int, against: str) -> Tensor:
+    """A tensor ``[batch, ...]`` (metadata check)."""
+    t = check_tensor(name, value)
+    if t.ndim == 0 or t.shape[0] != batch:
+        raise ValueError(
+            f"{name} has batch size {t.shape[0] if t.ndim else None} (shape {tuple(t.shape)}) "
+            f"but {against} has batch size {batch}"
+        )
+    return t
 
 
 class MultimodalOutput(NamedTuple):
@@ -190,20 +229,47 @@ class MultimodalMAE(nn.Module):
         use_input: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(modalities, Mapping):
+            raise TypeError(
+                f"modalities must be a mapping from name to Modality, got "
+                f"{type(modalities).__name__}"
+            )
         if not modalities:
             raise ValueError("modalities must name at least one modality")
         for name, mod in modalities.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"modalities keys must be non-empty strings, got {name!r}")
             if not isinstance(mod, Modality):
                 raise TypeError(
                     f"modalities[{name!r}] must be a Modality, got {type(mod).__name__}"
                 )
+        if fusion is not None and not isinstance(fusion, TransformerEncoder):
+            raise TypeError(
+                f"fusion must be a TransformerEncoder or None, got {type(fusion).__name__}"
+            )
+        for flag, value in (("use_weighted_fm", use_weighted_fm), ("use_input", use_input)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        if use_weighted_fm and fusion is None:
+            raise ValueError("use_weighted_fm=True needs a fusion encoder to tap")
+        num_maps: Optional[int] = None
+        if use_weighted_fm and fusion is not None:
+            layers = resolve_layer_indices(fm_layers, fusion.depth, "fm_layers")
+            num_maps = len(layers) + int(use_input)
+        for name, mod in modalities.items():
+            dec = mod.decoder
+            if isinstance(dec, CrossMAEDecoder) and dec.num_feature_maps not in (None, num_maps):
+                raise ValueError(
+                    f"modalities[{name!r}].decoder mixes num_feature_maps="
+                    f"{dec.num_feature_maps} feature maps but the fusion provides "
+                    f"{num_maps} (use_weighted_fm={use_weighted_fm}, fm_layers={fm_layers!r}, "
+                    f"use_input={use_input})"
+                )
         self.modalities = nn.ModuleDict(dict(modalities))
         self.fusion = fusion
-        self.use_weighted_fm = bool(use_weighted_fm)
+        self.use_weighted_fm = use_weighted_fm
         self.fm_layers = fm_layers
-        self.use_input = bool(use_input)
-        if self.use_weighted_fm and fusion is None:
-            raise ValueError("use_weighted_fm=True needs a fusion encoder to tap")
+        self.use_input = use_input
 
     @property
     def names(self) -> list[str]:
@@ -217,7 +283,17 @@ class MultimodalMAE(nn.Module):
         missing: Optional[Mapping[str, Tensor]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> dict[str, MaskSplit]:
-        """Draw one `MaskSplit` per modality (data preparation; may sync to size outputs)."""
+        """Draw one `MaskSplit` per modality (data preparation; may sync to size outputs).
+
+        Args:
+            padding_masks: name → bool ``[b, n_m]`` token padding mask (True = padding), for
+                every modality.
+            missing: optional name → bool ``[b]`` (True = the modality is absent for that
+                sample: no token of it is kept or predicted).
+            generator: RNG for the masking functions.
+        """
+        self._check_names("padding_masks", padding_masks, require_all=True)
+        self._check_names("missing", missing)
         splits: dict[str, MaskSplit] = {}
         for name, mod in self._items():
             split = mod.masking(padding_masks[name], mod.num_steps, generator, mod.never_padded)
@@ -234,13 +310,61 @@ class MultimodalMAE(nn.Module):
     def _items(self) -> list[tuple[str, Modality]]:
         return [(name, mod) for name, mod in self.modalities.items() if isinstance(mod, Modality)]
 
+    def _check_names(
+        self, arg: str, value: Optional[Mapping[str, Any]], *, require_all: bool = False
+    ) -> None:
+        """``value`` is None or a mapping keyed by modality names (all of them if
+        ``require_all``); errors name ``arg`` and the offending key."""
+        if value is None:
+            if require_all:
+                raise TypeError(f"{arg} must map every modality {self.names} to a value, got None")
+            return
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"{arg} must be a mapping from modality name to value, got {type(value).__name__}"
+            )
+        unknown = [k for k in value if k not in self.modalities]
+        if unknown:
+            raise ValueError(f"{arg} has unknown modalities {unknown}; known: {self.names}")
+        if require_all:
+            lacking = [n for n in self.names if n not in value]
+            if lacking:
+                raise ValueError(f"{arg} lacks modalities {lacking}; it needs all of {self.names}")
+
+    def _check_inputs(self, inputs: Mapping[str, Tensor]) -> int:
+        """Names, types and a common batch size of ``inputs``; returns the batch size."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"inputs must be a mapping from modality name to tensor, got {type(inputs).__name__}"
+            )
+        missing_names = [n for n in self.names if n not in inputs]
+        if missing_names:
+            raise ValueError(f"inputs lacks modalities {missing_names}; got {sorted(inputs)}")
+        extra = sorted(set(inputs) - set(self.names))
+        if extra:
+            raise ValueError(f"inputs has unknown modalities {extra}; known: {self.names}")
+        first = self.names[0]
+        x0 = check_tensor(f"inputs[{first!r}]", inputs[first])
+        if x0.ndim == 0:
+            raise ValueError(f"inputs[{first!r}] must have a batch dimension, got a scalar")
+        batch = x0.shape[0]
+        for name in self.names[1:]:
+            _check_batch(f"inputs[{name!r}]", inputs[name], batch, f"inputs[{first!r}]")
+        return batch
+
     def _kwargs(
         self,
         name: str,
         tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]],
         site_padding_mask: Optional[Tensor],
     ) -> dict[str, object]:
-        kwargs = dict((tokenizer_kwargs or {}).get(name, {}))
+        given = (tokenizer_kwargs or {}).get(name, {})
+        if not isinstance(given, Mapping):
+            raise TypeError(
+                f"tokenizer_kwargs[{name!r}] must be a mapping of keyword arguments, got "
+                f"{type(given).__name__}"
+            )
+        kwargs = dict(given)
         mod = self.modalities[name]
         if site_padding_mask is not None and isinstance(mod.tokenizer, SeriesTokenizer):
             kwargs.setdefault("site_padding_mask", site_padding_mask)
@@ -252,17 +376,22 @@ class MultimodalMAE(nn.Module):
         tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]] = None,
         site_padding_mask: Optional[Tensor] = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (tokens [b, n_m, e], padding_mask [b, n_m])}`` for every modality."""
-        missing_names = [n for n in self.names if n not in inputs]
-        if missing_names:
-            raise ValueError(f"inputs lacks modalities {missing_names}; got {sorted(inputs)}")
-        extra = sorted(set(inputs) - set(self.names))
-        if extra:
-            raise ValueError(f"inputs has unknown modalities {extra}; known: {self.names}")
+        """``{name: (tokens [b, n_m, e], padding_mask [b, n_m])}`` for every modality.
+
+        A tokenizer's ValueError/TypeError is re-raised (same type) prefixed with
+        ``inputs['<name>']``, so the message says which modality was wrong.
+        """
+        self._check_inputs(inputs)
+        self._check_names("tokenizer_kwargs", tokenizer_kwargs)
         out = {}
         for name, mod in self._items():
             kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
-            out[name] = mod.tokenizer(check_tensor(f"inputs[{name!r}]", inputs[name]), **kwargs)
+            x = check_tensor(f"inputs[{name!r}]", inputs[name])
+            try:
+                out[name] = mod.tokenizer(x, **kwargs)
+            except (ValueError, TypeError) as e:
+                cls = TypeError if isinstance(e, TypeError) else ValueError
+                raise cls(f"inputs[{name!r}]: {e}") from e
         return out
 
     def forward(
@@ -276,7 +405,44 @@ class MultimodalMAE(nn.Module):
         splits: Optional[Mapping[str, MaskSplit]] = None,
         generator: Optional[torch.Generator] = None,
     ) -> MultimodalOutput:
+        b = self._check_inputs(inputs)
+        self._check_names("tokenizer_kwargs", tokenizer_kwargs)
+        self._check_names("missing", missing)
+        self._check_names("splits", splits, require_all=splits is not None)
+        if missing is not None:
+            for name, flags in missing.items():
+                f = _check_batch(f"missing[{name!r}]", flags, b, "inputs")
+                if f.dtype != torch.bool or f.ndim != 1:
+                    raise TypeError(
+                        f"missing[{name!r}] must be a bool tensor [b] (True = modality absent), "
+                        f"got dtype {f.dtype} shape {tuple(f.shape)}"
+                    )
+        needs_static = [n for n, mod in self._items() if mod.static_token is not None]
+        if static is None and needs_static:
+            raise ValueError(f"static is required: modalities {needs_static} have a static token")
+        if static is not None:
+            _check_batch("static", static, b, "inputs")
+        if site_padding_mask is not None:
+            spm = _check_batch("site_padding_mask", site_padding_mask, b, "inputs")
+            if spm.dtype != torch.bool:
+                raise TypeError(
+                    f"site_padding_mask must have dtype torch.bool (True = padding site), "
+                    f"got {spm.dtype}"
+                )
         tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
+        for name, mod in self._items():
+            n_m = tokenized[name][0].shape[1]
+            rows = _decoder_positions(mod.decoder)
+            if rows is not None and n_m != rows:
+                raise ValueError(
+                    f"inputs[{name!r}] of shape {tuple(inputs[name].shape)} gives {n_m} tokens "
+                    f"but modality {name!r} is built for {rows} (its decoder's position table; "
+                    f"num_steps={mod.num_steps})"
+                )
+            if splits is not None:
+                check_mask_split(
+                    f"splits[{name!r}]", splits[name], b, n_m, f"inputs[{name!r}] ({n_m} tokens)"
+                )
         # A modality's visible set is known to be unpadded only when its split was drawn here
         # without padding and no sample of it was removed; user splits may be ragged.
         dense = {
@@ -301,9 +467,7 @@ class MultimodalMAE(nn.Module):
             visible, keep_pad = split.visible_tokens(tokens)
             cond = None
             static_tok = None
-            if mod.static_token is not None:
-                if static is None:
-                    raise ValueError(f"modality {name!r} has a static token: pass static=")
+            if mod.static_token is not None and static is not None:
                 kw = {"site_padding_mask": site_padding_mask} if mod.static_token.per_site else {}
                 static_tok, _ = mod.static_token(static, **kw)
                 if mod.encoder.cond_dim is not None:

@@ -16,13 +16,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_probability
+from .._checks import check_int
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
 from ..layers.pos_embed import sincos_pos_embed_2d_from_coords
 from ..tokenizers.raster import RasterTokenizer, raster_position_embedding
 from ..tokenizers.series import SeriesTokenizer, StaticToken
+from .config import _bool, _float, _int, _pair
 from .multimodal import Modality, MultimodalMAE, grouped_masking_fn
 
 __all__ = ["WaterMAEConfig", "build_water_mae", "default_land_patches", "water_mae_small"]
@@ -86,25 +87,100 @@ class WaterMAEConfig:
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
-        n_mod = len(self.raster_names) + len(self.series_names)
-        if len(self.loss_weights) != n_mod:
-            raise ValueError(
-                f"loss_weights has {len(self.loss_weights)} entries but there are {n_mod} "
-                f"modalities ({self.raster_names + self.series_names})"
-            )
+        o = "WaterMAEConfig"
+        for f in ("raster_names", "series_names", "loss_weights"):
+            value = getattr(self, f)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise TypeError(f"{o}.{f} must be a tuple, got {value!r}")
+            object.__setattr__(self, f, tuple(value))
         names = self.raster_names + self.series_names
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"{o} modality names must be non-empty strings, got {name!r}")
+        if not names:
+            raise ValueError(f"{o}.raster_names and {o}.series_names are both empty")
         if len(set(names)) != len(names):
-            raise ValueError(f"modality names must be unique, got {names}")
-        for f in ("num_steps", "num_sites", "group_size", "num_static", "embed_dim"):
-            check_int(f, getattr(self, f), minimum=1)
-        for f in ("num_heads", "raster_depth", "series_depth", "decoder_dim", "decoder_depth"):
-            check_int(f, getattr(self, f), minimum=1)
-        check_int("fusion_depth", self.fusion_depth, minimum=0)
-        check_probability("mask_ratio", self.mask_ratio)
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"{o}: modality names must be unique, got {names} (repeated: {dupes})")
+        if len(self.loss_weights) != len(names):
+            raise ValueError(
+                f"{o}.loss_weights has {len(self.loss_weights)} entries but there are "
+                f"{len(names)} modalities ({names})"
+            )
+        for i, w in enumerate(self.loss_weights):
+            if _float(o, f"loss_weights[{i}]", w) < 0:
+                raise ValueError(f"{o}.loss_weights[{i}] must be >= 0, got {w!r}")
+        for f in (
+            "num_steps",
+            "num_sites",
+            "group_size",
+            "num_static",
+            "embed_dim",
+            "num_heads",
+            "raster_depth",
+            "series_depth",
+            "decoder_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+        ):
+            _int(o, f, getattr(self, f))
+        _int(o, "fusion_depth", self.fusion_depth, minimum=0)
+        # token width: divisible into heads, even (sin-cos time embedding of the tokenizers)
+        if self.embed_dim % self.num_heads != 0 or self.embed_dim % 2 != 0:
+            raise ValueError(
+                f"{o}.embed_dim must be even and divisible by {o}.num_heads "
+                f"({self.num_heads}), got {self.embed_dim}"
+            )
+        # decoder width: divisible into heads, a multiple of 4 (2D sin-cos query positions)
+        if self.decoder_dim % self.decoder_num_heads != 0 or self.decoder_dim % 4 != 0:
+            raise ValueError(
+                f"{o}.decoder_dim must be a multiple of 4 and divisible by "
+                f"{o}.decoder_num_heads ({self.decoder_num_heads}), got {self.decoder_dim}"
+            )
+        image = _pair(o, "image_size", self.image_size)
+        patch = _pair(o, "patch_size", self.patch_size)
+        object.__setattr__(self, "image_size", image)
+        object.__setattr__(self, "patch_size", patch)
+        if image[0] % patch[0] != 0 or image[1] % patch[1] != 0:
+            raise ValueError(f"{o}.image_size {image} is not divisible by {o}.patch_size {patch}")
+        num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
+        if self.valid_patch_mask is None:
+            land = _int(o, "num_land_patches", self.num_land_patches)
+            if land > num_patches:
+                raise ValueError(
+                    f"{o}.num_land_patches ({land}) must be <= the {num_patches} patches of "
+                    f"the {image[0] // patch[0]}x{image[1] // patch[1]} grid (image_size "
+                    f"{image}, patch_size {patch})"
+                )
+        elif not isinstance(self.valid_patch_mask, torch.Tensor):
+            raise TypeError(
+                f"{o}.valid_patch_mask must be a bool tensor [{num_patches}] or None, got "
+                f"{type(self.valid_patch_mask).__name__}"
+            )
+        if _float(o, "mlp_ratio", self.mlp_ratio) <= 0:
+            raise ValueError(f"{o}.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        dp = _float(o, "drop_path", self.drop_path)
+        if not 0.0 <= dp < 1.0:
+            raise ValueError(f"{o}.drop_path must be in [0, 1), got {self.drop_path!r}")
+        mr = _float(o, "mask_ratio", self.mask_ratio)
+        if not 0.0 <= mr < 1.0:
+            raise ValueError(f"{o}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        if self.predict_ratio is not None:
+            pr = _float(o, "predict_ratio", self.predict_ratio)
+            if not 0.0 < pr <= mr:
+                raise ValueError(
+                    f"{o}.predict_ratio must satisfy 0 < predict_ratio <= mask_ratio "
+                    f"({self.mask_ratio!r}), got {self.predict_ratio!r}"
+                )
+        for f in ("use_cross_attn", "decoder_self_attn", "use_weighted_fm", "use_input"):
+            _bool(o, f, getattr(self, f))
         if self.use_weighted_fm and self.fusion_depth == 0:
-            raise ValueError("use_weighted_fm=True needs fusion_depth >= 1")
+            raise ValueError(f"{o}: use_weighted_fm=True needs fusion_depth >= 1, got 0")
         if self.use_weighted_fm:
-            resolve_layer_indices(self.fm_layers, self.fusion_depth)
+            layers = self.fm_layers
+            if isinstance(layers, list):
+                object.__setattr__(self, "fm_layers", tuple(layers))
+            resolve_layer_indices(self.fm_layers, self.fusion_depth, "fm_layers")
 
 
 def _series_positions(dim: int, t_index: Tensor, loc_index: Tensor) -> Tensor:
@@ -150,7 +226,14 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
     ``[b, sites, t]`` (NaN = missing, e.g. river flow before 1989), ``static=[b, sites, a]``
     and optionally ``site_padding_mask=[b, sites]`` (True = padding site).
     """
-    cfg = config or WaterMAEConfig()
+    if config is None:
+        config = WaterMAEConfig()
+    elif not isinstance(config, WaterMAEConfig):
+        raise TypeError(
+            f"config must be a WaterMAEConfig or None, got {type(config).__name__}; build one "
+            "with WaterMAEConfig(**fields) or use water_mae_small(**overrides)"
+        )
+    cfg = config
     gh = cfg.image_size[0] // cfg.patch_size[0]
     gw = cfg.image_size[1] // cfg.patch_size[1]
     valid = cfg.valid_patch_mask
@@ -158,7 +241,8 @@ def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
         valid = default_land_patches(gh * gw, cfg.num_land_patches)
     fm_count: Optional[int] = None
     if cfg.use_weighted_fm:
-        fm_count = len(resolve_layer_indices(cfg.fm_layers, cfg.fusion_depth)) + int(cfg.use_input)
+        layers = resolve_layer_indices(cfg.fm_layers, cfg.fusion_depth, "fm_layers")
+        fm_count = len(layers) + int(cfg.use_input)
     mask_fn = grouped_masking_fn(cfg.mask_ratio, cfg.predict_ratio)
     modalities: dict[str, Modality] = {}
     weights = dict(zip(cfg.raster_names + cfg.series_names, cfg.loss_weights))

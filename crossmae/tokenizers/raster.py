@@ -248,6 +248,8 @@ def raster_position_embedding(
         ``[t*Lv, dim]`` (``[b, t*Lv, dim]`` for per-sample ``[b, t]`` time positions).
     """
     pc = check_tensor("patch_coords", patch_coords)
+    if pc.dtype == torch.bool or pc.is_complex():
+        raise TypeError(f"patch_coords must be a real int or float tensor, got {pc.dtype}")
     if pc.ndim != 2 or pc.shape[-1] != 2:
         raise ValueError(f"patch_coords must have shape [Lv, 2] (row, col), got {tuple(pc.shape)}")
     tp = _time_embed_positions(time_positions)
