@@ -301,6 +301,34 @@ def chunk_masking(
     return _step_split(b, t, l_, s, noise.to(dev), pad, mr, pr, static)
 
 
+def _leading_unit_masking(
+    batch_size: int,
+    num_units: int,
+    num_locations: int,
+    mask_ratio: float,
+    predict_ratio: Optional[float],
+    padding_mask: Optional[Tensor],
+    noise: Optional[Tensor],
+    generator: Optional[torch.Generator],
+    device: Optional[Device],
+    *,
+    units: tuple[str, str],
+) -> MaskSplit:
+    """Whole units of the leading axis (steps, channels) of a ``[units, locations]`` grid.
+
+    ``units`` = (argument name, its symbol) so errors name what the caller passed.
+    """
+    arg, sym = units
+    b, u, l_ = _grid_args(batch_size, num_units, num_locations, arg, "num_locations")
+    mr, pr = _check_ratios(mask_ratio, predict_ratio)
+    pad = check_padding_mask("padding_mask", padding_mask, (b, u * l_), f"(batch_size, {sym} * l)")
+    noise = _check_noise(noise, (b, u), f"(batch_size, {arg})")
+    dev = _resolve_device(device, pad, noise, generator)
+    if noise is None:
+        noise = uniform_noise((b, u), generator, dev)
+    return _step_split(b, u, l_, 1, noise.to(dev), pad, mr, pr, pad is None)
+
+
 def time_step_masking(
     batch_size: int,
     num_steps: int,
@@ -338,15 +366,18 @@ def time_step_masking(
         ValueError: ratios out of range or shapes not matching.
         TypeError: wrong argument types.
     """
-    b, t, l_ = _grid_args(batch_size, num_steps, num_locations, "num_steps", "num_locations")
-    mr, pr = _check_ratios(mask_ratio, predict_ratio)
-    n = t * l_
-    pad = check_padding_mask("padding_mask", padding_mask, (b, n), "(batch_size, t * l)")
-    noise = _check_noise(noise, (b, t), "(batch_size, num_steps)")
-    dev = _resolve_device(device, pad, noise, generator)
-    if noise is None:
-        noise = uniform_noise((b, t), generator, dev)
-    return _step_split(b, t, l_, 1, noise.to(dev), pad, mr, pr, pad is None)
+    return _leading_unit_masking(
+        batch_size,
+        num_steps,
+        num_locations,
+        mask_ratio,
+        predict_ratio,
+        padding_mask,
+        noise,
+        generator,
+        device,
+        units=("num_steps", "t"),
+    )
 
 
 def tail_masking(
@@ -431,15 +462,18 @@ def channel_masking(
         ValueError: ratios out of range or shapes not matching.
         TypeError: wrong argument types.
     """
-    b, c, l_ = _grid_args(batch_size, num_channels, num_locations, "num_channels", "num_locations")
-    mr, pr = _check_ratios(mask_ratio, predict_ratio)
-    n = c * l_
-    pad = check_padding_mask("padding_mask", padding_mask, (b, n), "(batch_size, c * l)")
-    noise = _check_noise(noise, (b, c), "(batch_size, num_channels)")
-    dev = _resolve_device(device, pad, noise, generator)
-    if noise is None:
-        noise = uniform_noise((b, c), generator, dev)
-    return _step_split(b, c, l_, 1, noise.to(dev), pad, mr, pr, pad is None)
+    return _leading_unit_masking(
+        batch_size,
+        num_channels,
+        num_locations,
+        mask_ratio,
+        predict_ratio,
+        padding_mask,
+        noise,
+        generator,
+        device,
+        units=("num_channels", "c"),
+    )
 
 
 def tube_masking(
