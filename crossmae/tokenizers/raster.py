@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_ratio, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
+from ._base import _ProjectedTokenizer
 
 __all__ = [
     "PatchEmbed",
@@ -260,7 +261,7 @@ def raster_position_embedding(
     return out
 
 
-class RasterTokenizer(nn.Module):
+class RasterTokenizer(_ProjectedTokenizer):
     """Tokens for time-resolved rasters with a fixed valid-patch (e.g. land) mask.
 
     Every (time step, valid patch) pair becomes one token, **time-major**: token
@@ -398,16 +399,6 @@ class RasterTokenizer(nn.Module):
         )
         self.modality_embed = nn.Parameter(torch.empty(d)) if modality_embed else None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Xavier-uniform ``proj`` (zero bias); truncated normal (std 0.02) learned vectors."""
-        nn.init.xavier_uniform_(self.proj.weight)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
-        if self.spatial_pos_embed is not None:
-            nn.init.trunc_normal_(self.spatial_pos_embed, std=0.02)
-        if self.modality_embed is not None:
-            nn.init.trunc_normal_(self.modality_embed, std=0.02)
 
     def spatial_embedding(self) -> Tensor:
         """The spatial embedding of every valid patch.

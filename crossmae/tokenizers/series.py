@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d
+from ._base import _ProjectedTokenizer
 from .raster import _time_embed_positions
 
 __all__ = ["SeriesTokenizer", "StaticToken", "append_tokens"]
@@ -47,7 +48,7 @@ def _check_bool_like(name: str, value: Optional[Tensor], shape: tuple[int, ...])
         raise ValueError(f"{name} must have the shape of x {shape}, got {tuple(t.shape)}")
 
 
-class SeriesTokenizer(nn.Module):
+class SeriesTokenizer(_ProjectedTokenizer):
     """Tokens for multi-site time series, ``group_size`` sites per token, time-major.
 
     The ``s`` sites are cut into ``P = ceil(s / group_size)`` patches of ``group_size``
@@ -123,16 +124,6 @@ class SeriesTokenizer(nn.Module):
         )
         self.modality_embed = nn.Parameter(torch.empty(d)) if modality_embed else None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Xavier-uniform ``proj`` (zero bias); truncated normal (std 0.02) learned vectors."""
-        nn.init.xavier_uniform_(self.proj.weight)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
-        if self.spatial_pos_embed is not None:
-            nn.init.trunc_normal_(self.spatial_pos_embed, std=0.02)
-        if self.modality_embed is not None:
-            nn.init.trunc_normal_(self.modality_embed, std=0.02)
 
     def spatial_embedding(self) -> Tensor:
         """The spatial embedding of every patch.
