@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_ratio, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
-from ._base import _ProjectedTokenizer
+from ._base import _ProjectedTokenizer, _time_embed_positions
 
 __all__ = [
     "PatchEmbed",
@@ -206,21 +206,6 @@ def valid_patches_from_mask(
     per_patch = patchify(vm[None, None], (ph, pw), layout="bchw")[0]  # [l, ph*pw]
     share = per_patch.sum(dim=-1).to(torch.float64) / float(ph * pw)
     return share >= cov
-
-
-def _time_embed_positions(
-    time_positions: Union[Tensor, int], batch: Optional[int] = None
-) -> Tensor:
-    """Validate time positions: an int ``t`` (arange) or a real tensor ``[t]`` / ``[b, t]``."""
-    if isinstance(time_positions, int) and not isinstance(time_positions, bool):
-        return torch.arange(check_int("time_positions", time_positions, minimum=1))
-    tp = check_tensor("time_positions", time_positions)
-    if tp.dtype == torch.bool or tp.is_complex():
-        raise TypeError(f"time_positions must be a real int or float tensor, got {tp.dtype}")
-    if tp.ndim not in (1, 2) or (batch is not None and tp.ndim == 2 and tp.shape[0] != batch):
-        want = "[t] or [b, t]" if batch is None else f"[t] or [{batch}, t]"
-        raise ValueError(f"time_positions must have shape {want}, got {tuple(tp.shape)}")
-    return tp
 
 
 def raster_position_embedding(
@@ -554,20 +539,7 @@ class RasterTokenizer(_ProjectedTokenizer):
             dtype, time-major like the tokens. For another width use
             `raster_position_embedding` with `patch_coords`.
         """
-        tp = None if time_positions is None else _time_embed_positions(time_positions)
-        if num_steps is None:
-            if tp is None:
-                raise ValueError("position_embedding needs num_steps or time_positions")
-            t = tp.shape[-1]
-        else:
-            t = check_int("num_steps", num_steps, minimum=1)
-        batch = tp.shape[0] if tp is not None and tp.ndim == 2 else 1
-        pos = self._position_4d(tp, t, batch)
-        pos = pos.expand(batch, t, self.num_valid_patches, self.embed_dim)
-        out: Tensor = rearrange(pos, "b t v d -> b (t v) d")
-        if tp is None or tp.ndim == 1:
-            out = out[0]
-        return out
+        return self._flat_position_embedding(num_steps, time_positions, self.num_valid_patches)
 
 
 class PatchEmbed(nn.Module):

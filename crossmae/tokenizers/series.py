@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d
-from ._base import _ProjectedTokenizer
-from .raster import _time_embed_positions
+from ._base import _ProjectedTokenizer, _time_embed_positions
 
 __all__ = ["SeriesTokenizer", "StaticToken", "append_tokens"]
 
@@ -298,20 +297,7 @@ class SeriesTokenizer(_ProjectedTokenizer):
         Returns:
             ``[t*P, d]`` (``[b, t*P, d]`` for ``[b, t]`` time positions), time-major.
         """
-        tp = None if time_positions is None else _time_embed_positions(time_positions)
-        if num_steps is None:
-            if tp is None:
-                raise ValueError("position_embedding needs num_steps or time_positions")
-            t = tp.shape[-1]
-        else:
-            t = check_int("num_steps", num_steps, minimum=1)
-        batch = tp.shape[0] if tp is not None and tp.ndim == 2 else 1
-        pos = self._position_4d(tp, t, batch)
-        pos = pos.expand(batch, t, self.num_patches, self.embed_dim)
-        out: Tensor = rearrange(pos, "b t p d -> b (t p) d")
-        if tp is None or tp.ndim == 1:
-            out = out[0]
-        return out
+        return self._flat_position_embedding(num_steps, time_positions, self.num_patches)
 
 
 class StaticToken(nn.Module):
