@@ -40,8 +40,8 @@ step "fresh venv: $TORCH_PIN, then the wheel"
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 # --no-compile: byte-compiling torch doubles the install time and buys nothing here
-"$VPY" -m pip install -q --no-compile "$TORCH_PIN"
-"$VPY" -m pip install -q --no-compile "$WHEEL"
+"$VPY" -m pip install -qq --no-compile "$TORCH_PIN"
+"$VPY" -m pip install -qq --no-compile "$WHEEL"
 
 step "check the wheel and the installed package"
 mkdir "$WORK/run"

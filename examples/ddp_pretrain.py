@@ -12,6 +12,7 @@ the full parameters must agree across ranks, else the script exits non-zero.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from datetime import timedelta
 
@@ -46,6 +47,46 @@ def checksum(model: nn.Module) -> float:
     return float(total)
 
 
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    """Train, then check that every rank holds the same parameters (raises if not)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (FSDP2 needs it)
+    cfg = ImageCrossMAEConfig(
+        img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
+        decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+    )  # fmt: skip
+    model = wrap(build_image_crossmae(cfg).to(device), args.strategy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    images = torch.randn(world * args.batch_size * args.steps, 3, 32, 32)  # same everywhere
+    data = TensorDataset(images)
+    sampler: DistributedSampler[tuple[Tensor, ...]] = DistributedSampler(
+        data, world, rank, seed=args.seed
+    )  # a different shard per rank
+    loader = DataLoader(data, args.batch_size, sampler=sampler)
+    masks = torch.Generator().manual_seed(args.seed + 1000 * (rank + 1))  # per-rank masks
+
+    sampler.set_epoch(0)
+    loss = torch.zeros(())
+    for step, (x,) in enumerate(loader):
+        if step == args.steps:
+            break
+        loss = model(x.to(device), generator=masks).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces / FSDP2 reduce-scatters the gradients here
+        opt.step()
+
+    ours = torch.tensor([checksum(model)], dtype=torch.float64, device=device)
+    every = [torch.empty_like(ours) for _ in range(world)]
+    dist.all_gather(every, ours)
+    for r in range(world):  # one rank at a time, so that lines never interleave
+        if r == rank:
+            print(f"rank {rank}: loss={loss.item():.6f} checksum={ours.item()!r}", flush=True)
+        dist.barrier()
+    if any(not torch.equal(t, ours) for t in every):
+        raise SystemExit(f"rank {rank}: parameters differ across ranks: {every}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="CrossMAE pretraining under torchrun")
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
@@ -60,44 +101,14 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
-    rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        torch.manual_seed(args.seed)  # identical initial weights on every rank (FSDP2 needs it)
-        cfg = ImageCrossMAEConfig(
-            img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
-            decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
-        )  # fmt: skip
-        model = wrap(build_image_crossmae(cfg).to(device), args.strategy)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        images = torch.randn(world * args.batch_size * args.steps, 3, 32, 32)  # same everywhere
-        data = TensorDataset(images)
-        sampler: DistributedSampler[tuple[Tensor, ...]] = DistributedSampler(
-            data, world, rank, seed=args.seed
-        )  # a different shard per rank
-        loader = DataLoader(data, args.batch_size, sampler=sampler)
-        masks = torch.Generator().manual_seed(args.seed + 1000 * (rank + 1))  # per-rank masks
-
-        sampler.set_epoch(0)
-        loss = torch.zeros(())
-        for step, (x,) in enumerate(loader):
-            if step == args.steps:
-                break
-            loss = model(x.to(device), generator=masks).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP all-reduces / FSDP2 reduce-scatters the gradients here
-            opt.step()
-
-        ours = torch.tensor([checksum(model)], dtype=torch.float64, device=device)
-        every = [torch.empty_like(ours) for _ in range(world)]
-        dist.all_gather(every, ours)
-        for r in range(world):  # one rank at a time, so that lines never interleave
-            if r == rank:
-                print(f"rank {rank}: loss={loss.item():.6f} checksum={ours.item()!r}", flush=True)
-            dist.barrier()
-        if any(not torch.equal(t, ours) for t in every):
-            raise SystemExit(f"rank {rank}: parameters differ across ranks: {every}")
+        train(args, device)
     finally:
+        # The model, optimizer and any pending communication work are gone once train()
+        # returns; collect them now, while the interpreter is fully alive, then tear the
+        # process group down. Backend work objects that outlive the interpreter can abort
+        # the process at exit (seen with gloo + FSDP2 under load).
+        gc.collect()
         dist.destroy_process_group()
 
 
