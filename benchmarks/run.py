@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -256,6 +257,10 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     h, w = (60, 40) if small else (290, 180)
     sites = 40 if small else 604
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    # Compiled: masks are drawn in data preparation (tokenize for the padding masks, then
+    # make_splits, eager) and the forward is one graph given the splits.
+    backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=backend) if compile_ else None
     for b, half_missing in ((8, False), (8, True), (16, False), (16, True)):
         if small and b == 16:
             continue
@@ -270,30 +275,45 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
             rf[: b // 2] = float("nan")
         inputs["river_flow"] = rf
         static = torch.randn(b, sites, 11, device=dev)
-        bad = [0]
+        bad = torch.zeros((), dtype=torch.int64, device=dev)  # no host sync per step
 
-        def step() -> None:
+        def step_eager() -> None:
             with autocast(dev, dev.type == "cuda"):
                 out = model(inputs, static=static, generator=g)
             out.loss.backward()
-            if not torch.isfinite(out.loss):
-                bad[0] += 1
+            bad.add_((~torch.isfinite(out.loss.detach())).long())
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        try:
-            with peak_memory(dev) as mem:
-                ms = bench(step, dev, warmup=2, iters=8)
-            record(
-                "water",
-                f"batch={b} half_missing_river_flow={half_missing}",
-                ms=ms,
-                samples_per_s=b / (ms * 1e-3),
-                nonfinite_steps=bad[0],
-                **mem,
-            )
-        except torch.cuda.OutOfMemoryError:
-            record("water", f"batch={b} half_missing_river_flow={half_missing}", ms="OOM")
+        def step_compiled() -> None:
+            assert compiled is not None
+            with torch.no_grad(), autocast(dev, dev.type == "cuda"):
+                pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}
+            splits = model.make_splits(pads, generator=g)
+            with autocast(dev, dev.type == "cuda"):
+                out = compiled(inputs, static=static, splits=splits)
+            out.loss.backward()
+            bad.add_((~torch.isfinite(out.loss.detach())).long())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps = [("eager", step_eager)] + ([("compiled", step_compiled)] if compile_ else [])
+        for tag, step in steps:
+            bad.zero_()
+            name = f"{tag} batch={b} half_missing_river_flow={half_missing}"
+            try:
+                with peak_memory(dev) as mem:
+                    ms = bench(step, dev, warmup=3 if tag == "compiled" else 2, iters=8)
+                record(
+                    "water",
+                    name,
+                    ms=ms,
+                    samples_per_s=b / (ms * 1e-3),
+                    nonfinite_steps=int(bad),
+                    **mem,
+                )
+            except torch.cuda.OutOfMemoryError:
+                record("water", name, ms="OOM")
 
 
 # --------------------------------------------------------------------------- 4. variable length
@@ -348,10 +368,10 @@ def section_varlen(dev: torch.device, small: bool, compile_: bool) -> None:
 def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
     if dev.type != "cuda":
         return
-    from crossmae.layers import _varlen
+    from crossmae.layers import _flex, _varlen
 
     log("\n## 0. attention kernels at the water model's shapes (bf16, fwd+bwd, B=8, 8 heads)")
-    log(f"  varlen available: {_varlen.varlen_available()}")
+    log(f"  varlen available: {_varlen.varlen_available()}, flex: {_flex.flex_available()}")
     b, h = 8, 8
     for name, nq, nk, d in (
         ("fusion self-attn", 7892, 7892, 32),
@@ -377,22 +397,23 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
         att = (~kpad | empty[:, None])[:, None, None, :]
         t_mask = bench(fb(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=att)), dev)
         row: dict[str, Any] = dict(unmasked_ms=t_none, bool_mask_ms=t_mask)
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=att
+            ).masked_fill(empty[:, None, None, None], 0)
+        real_q = torch.ones(b, nq, dtype=torch.bool, device=dev) if qpad is None else ~qpad
+        kernels: dict[str, Callable[[], torch.Tensor]] = {}
         if _varlen.varlen_available():
-            t_var = bench(fb(lambda: _varlen.varlen_attend(q, k, v, kpad, qpad)), dev)
-            row["varlen_ms"] = t_var
+            kernels["varlen"] = lambda: _varlen.varlen_attend(q, k, v, kpad, qpad)
+        if _flex.can_use_flex(q, 0.0):
+            kernels["flex"] = lambda: _flex.flex_attend(q, k, v, kpad)
+        for kname, fn in kernels.items():
+            row[f"{kname}_ms"] = bench(fb(fn), dev)
             with torch.no_grad():
-                ref = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=att
-                ).masked_fill(empty[:, None, None, None], 0)
-                out = (
-                    _varlen.varlen_attend(q, k, v, kpad, qpad)
-                    .float()
-                    .masked_fill(empty[:, None, None, None], 0)
-                )
-                real_q = torch.ones(b, nq, dtype=torch.bool, device=dev) if qpad is None else ~qpad
-                diff = (out - ref).permute(0, 2, 1, 3)[real_q].abs().max()
-                row["varlen_max_abs_err"] = float(diff)
-                row["varlen_finite"] = bool(torch.isfinite(out).all())
+                out = fn().float().masked_fill(empty[:, None, None, None], 0)
+            diff = (out - ref).permute(0, 2, 1, 3)[real_q].abs().max()
+            row[f"{kname}_max_abs_err"] = float(diff)
+            row[f"{kname}_finite"] = bool(torch.isfinite(out).all())
         record("kernels", name, **row)
 
 

@@ -8,7 +8,13 @@ sequence. See the docs' Conventions page.
 
 from __future__ import annotations
 
-from ._config import set_fused_attn, use_fused_attn
+from ._config import (
+    PADDED_ATTENTION_KERNELS,
+    padded_attention_kernel,
+    set_fused_attn,
+    set_padded_attention_kernel,
+    use_fused_attn,
+)
 from .decoders import CrossMAEDecoder, MAEDecoder
 from .encoders import EncoderOutput, FiLM, TransformerEncoder
 from .layers import (
@@ -88,6 +94,7 @@ from .tokenizers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PADDED_ATTENTION_KERNELS",
     "Attention",
     "Block",
     "CrossAttention",
@@ -146,12 +153,14 @@ __all__ = [
     "pack_tokens",
     "packed_attention",
     "padded_attention",
+    "padded_attention_kernel",
     "padding_mask_to_lengths",
     "patchify",
     "random_masking",
     "raster_position_embedding",
     "scatter_tokens",
     "set_fused_attn",
+    "set_padded_attention_kernel",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "sincos_pos_embed_2d_from_coords",

@@ -35,11 +35,24 @@ from .._checks import (
     check_same_device,
     check_tensor,
 )
-from .._config import use_fused_attn
+from .._config import padded_attention_kernel, use_fused_attn
 from . import _varlen
+from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
 
 __all__ = ["Attention", "CrossAttention", "packed_attention", "padded_attention"]
+
+
+def select_padded_kernel(q: Tensor, dropout_p: float) -> str:
+    """Which fused kernel serves attention with padding for ``q`` (see
+    `set_padded_attention_kernel`): ``"varlen"``, ``"flex"`` or ``"sdpa"``."""
+    choice = padded_attention_kernel()
+    if choice in ("auto", "varlen") and can_use_varlen(q, dropout_p):
+        return "varlen"
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if (choice == "flex" or (choice == "auto" and half)) and can_use_flex(q, dropout_p):
+        return "flex"
+    return "sdpa"
 
 
 def _attend(
@@ -58,9 +71,10 @@ def _attend(
 
     The one place where crossmae's polarity (True = padding) becomes a kernel's. Dispatch:
     no padding → SDPA without a mask (flash/cuDNN can run); padding on CUDA in half
-    precision → packed variable-length attention (`_varlen`), padding never computed
-    against real tokens and no dense mask; otherwise SDPA with a boolean mask, or the
-    explicit softmax path when ``fused`` is False. ``query_padding_mask`` (self-attention)
+    precision → packed variable-length attention (`_varlen`), else ``flex_attention`` with a
+    block-sparse mask (`_flex`): padding never computed against real tokens and no dense
+    mask (see `select_padded_kernel`); otherwise SDPA with a boolean mask, or the explicit
+    softmax path when ``fused`` is False. ``query_padding_mask`` (self-attention)
     only lets the packed path skip padded queries; results are the same either way.
     ``keys_sorted``/``queries_sorted``: padding is known to be trailing in every row, which
     saves the packed path a reordering copy (ignored elsewhere).
@@ -72,7 +86,11 @@ def _attend(
     # Rows with no real key attend to every (finite, zeroed) key and are zeroed afterwards:
     # no fully masked softmax row ever exists, whatever kernel or torch version runs.
     empty = key_padding_mask.all(dim=-1)  # [b]
-    if fused and can_use_varlen(q, dropout_p):
+    kernel = select_padded_kernel(q, dropout_p) if fused else "manual"
+    if kernel == "flex":
+        out = flex_attend(q, k, v, key_padding_mask)
+        return out.masked_fill(empty[:, None, None, None], 0.0)
+    if kernel == "varlen":
         out = varlen_attend(
             q,
             k,
@@ -175,13 +193,15 @@ def packed_attention(
             entry ``t`` (the values are checked off-GPU only: on CUDA that would sync).
         max_seqlen: an int ``>= 1``, an upper bound of every segment's length (used by the
             CUDA kernel).
-        fused: use the packed CUDA kernel / SDPA (default: `use_fused_attn`) or the explicit
+        fused: use the packed CUDA kernels / SDPA (default: `use_fused_attn`) or the explicit
             softmax path.
 
     Returns:
         ``[t, h, d]``: every row attends to the rows of its own segment only. On CUDA in half
-        precision this is ``torch.nn.attention.varlen`` (no mask, no padding); elsewhere a
-        block-diagonal boolean mask over the ``t`` rows (fine for CPU-sized ``t``).
+        precision this is ``torch.nn.attention.varlen`` (no mask, no padding), else
+        ``flex_attention`` with a block-diagonal block mask (both chosen as in
+        `set_padded_attention_kernel`); elsewhere a block-diagonal boolean mask over the
+        ``t`` rows (fine for CPU-sized ``t``).
 
     Raises:
         TypeError: non-tensor or non-float ``q``/``k``/``v``, mixed dtypes, non-integer
@@ -192,9 +212,12 @@ def packed_attention(
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
     check_int("max_seqlen", max_seqlen, minimum=1)
     use_fused = use_fused_attn() if fused is None else fused
-    if use_fused and can_use_varlen(q, 0.0) and _varlen._VARLEN is not None:
+    kernel = select_padded_kernel(q, 0.0) if use_fused else "manual"
+    if kernel == "varlen" and _varlen._VARLEN is not None:
         cu32 = cu_seqlens.to(torch.int32)  # the kernel's index dtype (no-op for int32)
         return _varlen._VARLEN(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
+    if kernel == "flex":
+        return flex_packed(q, k, v, cu_seqlens)
     t = q.shape[0]
     rows = torch.arange(t, device=q.device, dtype=cu_seqlens.dtype)
     seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)

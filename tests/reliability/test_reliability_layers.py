@@ -978,6 +978,21 @@ def _pos_cases() -> list[Case]:
             Returns("a bool", lambda r: isinstance(r, bool) or _fail("not a bool")),
         ),
     ]
+    F = "set_padded_attention_kernel"
+    cases += [
+        Case(F, "kernel=1 (int)", lambda: cm.set_padded_attention_kernel(1), Raises(("kernel",), ("1",))),
+        Case(F, "kernel an unknown name", lambda: cm.set_padded_attention_kernel("fast"), Raises(("kernel",), ("'fast'",))),
+        Case(F, "kernel in capitals", lambda: cm.set_padded_attention_kernel("AUTO"), Raises(("kernel",), ("'AUTO'",))),
+        Case(
+            "padded_attention_kernel",
+            "no arguments",
+            lambda: cm.padded_attention_kernel(),
+            Returns(
+                "one of PADDED_ATTENTION_KERNELS",
+                lambda r: r in cm.PADDED_ATTENTION_KERNELS or _fail(f"{r!r}"),
+            ),
+        ),
+    ]  # fmt: skip
     return cases
 
 
