@@ -77,6 +77,10 @@ def compiled_flex() -> FlexFn:
     if torch.compiler.is_compiling():
         return _FLEX
     if _COMPILED is None:
+        # Static shapes: one compile per (b, h, n, m, d). Automatic dynamic shapes were tried
+        # and inductor's CPU flex template fails to build for them (torch 2.13). Padded
+        # lengths are fixed by a model's config, so few shapes occur; past dynamo's
+        # recompile limit a call runs the eager flex_attention instead.
         _COMPILED = torch.compile(_FLEX, dynamic=False)
     return _COMPILED
 
