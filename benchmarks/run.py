@@ -1,12 +1,12 @@
 """crossmae benchmark suite: one command, one table, ratios measured in the same run.
 
     python benchmarks/run.py            # everything that fits the device (GPU: full sizes)
-    python benchmarks/run.py --cpu      # CPU-sized variant of sections 1, 2 and 4 (< 2 min)
+    python benchmarks/run.py --cpu      # CPU-sized variant of sections 1, 2, 4 and 5 (< 2 min)
     python benchmarks/run.py --only decoder,varlen --json out.json
 
 Sections: 1 decoder only (CrossMAE vs MAE decoder), 2 image CrossMAE ViT-B/16 training
-step, 3 water model at its real shapes, 4 variable-length cost, 0 attention kernels and
-packed-path correctness (GPU). Timings are medians over repeated runs (CUDA events on GPU);
+step, 3 water model at its real shapes, 4 variable-length cost, 5 aten ops per eager
+training step (the host-launch bound), 0 attention kernels and packed-path correctness (GPU). Timings are medians over repeated runs (CUDA events on GPU);
 targets are checked by reading ratios, never by timed unit tests.
 """
 
@@ -417,12 +417,89 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
         record("kernels", name, **row)
 
 
+# --------------------------------------------------------------------------- 5. op counts
+_VIEW_OPS = {
+    "view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
+    "reshape", "detach", "alias", "split", "split_with_sizes", "unbind", "slice", "select",
+    "as_strided", "_reshape_alias", "lift_fresh",
+}  # fmt: skip
+
+
+def count_ops(fwd: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """Aten ops dispatched by one forward (``fwd`` returns the loss) and its backward, and
+    how many of them are not views (about one kernel launch each in eager mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"fwd": 0, "fwd_kernels": 0, "bwd": 0, "bwd_kernels": 0}
+    phase = ["fwd"]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            counts[phase[0]] += 1
+            if func.overloadpacket.__name__ not in _VIEW_OPS:
+                counts[phase[0] + "_kernels"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss = fwd()
+        phase[0] = "bwd"
+        loss.backward()
+    return counts
+
+
+def section_ops(dev: torch.device, small: bool, compile_: bool) -> None:
+    """Eager steps on the GPU are bounded by the host launching kernels one by one: the op
+    count per training step is the deterministic measure of that bound (any device)."""
+    from crossmae.models.water import water_mae_small
+
+    log("\n## 5. aten ops per eager training step (forward + backward, bf16 autocast)")
+    amp = autocast(dev, True)
+    # water model at a small size: the op count does not depend on the sizes
+    t = 4
+    model = water_mae_small(
+        num_steps=t, image_size=(60, 40), num_land_patches=10, num_sites=40, embed_dim=32,
+        decoder_dim=16, num_heads=4, decoder_num_heads=4,
+    ).to(dev)  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    inputs = {n: torch.randn(8, t, 60, 40, device=dev) for n in model.names[:3]}
+    inputs["evaporation"] = torch.randn(8, 40, t, device=dev)
+    rf = torch.randn(8, 40, t, device=dev)
+    rf[:4] = float("nan")
+    inputs["river_flow"] = rf
+    static = torch.randn(8, 40, 11, device=dev)
+
+    def water() -> torch.Tensor:
+        with autocast(dev, True):
+            return model(inputs, static=static, generator=g).loss
+
+    water()  # first call: lazy initialisation outside the count
+    record("ops", "water_mae_small, 5 modalities, b=8", **count_ops(water))
+    n = 196
+    ctx = torch.randn(8, 1 + 49, 96, device=dev, requires_grad=True)
+    ids_keep = torch.rand(8, n, device=dev).argsort(1)[:, :49]
+    ids_pred = torch.rand(8, n, device=dev).argsort(1)[:, :49].sort(1).values
+    cross = CrossMAEDecoder(96, 64, 8, 4, 768, num_tokens=n).to(dev)
+    mae = MAEDecoder(96, 64, 8, 4, 768, n).to(dev)
+
+    def cross_step() -> torch.Tensor:
+        with amp:
+            return cross(ctx, ids_pred).float().square().mean()
+
+    def mae_step() -> torch.Tensor:
+        with amp:
+            return mae(ctx[:, 1:], ids_keep, ids_pred).float().square().mean()
+
+    record("ops", "CrossMAE decoder 8 blocks, predict 0.25", **count_ops(cross_step))
+    record("ops", "MAE decoder 8 blocks, predict 0.25", **count_ops(mae_step))
+
+
 SECTIONS = {
     "kernels": section_kernels,
     "decoder": section_decoder,
     "varlen": section_varlen,
     "water": section_water,
     "image": section_image,
+    "ops": section_ops,
 }
 
 
@@ -430,7 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--cpu", action="store_true", help="CPU-sized variant (sections 1, 2, 4)")
+    ap.add_argument("--cpu", action="store_true", help="CPU-sized variant (sections 1, 2, 4, 5)")
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     ap.add_argument("--json", default="", help="also write the rows as JSON here")
@@ -438,7 +515,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     small = dev.type == "cpu"
     names = [s for s in args.only.split(",") if s] or (
-        ["decoder", "image", "varlen"] if small else list(SECTIONS)
+        ["decoder", "image", "varlen", "ops"] if small else list(SECTIONS)
     )
     torch.backends.cuda.matmul.allow_tf32 = True
     log(

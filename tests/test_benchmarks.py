@@ -1,0 +1,91 @@
+"""The benchmark suite runs: its CPU variant end to end, and the GPU-only code paths that can
+be driven on the CPU (the compiled water rows, with the eager compile backend).
+
+Timings are never asserted (shared machines are noisy); rows, ratios and counts are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_crossmae_bench", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_variant_prints_every_section(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "rows.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--cpu", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    sections = {r["section"] for r in rows}
+    assert {"decoder", "image", "varlen", "ops"} <= sections, sections
+    for header in ("## 1. decoder", "## 2. image", "## 4. variable length", "## 5. aten ops"):
+        assert header in text
+    speedups = [r["speedup_crossmae"] for r in rows if "speedup_crossmae" in r]
+    assert len(speedups) == 2 and all(math.isfinite(s) and s > 0 for s in speedups)
+    ratios = [r[k] for r in rows for k in ("ratio_b_over_a", "ratio_c_over_a") if k in r]
+    assert len(ratios) == 2 and all(math.isfinite(x) and x > 0 for x in ratios)
+    ops = [r for r in rows if r["section"] == "ops"]
+    assert len(ops) == 3
+    for r in ops:
+        assert 0 < r["fwd_kernels"] <= r["fwd"] and 0 < r["bwd_kernels"] <= r["bwd"], r
+
+
+def test_count_ops_splits_forward_backward_and_views(bench: ModuleType) -> None:
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(2, 3)
+
+    def fwd() -> torch.Tensor:
+        return (x @ w).t().sum()  # mm, t (a view), sum
+
+    counts = bench.count_ops(fwd)
+    assert counts["fwd"] == 3 and counts["fwd_kernels"] == 2
+    assert counts["bwd"] > 0 and counts["bwd_kernels"] <= counts["bwd"]
+    assert w.grad is not None
+
+
+def test_water_rows_eager_and_compiled(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The compiled water step (masks drawn outside, one graph per forward) runs, its loss
+    stays finite with half the samples missing river flow, and non-finite steps are
+    counted on the device."""
+    monkeypatch.setenv("CROSSMAE_BENCH_BACKEND", "eager")
+    monkeypatch.setattr(bench, "ROWS", [])
+    timed = bench.bench
+    monkeypatch.setattr(bench, "bench", lambda fn, dev, **kw: timed(fn, dev, warmup=2, iters=2))
+    bench.section_water(torch.device("cpu"), True, compile_=True)
+    rows = bench.ROWS
+    names = [r["name"] for r in rows]
+    assert names == [
+        "eager batch=8 half_missing_river_flow=False",
+        "compiled batch=8 half_missing_river_flow=False",
+        "eager batch=8 half_missing_river_flow=True",
+        "compiled batch=8 half_missing_river_flow=True",
+    ]
+    for r in rows:
+        assert r["nonfinite_steps"] == 0 and r["ms"] > 0 and r["samples_per_s"] > 0, r
+    assert "compiled batch=8" in capsys.readouterr().out
