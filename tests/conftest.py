@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 
+# inductor (tests/layers/test_flex.py compiles flex_attention for the CPU) compiles in this
+# process: no pool of compile workers to start, outlive a test or oversubscribe 2 cores.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import torch
 from hypothesis import HealthCheck, settings
 
