@@ -236,22 +236,34 @@ def args_image_configs() -> str:
 
 
 # --------------------------------------------------------------------------- 3. water model
+WATER_SMALL = dict(
+    num_steps=4, image_size=(60, 40), num_land_patches=10, num_sites=40, embed_dim=32,
+    decoder_dim=16, num_heads=4, decoder_num_heads=4,
+)  # fmt: skip
+
+
+def water_batch(
+    dev: torch.device, b: int, t: int, hw: tuple[int, int], sites: int, half_missing: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Random water-model inputs (3 rasters, 2 series) and static attributes; with
+    ``half_missing`` the first half of the batch has no river flow at all."""
+    inputs = {
+        n: torch.randn(b, t, *hw, device=dev)
+        for n in ("precipitation", "soil_moisture", "temperature")
+    }
+    inputs["evaporation"] = torch.randn(b, sites, t, device=dev)
+    rf = torch.randn(b, sites, t, device=dev)
+    if half_missing:
+        rf[: b // 2] = float("nan")
+    inputs["river_flow"] = rf
+    return inputs, torch.randn(b, sites, 11, device=dev)
+
+
 def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     from crossmae.models.water import water_mae_small
 
     log("\n## 3. water model at its default shapes (bf16 autocast, AdamW)")
-    kw: dict[str, Any] = {}
-    if small:
-        kw = dict(
-            num_steps=4,
-            image_size=(60, 40),
-            num_land_patches=10,
-            num_sites=40,
-            embed_dim=32,
-            decoder_dim=16,
-            num_heads=4,
-            decoder_num_heads=4,
-        )
+    kw: dict[str, Any] = WATER_SMALL if small else {}
     model = water_mae_small(**kw).to(dev)
     cfg_t = 4 if small else 30
     h, w = (60, 40) if small else (290, 180)
@@ -265,16 +277,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
         if small and b == 16:
             continue
         g = torch.Generator(device=dev).manual_seed(0)
-        inputs = {
-            n: torch.randn(b, cfg_t, h, w, device=dev)
-            for n in ("precipitation", "soil_moisture", "temperature")
-        }
-        inputs["evaporation"] = torch.randn(b, sites, cfg_t, device=dev)
-        rf = torch.randn(b, sites, cfg_t, device=dev)
-        if half_missing:
-            rf[: b // 2] = float("nan")
-        inputs["river_flow"] = rf
-        static = torch.randn(b, sites, 11, device=dev)
+        inputs, static = water_batch(dev, b, cfg_t, (h, w), sites, half_missing)
         bad = torch.zeros((), dtype=torch.int64, device=dev)  # no host sync per step
 
         def step_eager() -> None:
@@ -455,18 +458,9 @@ def section_ops(dev: torch.device, small: bool, compile_: bool) -> None:
     log("\n## 5. aten ops per eager training step (forward + backward, bf16 autocast)")
     amp = autocast(dev, True)
     # water model at a small size: the op count does not depend on the sizes
-    t = 4
-    model = water_mae_small(
-        num_steps=t, image_size=(60, 40), num_land_patches=10, num_sites=40, embed_dim=32,
-        decoder_dim=16, num_heads=4, decoder_num_heads=4,
-    ).to(dev)  # fmt: skip
+    model = water_mae_small(**WATER_SMALL).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    inputs = {n: torch.randn(8, t, 60, 40, device=dev) for n in model.names[:3]}
-    inputs["evaporation"] = torch.randn(8, 40, t, device=dev)
-    rf = torch.randn(8, 40, t, device=dev)
-    rf[:4] = float("nan")
-    inputs["river_flow"] = rf
-    static = torch.randn(8, 40, 11, device=dev)
+    inputs, static = water_batch(dev, 8, 4, (60, 40), 40, half_missing=True)
 
     def water() -> torch.Tensor:
         with autocast(dev, True):

@@ -20,6 +20,8 @@ from typing import Optional, Sequence, Union
 import torch
 from hypothesis import strategies as st
 
+from crossmae.models import MultimodalMAE
+
 __all__ = [
     "CrossBatch",
     "PaddedBatch",
@@ -34,6 +36,8 @@ __all__ = [
     "reference_attention",
     "seeds",
     "shuffled_mask",
+    "tiny_water_batch",
+    "tiny_water_model",
 ]
 
 GARBAGE_KINDS = ("random", "nan", "inf", "mixed")
@@ -348,3 +352,37 @@ def cross_batches(
     seed = draw(seeds())
     shuffle = draw(st.booleans()) if shuffle_padding is None else shuffle_padding
     return CrossBatch(b, nq, nk, tuple(qlen), tuple(klen), h, d, cdim, seed, shuffle)
+
+
+def tiny_water_model() -> MultimodalMAE:
+    """`water_mae_small` at a CPU-test size: T=3, 40x30 rasters of 6 land patches, 12 sites
+    in groups of 4, one block per stack (eval mode)."""
+    from crossmae.models.water import water_mae_small
+
+    return water_mae_small(
+        num_steps=3,
+        image_size=(40, 30),
+        num_land_patches=6,
+        num_sites=12,
+        group_size=4,
+        embed_dim=32,
+        num_heads=4,
+        decoder_dim=16,
+        decoder_num_heads=4,
+        decoder_depth=1,
+        raster_depth=1,
+        series_depth=1,
+    ).eval()
+
+
+def tiny_water_batch(
+    names: Sequence[str], g: torch.Generator
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Inputs for `tiny_water_model` (``names`` in its order) and static attributes, batch 2;
+    sample 0 has no river flow at all."""
+    inputs = {n: torch.randn(2, 3, 40, 30, generator=g) for n in names[:3]}
+    inputs["evaporation"] = torch.randn(2, 12, 3, generator=g)
+    flow = torch.randn(2, 12, 3, generator=g)
+    flow[0] = float("nan")
+    inputs["river_flow"] = flow
+    return inputs, torch.randn(2, 12, 11, generator=g)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import crossmae as cm
 from crossmae.layers import _varlen, attention
-from tests.strategies import generator, seeds
+from tests.strategies import generator, seeds, tiny_water_batch, tiny_water_model
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
@@ -145,31 +145,9 @@ def test_encoder_and_decoder_reorder_once_and_agree(
 
 def test_multimodal_model_same_loss_on_the_packed_route(monkeypatch: pytest.MonkeyPatch) -> None:
     """The water model's CUDA route (keys reordered once, packed kernel) forced on CPU."""
-    from crossmae.models.water import water_mae_small
-
     torch.manual_seed(0)
-    t = 3
-    model = water_mae_small(
-        num_steps=t,
-        image_size=(40, 30),
-        num_land_patches=6,
-        num_sites=12,
-        group_size=4,
-        embed_dim=32,
-        num_heads=4,
-        decoder_dim=16,
-        decoder_num_heads=4,
-        decoder_depth=1,
-        raster_depth=1,
-        series_depth=1,
-    ).eval()
-    g = generator(11)
-    inputs = {n: torch.randn(2, t, 40, 30, generator=g) for n in model.names[:3]}
-    inputs["evaporation"] = torch.randn(2, 12, t, generator=g)
-    flow = torch.randn(2, 12, t, generator=g)
-    flow[0] = float("nan")
-    inputs["river_flow"] = flow
-    static = torch.randn(2, 12, 11, generator=g)
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(11))
     with torch.no_grad():
         ref = model(inputs, static=static, generator=generator(5))
         monkeypatch.setattr(_varlen, "prefer_trailing_padding", lambda x: True)

@@ -12,33 +12,13 @@ import torch
 
 import crossmae as cm
 from crossmae.encoders import TransformerEncoder
-from crossmae.models.water import water_mae_small
+from tests.strategies import tiny_water_batch, tiny_water_model
 
 
 def test_multimodal_model_compiles_as_one_graph_given_splits() -> None:
     torch.manual_seed(0)
-    t = 3
-    model = water_mae_small(
-        num_steps=t,
-        image_size=(40, 30),
-        num_land_patches=6,
-        num_sites=12,
-        group_size=4,
-        embed_dim=32,
-        num_heads=4,
-        decoder_dim=16,
-        decoder_num_heads=4,
-        decoder_depth=1,
-        raster_depth=1,
-        series_depth=1,
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    x = {k: torch.randn(2, t, 40, 30, generator=g) for k in model.names[:3]}
-    x["evaporation"] = torch.randn(2, 12, t, generator=g)
-    flow = torch.randn(2, 12, t, generator=g)
-    flow[0] = float("nan")  # a sample without river flow
-    x["river_flow"] = flow
-    static = torch.randn(2, 12, 11, generator=g)
+    model = tiny_water_model()
+    x, static = tiny_water_batch(model.names, torch.Generator().manual_seed(1))
     pads = {k: p for k, (_, p) in model.tokenize(x).items()}
     splits = model.make_splits(pads, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
