@@ -79,6 +79,7 @@ from .models import (
     load_official_crossmae_state_dict,
     water_mae_small,
 )
+from .protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer
 from .tokenizers import (
     PatchEmbed,
     RasterTokenizer,
@@ -102,6 +103,7 @@ __all__ = [
     "CrossMAEDecoder",
     "DecoderConfig",
     "DropPath",
+    "Encoder",
     "EncoderConfig",
     "EncoderOutput",
     "FiLM",
@@ -118,10 +120,13 @@ __all__ = [
     "OfficialLoadReport",
     "PackedTokens",
     "PatchEmbed",
+    "QueryDecoder",
     "RasterTokenizer",
+    "SequenceDecoder",
     "SeriesTokenizer",
     "StackedLayerNorm",
     "StaticToken",
+    "Tokenizer",
     "TransformerEncoder",
     "WaterMAEConfig",
     "WeightedFeatureMaps",

@@ -8,7 +8,7 @@ Mask polarity: ``context_padding_mask`` / ``query_padding_mask`` True = padding 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -87,6 +87,19 @@ class _QueryEmbeddings(nn.Module):
         if own is None:
             raise ValueError("pos is required: this decoder was built with pos_embed=None")
         return own
+
+    @property
+    def num_positions(self) -> Optional[int]:
+        """Token positions the decoder has queries for (its table's rows); None without a
+        table (then positions come with each call)."""
+        own = self.pos_embed if self.pos_embed is not None else self.pos_table
+        return None if own is None else int(own.shape[-2])
+
+    @property
+    def out_dim(self) -> int:
+        """Values predicted per token ``o``."""
+        head: Any = self.head
+        return int(head.out_features)
 
 
 def _param_dtype_check(name: str, x: Tensor, dtype: torch.dtype, owner: str) -> None:

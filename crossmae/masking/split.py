@@ -10,6 +10,7 @@ Every real token of a sample is exactly one of: kept (visible), predicted, or sk
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -91,9 +92,69 @@ class MaskSplit(NamedTuple):
             )
         return ids, pad
 
-    def to(self, device: Union[str, torch.device]) -> MaskSplit:
-        """Move every field to ``device``."""
-        return MaskSplit(*(t.to(device) for t in self))
+    # -- travelling like a batch: to / pin_memory / collate / DataLoader workers ----------
+    # A MaskSplit is a NamedTuple of tensors, so `torch.utils.data.default_collate` and the
+    # DataLoader's pin-memory thread already recurse into it and keep its type, and it
+    # pickles to and from worker processes. `collate` handles per-sample splits of unequal
+    # widths, which stacking cannot.
+
+    def to(self, device: Union[str, torch.device], *, non_blocking: bool = False) -> MaskSplit:
+        """Move every field to ``device`` (``non_blocking=True`` overlaps the copy from
+        pinned memory with compute, as for any batch tensor)."""
+        if not isinstance(non_blocking, bool):
+            raise TypeError(f"non_blocking must be a bool, got {non_blocking!r}")
+        return MaskSplit(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> MaskSplit:
+        """Copy every field into page-locked memory (what ``DataLoader(pin_memory=True)``
+        does to a batch), so ``.to("cuda", non_blocking=True)`` is asynchronous."""
+        return MaskSplit(*(t.pin_memory() for t in self))
+
+    @staticmethod
+    def collate(splits: Sequence[MaskSplit]) -> MaskSplit:
+        """Join per-sample or per-batch splits into one batch (data preparation).
+
+        Each element is a split over the same ``n`` tokens, either batched (fields
+        ``[b_i, ...]``) or one sample (fields without the batch dimension: ``ids_keep [k]``,
+        ``visible_mask [n]``, ...). Widths ``k`` and ``p`` may differ: slots are re-padded
+        to the largest (padded ids 0, padding masks True), keeping each sample's order. Use
+        it as (part of) a DataLoader ``collate_fn``; splits of equal widths also go through
+        `torch.utils.data.default_collate` (which stacks them).
+
+        Returns:
+            One `MaskSplit` with batch ``sum(b_i)`` (or the number of samples).
+        """
+        if isinstance(splits, MaskSplit) or not isinstance(splits, Sequence) or not splits:
+            raise TypeError(
+                f"splits must be a non-empty sequence of MaskSplit, got {type(splits).__name__}"
+            )
+        batched: list[MaskSplit] = []
+        for i, sp in enumerate(splits):
+            if not isinstance(sp, MaskSplit):
+                raise TypeError(f"splits[{i}] must be a MaskSplit, got {type(sp).__name__}")
+            one = sp.visible_mask.ndim == 1
+            batched.append(MaskSplit(*(t[None] for t in sp)) if one else sp)
+        n = batched[0].visible_mask.shape[-1]
+        for i, sp in enumerate(batched):
+            if sp.visible_mask.shape[-1] != n:
+                raise ValueError(
+                    f"splits[{i}] is over {sp.visible_mask.shape[-1]} tokens but splits[0] over {n}"
+                )
+
+        def join(ids_field: int, pad_field: int) -> tuple[Tensor, Tensor]:
+            width = max(sp[ids_field].shape[1] for sp in batched)
+            ids, pads = [], []
+            for sp in batched:
+                extra = width - sp[ids_field].shape[1]
+                ids.append(torch.nn.functional.pad(sp[ids_field], (0, extra), value=0))
+                pads.append(torch.nn.functional.pad(sp[pad_field], (0, extra), value=True))
+            return torch.cat(ids), torch.cat(pads)
+
+        ids_keep, keep_pad = join(0, 1)
+        ids_predict, predict_pad = join(2, 3)
+        visible = torch.cat([sp.visible_mask for sp in batched])
+        predict = torch.cat([sp.predict_mask for sp in batched])
+        return MaskSplit(ids_keep, keep_pad, ids_predict, predict_pad, visible, predict)
 
 
 def _zero_padded(x: Tensor, pad: Tensor) -> Tensor:

@@ -1,59 +1,72 @@
-"""Multimodal masked autoencoder: per-modality tokenizers and encoders, fusion, CrossMAE decoders.
+"""Multimodal masked autoencoder: per-modality tokenizers and encoders, fusion, decoders.
 
 Legend: ``b`` batch, ``n_m`` tokens of modality ``m`` (time-major, ``t * l_m``), ``k_m``
-visible tokens of ``m``, ``p_m`` predicted tokens of ``m``, ``M`` fused keys (all
-modalities' visible tokens, plus static tokens), ``e`` encoder width.
-Mask polarity: every ``*_padding_mask`` True = padding slot.
+visible slots of ``m``, ``p_m`` predicted slots of ``m``, ``M`` fused keys (all modalities'
+visible tokens, plus static tokens), ``e`` encoder width, ``f`` decoder feature maps.
+Mask polarity: every ``*_padding_mask`` True = padding slot; ``hidden_masks`` True = hidden
+from the encoder (MAE's "1 = removed"); ``predict_masks`` True = reconstructed.
 
-Data flow for every modality ``m`` (nothing here loops over samples):
+`MultimodalMAE.forward` is the method in six steps, each a method of the part that owns it:
 
-1. ``tokens, padding_mask = tokenizer(x_m)`` (invalid/missing data → padding tokens);
-2. a `MaskSplit` from the modality's masking function (or the one given), honouring that
-   padding; a per-sample ``missing`` flag removes every token of that sample;
-3. the visible tokens are encoded (optionally FiLM-conditioned on static attributes, and
-   with one static token appended so every sample keeps at least one real key);
-4. all modalities' encoded tokens are concatenated with their padding masks and fused by
-   a few more self-attention layers;
-5. each modality's decoder reconstructs its ``ids_predict`` from the fused keys
-   (`CrossMAEDecoder`, or `MAEDecoder` over the modality's own slice of the fused tokens);
-6. a masked MSE per modality (invalid target values never scored), weighted and summed.
+1. **tokenize** — `Modality.tokenize`: ``tokens, padding_mask = tokenizer(x_m)``
+   (invalid/missing data → padding tokens);
+2. **split** — `Modality.split`: a `MaskSplit` from the masks the caller drew
+   (``hidden_masks`` in the input layout, or ``splits``) or from the modality's masking
+   function; tokenizer padding always wins (a padding token is never visible, never
+   predicted); a per-sample ``missing`` flag removes every token of that sample;
+3. **encode** — `Modality.encode`: the visible tokens through the modality's encoder
+   (``cond=`` only for an encoder with a ``cond_dim``), the static token appended;
+4. **fuse** — `MultimodalMAE.fuse`: the modalities' encodings concatenated and passed
+   through the fusion encoder; the decoder context (fused keys, or stacked feature maps);
+5. **decode** — `Modality.decode`: the modality's decoder predicts its ``ids_predict``;
+6. **score** — `Modality.score`: the modality's loss, weighted and summed.
+
+Parts are checked by protocol (`crossmae.Encoder`, `crossmae.QueryDecoder`,
+`crossmae.SequenceDecoder`, `crossmae.Tokenizer`), never by class, also when one is
+replaced after construction (``model.modalities["x"].encoder = mine``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Union, cast
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_int, check_ratio, check_tensor
-from ..decoders.cross import CrossMAEDecoder
-from ..decoders.mae import MAEDecoder
-from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
-from ..layers import _varlen
+from .._checks import check_bool, check_generator, check_int, check_ratio, check_tensor
+from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
 from ..losses import masked_mse_loss
 from ..masking.split import MaskSplit, mask_split_from_masks
 from ..masking.strategies import grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
-from ..tokenizers.raster import RasterTokenizer
-from ..tokenizers.series import SeriesTokenizer, StaticToken
+from ..protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer, cond_dim_of
 from ._inputs import check_mask_split
 
 __all__ = [
+    "LossFn",
     "MaskingFn",
     "Modality",
     "MultimodalMAE",
     "MultimodalOutput",
     "grouped_masking_fn",
+    "padding_wins",
 ]
 
 MaskingFn = Callable[[Tensor, int, Optional[torch.Generator], bool], MaskSplit]
 """``(padding_mask [b, n], num_steps, generator, never_padded) -> MaskSplit`` for one
 modality. With ``never_padded`` the mask is all False and may be ignored (so the output
 widths are known on the host and no device sync happens)."""
+
+LossFn = Callable[..., Tensor]
+"""``loss(pred [b, p, o], target [b, p, o], *, padding_mask [b, p], valid_mask [b, p, o])
+-> [b]`` per-sample losses (0 where nothing is scored); `crossmae.masked_mse_loss` with
+``reduction="none"`` is the default. ``padding_mask`` True = padding slot, ``valid_mask``
+True = a scored value."""
+
+Decoder = Union[QueryDecoder, SequenceDecoder]
 
 
 def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None) -> MaskingFn:
@@ -83,6 +96,66 @@ def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None)
     return fn
 
 
+def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
+    """The same split with every padding token (``padding_mask`` True) neither visible nor
+    predicted: its slots become padding slots. Widths are unchanged and nothing syncs with
+    the device (safe inside a compiled forward).
+
+    Args:
+        split: `MaskSplit` over ``n`` tokens.
+        padding_mask: bool ``[b, n]``, True = padding token (e.g. a tokenizer's output).
+
+    Returns:
+        `MaskSplit`; ids of padded slots are 0.
+    """
+    keep_pad = split.keep_padding_mask | torch.gather(padding_mask, 1, split.ids_keep)
+    pred_pad = split.predict_padding_mask | torch.gather(padding_mask, 1, split.ids_predict)
+    return MaskSplit(
+        split.ids_keep.masked_fill(keep_pad, 0),
+        keep_pad,
+        split.ids_predict.masked_fill(pred_pad, 0),
+        pred_pad,
+        split.visible_mask & ~padding_mask,
+        split.predict_mask & ~padding_mask,
+    )
+
+
+def _decoder_kind(name: str, decoder: object) -> str:
+    if isinstance(decoder, nn.Module) and isinstance(decoder, QueryDecoder):
+        return "query"
+    if isinstance(decoder, nn.Module) and isinstance(decoder, SequenceDecoder):
+        return "sequence"
+    raise TypeError(
+        f"{name} must be an nn.Module satisfying crossmae.QueryDecoder (context_dim, "
+        "num_feature_maps, forward(context, ids_predict, ...)) or crossmae.SequenceDecoder "
+        f"(context_dim, num_tokens, forward(context, ids_keep, ids_predict, ...)), got "
+        f"{type(decoder).__name__}"
+    )
+
+
+def _int_attr(part: object, attr: str) -> int:
+    """A part's int attribute that its protocol promises (``dim``, ``depth``, ...)."""
+    return int(getattr(part, attr))
+
+
+def _check_encoder(name: str, encoder: object) -> None:
+    if not (isinstance(encoder, nn.Module) and isinstance(encoder, Encoder)):
+        raise TypeError(
+            f"{name} must be an nn.Module satisfying crossmae.Encoder (int dim, int depth, "
+            f"forward(tokens, padding_mask, *, return_layers, include_input)), got "
+            f"{type(encoder).__name__}"
+        )
+
+
+def _check_tokenizer(name: str, tokenizer: object) -> None:
+    if not (isinstance(tokenizer, nn.Module) and isinstance(tokenizer, Tokenizer)):
+        raise TypeError(
+            f"{name} must be an nn.Module satisfying crossmae.Tokenizer (forward(x) -> (tokens, "
+            "padding_mask), targets(x) -> (target, target_valid)), e.g. RasterTokenizer or "
+            f"SeriesTokenizer, got {type(tokenizer).__name__}"
+        )
+
+
 @dataclass(frozen=True)
 class _ModalityOptions:
     loss_weight: float
@@ -90,63 +163,69 @@ class _ModalityOptions:
 
 
 class Modality(nn.Module):
-    """The built parts of one modality.
+    """The built parts of one modality, and the steps of the method that it owns.
 
     Args:
-        tokenizer: a module ``tokenizer(x, **kwargs) -> (tokens [b, n, e], padding_mask [b, n])``
-            with ``targets(x, **kwargs) -> (target [b, n, o], target_valid)`` (e.g.
-            `RasterTokenizer`, `SeriesTokenizer`).
-        encoder: `TransformerEncoder` of width ``e`` (with ``cond_dim=e`` to be FiLM-conditioned
-            on the static token).
-        decoder: `CrossMAEDecoder` (context width = the fusion width) or `MAEDecoder`.
+        tokenizer: a `crossmae.Tokenizer` (e.g. `RasterTokenizer`, `SeriesTokenizer`);
+            ``layout_to_tokens`` is needed for ``hidden_masks``.
+        encoder: a `crossmae.Encoder` of width ``e``; an encoder with a non-None ``cond_dim``
+            is FiLM-conditioned on the static token (``cond=token [b, e]``).
+        decoder: a `crossmae.QueryDecoder` (context width = the fusion width; e.g.
+            `CrossMAEDecoder`) or a `crossmae.SequenceDecoder` (e.g. `MAEDecoder`).
         masking: `MaskingFn` (default: `grouped_masking_fn(0.4)`).
-        static_token: optional `StaticToken`; its token is appended to the encoded sequence
-            (never padding) and, if the encoder has ``cond_dim``, conditions it via FiLM.
+        static_token: optional module ``static_token(static, [site_padding_mask]) ->
+            (token [b, 1, e], padding_mask [b, 1])`` (e.g. `StaticToken`); its token is
+            appended to the encoded sequence (never padding) and conditions the encoder.
         loss_weight: weight of this modality's loss in the total.
-        num_steps: time steps ``t`` of the token layout (for the default masking).
-        never_padded: the tokenizer never flags padding (default: inferred, True for a
-            `RasterTokenizer` without ``pad_empty_tokens``). Masking then runs without a
-            padding mask, so its output widths are known on the host: no device sync.
+        num_steps: time steps ``t`` the modality is built for: the largest number of steps
+            an input may have (fewer run when the tokenizer has ``num_tokens`` and the
+            decoder queries positions by index, e.g. `CrossMAEDecoder`).
+        never_padded: the tokenizer never flags padding (default: inferred from the
+            tokenizer's ``pad_empty_tokens`` attribute when it has one and ``num_patches``
+            like `RasterTokenizer`; else False). Masking then runs without a padding mask, so
+            its output widths are known on the host: no device sync.
+        fm_layers: layers of *this modality's encoder* whose outputs feed the decoders'
+            weighted feature maps (``"all"``, ints; see `MultimodalMAE`), or None.
+        use_input: also feed this encoder's input (with ``fm_layers``).
+        loss: a `LossFn` (default: masked MSE over valid target values), e.g. a
+            per-site-averaged series loss or a loss with a pixel land mask.
     """
 
     def __init__(
         self,
         tokenizer: nn.Module,
-        encoder: TransformerEncoder,
-        decoder: Union[CrossMAEDecoder, MAEDecoder],
+        encoder: nn.Module,
+        decoder: nn.Module,
         *,
         masking: Optional[MaskingFn] = None,
-        static_token: Optional[StaticToken] = None,
+        static_token: Optional[nn.Module] = None,
         loss_weight: float = 1.0,
         num_steps: int = 1,
         never_padded: Optional[bool] = None,
+        fm_layers: LayerSelection = None,
+        use_input: bool = False,
+        loss: Optional[LossFn] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(tokenizer, nn.Module) or not callable(
-            getattr(tokenizer, "targets", None)
-        ):
-            raise TypeError(
-                "tokenizer must be an nn.Module with a targets() method (e.g. RasterTokenizer, "
-                f"SeriesTokenizer), got {type(tokenizer).__name__}"
-            )
-        if not isinstance(encoder, TransformerEncoder):
-            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
-        if not isinstance(decoder, (CrossMAEDecoder, MAEDecoder)):
-            raise TypeError(
-                f"decoder must be a CrossMAEDecoder or MAEDecoder, got {type(decoder).__name__}"
-            )
+        _check_tokenizer("tokenizer", tokenizer)
+        _check_encoder("encoder", encoder)
+        _decoder_kind("decoder", decoder)
         if masking is not None and not callable(masking):
             raise TypeError(f"masking must be a MaskingFn or None, got {type(masking).__name__}")
-        if static_token is not None and not isinstance(static_token, StaticToken):
+        if static_token is not None and not isinstance(static_token, nn.Module):
             raise TypeError(
-                f"static_token must be a StaticToken or None, got {type(static_token).__name__}"
+                f"static_token must be an nn.Module (e.g. StaticToken) or None, got "
+                f"{type(static_token).__name__}"
             )
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be a LossFn or None, got {type(loss).__name__}")
         weight = check_ratio("loss_weight", loss_weight)
         if weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {loss_weight!r}")
         steps = check_int("num_steps", num_steps, minimum=1)
         if never_padded is not None and not isinstance(never_padded, bool):
             raise TypeError(f"never_padded must be a bool or None, got {never_padded!r}")
+        check_bool("use_input", use_input)
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.decoder = decoder
@@ -154,17 +233,194 @@ class Modality(nn.Module):
         self.masking: MaskingFn = masking if masking is not None else grouped_masking_fn(0.4)
         self.loss_weight = weight
         self.num_steps = steps
+        self.loss_fn: Optional[LossFn] = loss
         if never_padded is None:
-            never_padded = isinstance(tokenizer, RasterTokenizer) and not tokenizer.pad_empty_tokens
+            flag = getattr(tokenizer, "pad_empty_tokens", None)
+            never_padded = flag is False and hasattr(tokenizer, "valid_patch_index")
         self.never_padded = bool(never_padded)
+        self.fm_layers: Optional[tuple[int, ...]] = None
+        self.use_input = False
+        if fm_layers is not None:
+            depth = _int_attr(encoder, "depth")
+            self.fm_layers = resolve_layer_indices(fm_layers, depth, "fm_layers")
+            self.use_input = use_input
+        elif use_input:
+            raise ValueError("use_input=True needs fm_layers (the encoder layers to tap)")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Parts may be replaced after construction; the replacement is checked by protocol.
+        if name == "encoder":
+            _check_encoder("encoder", value)
+        elif name == "decoder":
+            _decoder_kind("decoder", value)
+        elif name == "tokenizer":
+            _check_tokenizer("tokenizer", value)
+        super().__setattr__(name, value)
 
-def _decoder_positions(decoder: Union[CrossMAEDecoder, MAEDecoder]) -> Optional[int]:
-    """Tokens a decoder has positions for (its table's rows); None without a table."""
-    if isinstance(decoder, MAEDecoder):
-        return decoder.num_tokens
-    table = decoder.pos_embed if decoder.pos_embed is not None else decoder.pos_table
-    return None if table is None else int(table.shape[-2])
+    @property
+    def num_feature_maps(self) -> Optional[int]:
+        """Feature maps this modality's encoder provides (``fm_layers`` + input), or None."""
+        if self.fm_layers is None:
+            return None
+        return len(self.fm_layers) + int(self.use_input)
+
+    @property
+    def tokens_per_step(self) -> Optional[int]:
+        """Tokens per time step (``tokenizer.num_tokens(1)``), or None when the tokenizer
+        does not say (then inputs must have exactly ``num_steps`` steps)."""
+        count = getattr(self.tokenizer, "num_tokens", None)
+        return int(count(1)) if callable(count) else None
+
+    # ------------------------------------------------------------------ the steps
+    def tokenize(self, x: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Step 1: ``(tokens [b, n, e], padding_mask [b, n])`` (True = padding)."""
+        tokens, pad = self.tokenizer(x, **kwargs)
+        return tokens, pad
+
+    def steps_of(self, num_tokens: int) -> int:
+        """Time steps of a token sequence of length ``num_tokens``."""
+        per_step = self.tokens_per_step
+        return self.num_steps if per_step is None else num_tokens // max(per_step, 1)
+
+    def split_from_masks(
+        self,
+        hidden_mask: Tensor,
+        predict_mask: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
+    ) -> MaskSplit:
+        """A `MaskSplit` from masks in the modality's input layout (data preparation: one
+        host sync sizes the slots; call it in a ``collate_fn`` to keep the step sync-free).
+
+        Args:
+            hidden_mask: bool, the tokenizer's input layout (``layout_to_tokens``), True =
+                hidden from the encoder.
+            predict_mask: optional bool, same layout, True = reconstruct (default: every
+                hidden token). Must lie inside ``hidden_mask``.
+            padding_mask: optional bool ``[b, n]`` token padding (True = padding), which wins.
+
+        Returns:
+            `MaskSplit` over the tokenizer's ``n`` tokens.
+        """
+        to_tokens = getattr(self.tokenizer, "layout_to_tokens", None)
+        if not callable(to_tokens):
+            raise TypeError(
+                f"hidden masks need a tokenizer with layout_to_tokens(); "
+                f"{type(self.tokenizer).__name__} has none (pass splits= instead)"
+            )
+        hidden = to_tokens(hidden_mask)
+        predict = hidden if predict_mask is None else to_tokens(predict_mask)
+        visible = ~hidden
+        if padding_mask is not None:
+            visible = visible & ~padding_mask
+            predict = predict & ~padding_mask
+        return mask_split_from_masks(visible, predict & hidden)
+
+    def split(
+        self,
+        padding_mask: Tensor,
+        *,
+        given: Optional[MaskSplit] = None,
+        missing: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> MaskSplit:
+        """Step 2: the modality's `MaskSplit` (``given``, or drawn by ``masking``); padding
+        tokens are never visible nor predicted; ``missing [b]`` removes whole samples."""
+        if given is None:
+            steps = self.steps_of(padding_mask.shape[1])
+            split = self.masking(padding_mask, steps, generator, self.never_padded)
+        else:
+            split = given
+        if not self.never_padded or given is not None:
+            split = padding_wins(split, padding_mask)
+        if missing is not None:
+            split = mask_missing_samples(split, missing)
+        return split
+
+    def encode(
+        self,
+        tokens: Tensor,
+        split: MaskSplit,
+        static_tok: Optional[Tensor],
+        *,
+        dense: bool,
+    ) -> tuple[EncoderOutput, Tensor]:
+        """Step 3: encode the visible tokens (``cond=`` only for an encoder with a
+        ``cond_dim``; ``dense``: the visible slots hold no padding, attention runs
+        unmasked). Returns ``(EncoderOutput, keep_padding_mask [b, k])``; the static token
+        is appended to ``tokens`` and ``features`` (never padding)."""
+        visible, keep_pad = split.visible_tokens(tokens)
+        kwargs: dict[str, Any] = {}
+        if static_tok is not None and cond_dim_of(self.encoder) is not None:
+            kwargs["cond"] = static_tok[:, 0]
+        if self.fm_layers is not None:
+            kwargs["return_layers"] = self.fm_layers
+            kwargs["include_input"] = self.use_input
+        out: EncoderOutput = self.encoder(visible, None if dense else keep_pad, **kwargs)
+        enc, feats = out.tokens, out.features
+        if static_tok is not None:
+            s = static_tok.to(enc.dtype)
+            enc = torch.cat([enc, s], dim=1)
+            if feats is not None:
+                s4 = s.to(feats.dtype)[None].expand(feats.shape[0], -1, -1, -1)
+                feats = torch.cat([feats, s4], dim=2)
+            keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
+        return EncoderOutput(enc, keep_pad, feats), keep_pad
+
+    def decode(
+        self,
+        context: Tensor,
+        context_padding_mask: Optional[Tensor],
+        own: Tensor,
+        split: MaskSplit,
+        padding_mask: Tensor,
+        *,
+        dense: bool,
+    ) -> Tensor:
+        """Step 5: predictions ``[b, p, o]`` at ``split.ids_predict``. A query decoder reads
+        ``context`` (fused keys ``[b, M, e]`` or feature maps ``[f, b, M, e]``); a sequence
+        decoder reads ``own``, this modality's slice of the fused keys ``[b, k, e]``."""
+        predict_pad = None if dense else split.predict_padding_mask
+        if _decoder_kind("decoder", self.decoder) == "query":
+            return self.decoder(
+                context,
+                split.ids_predict,
+                context_padding_mask=context_padding_mask,
+                query_padding_mask=predict_pad,
+            )
+        return self.decoder(
+            own,
+            split.ids_keep,
+            split.ids_predict,
+            context_padding_mask=None if dense else split.keep_padding_mask,
+            query_padding_mask=predict_pad,
+            padding_mask=padding_mask,
+        )
+
+    def score(
+        self, x: Tensor, pred: Tensor, split: MaskSplit, **kwargs: Any
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Step 6: ``(loss [], per-sample loss [b], target [b, p, o], target_valid)``; the
+        loss averages over the samples that have a scored value."""
+        tokenizer: Any = self.tokenizer
+        target_full, valid_full = tokenizer.targets(x, **kwargs)
+        target = gather_tokens(target_full, split.ids_predict)
+        valid = gather_tokens(valid_full, split.ids_predict)
+        loss_fn = self.loss_fn
+        if loss_fn is None:
+            per_sample = masked_mse_loss(
+                pred,
+                target,
+                padding_mask=split.predict_padding_mask,
+                valid_mask=valid,
+                reduction="none",
+            )
+        else:
+            per_sample = loss_fn(
+                pred, target, padding_mask=split.predict_padding_mask, valid_mask=valid
+            )
+        scored = (~split.predict_padding_mask[..., None] & valid).flatten(1).any(dim=1)
+        loss = per_sample.sum() / scored.sum().clamp(min=1).to(per_sample.dtype)
+        return loss, per_sample, target, valid
 
 
 def _check_batch(name: str, value: object, batch: int, against: str) -> Tensor:
@@ -178,6 +434,13 @@ def _check_batch(name: str, value: object, batch: int, against: str) -> Tensor:
     return t
 
 
+def _check_bool_mask(name: str, value: object, batch: int) -> Tensor:
+    t = _check_batch(name, value, batch, "inputs")
+    if t.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = hidden), got {t.dtype}")
+    return t
+
+
 class MultimodalOutput(NamedTuple):
     """What `MultimodalMAE.forward` returns.
 
@@ -188,7 +451,7 @@ class MultimodalOutput(NamedTuple):
         preds: per-modality predictions ``[b, p_m, o_m]`` at ``splits[m].ids_predict``.
         targets: per-modality targets ``[b, p_m, o_m]`` (invalid values are 0).
         target_valid: per-modality bool ``[b, p_m, o_m]``, True = scored value.
-        splits: per-modality `MaskSplit`.
+        splits: per-modality `MaskSplit` (as used: tokenizer padding removed).
     """
 
     loss: Tensor
@@ -205,24 +468,31 @@ class MultimodalMAE(nn.Module):
 
     Args:
         modalities: name → `Modality` (insertion order = order in the fused sequence).
-        fusion: optional `TransformerEncoder` over the concatenated encoded tokens (all
+        fusion: optional `crossmae.Encoder` over the concatenated encoded tokens (all
             modality encoders must share its width). None: the concatenation is used as is.
-        use_weighted_fm: CrossMAE decoders receive ``[k, b, M, e]`` feature maps: the
-            outputs of the fusion layers ``fm_layers`` (and, with ``use_input``, the fusion
-            input). Decoders must then be built with ``num_feature_maps=k``.
+        use_weighted_fm: query decoders receive ``[f, b, M, e]`` feature maps: the outputs
+            of the fusion layers ``fm_layers`` (and, with ``use_input``, the fusion input).
+            Decoders must then be built with ``num_feature_maps=f``.
         fm_layers: fusion layers to tap (``"all"``, ints, negatives allowed).
         use_input: include the fusion input (the concatenated modality encodings).
+
+    Feature maps may instead come from **each modality's own encoder**: give every
+    `Modality` the same number of taps (``Modality(fm_layers=...)``); map ``j`` of the
+    decoders' context is then the concatenation over modalities of each encoder's tap ``j``
+    (static tokens appended), followed, when a fusion encoder is given, by one more map:
+    the fused keys. ``use_weighted_fm`` must then be False.
 
     Shapes:
         ``forward(inputs: {name: x_m}, *, tokenizer_kwargs={name: {...}}, static=None
         ([b, a] or [b, s, a]), site_padding_mask=None ([b, s]), missing={name: bool [b]},
-        splits={name: MaskSplit}, generator=None) -> MultimodalOutput``.
+        splits={name: MaskSplit}, hidden_masks={name: bool}, predict_masks={name: bool},
+        dense=None, generator=None) -> MultimodalOutput``.
     """
 
     def __init__(
         self,
         modalities: Mapping[str, Modality],
-        fusion: Optional[TransformerEncoder] = None,
+        fusion: Optional[nn.Module] = None,
         *,
         use_weighted_fm: bool = False,
         fm_layers: LayerSelection = "all",
@@ -243,39 +513,75 @@ class MultimodalMAE(nn.Module):
                 raise TypeError(
                     f"modalities[{name!r}] must be a Modality, got {type(mod).__name__}"
                 )
-        if fusion is not None and not isinstance(fusion, TransformerEncoder):
-            raise TypeError(
-                f"fusion must be a TransformerEncoder or None, got {type(fusion).__name__}"
-            )
+        if fusion is not None:
+            _check_encoder("fusion", fusion)
         for flag, value in (("use_weighted_fm", use_weighted_fm), ("use_input", use_input)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
+            check_bool(flag, value)
         if use_weighted_fm and fusion is None:
             raise ValueError("use_weighted_fm=True needs a fusion encoder to tap")
-        num_maps: Optional[int] = None
-        if use_weighted_fm and fusion is not None:
-            layers = resolve_layer_indices(fm_layers, fusion.depth, "fm_layers")
-            num_maps = len(layers) + int(use_input)
-        for name, mod in modalities.items():
-            dec = mod.decoder
-            if isinstance(dec, CrossMAEDecoder) and dec.num_feature_maps not in (None, num_maps):
-                raise ValueError(
-                    f"modalities[{name!r}].decoder mixes num_feature_maps="
-                    f"{dec.num_feature_maps} feature maps but the fusion provides "
-                    f"{num_maps} (use_weighted_fm={use_weighted_fm}, fm_layers={fm_layers!r}, "
-                    f"use_input={use_input})"
-                )
-        self.modalities = nn.ModuleDict(dict(modalities))
-        self.fusion = fusion
         self.use_weighted_fm = use_weighted_fm
         self.fm_layers = fm_layers
         self.use_input = use_input
+        self.modalities = nn.ModuleDict(dict(modalities))
+        self.fusion = fusion
+        self._check_feature_maps()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "fusion" and value is not None:
+            _check_encoder("fusion", value)
+        super().__setattr__(name, value)
+
+    def _check_feature_maps(self) -> None:
+        """Every query decoder mixes as many feature maps as the model provides."""
+        num_maps = self.num_feature_maps
+        for name, mod in self._items():
+            dec = mod.decoder
+            own = getattr(dec, "num_feature_maps", None)
+            if _decoder_kind("decoder", dec) == "query" and own not in (None, num_maps):
+                raise ValueError(
+                    f"modalities[{name!r}].decoder mixes num_feature_maps={own} feature maps "
+                    f"but the model provides {num_maps} (use_weighted_fm="
+                    f"{self.use_weighted_fm}, fm_layers={self.fm_layers!r}, use_input="
+                    f"{self.use_input}, modality taps "
+                    f"{ {n: m.num_feature_maps for n, m in self._items()} })"
+                )
+
+    @property
+    def num_feature_maps(self) -> Optional[int]:
+        """Feature maps the decoders receive (None: one key set ``[b, M, e]``)."""
+        taps = {mod.num_feature_maps for _, mod in self._items()}
+        if taps != {None}:
+            if None in taps or len(taps) != 1:
+                raise ValueError(
+                    "modality feature taps must be given for every modality with the same "
+                    f"count, got { {n: m.num_feature_maps for n, m in self._items()} }"
+                )
+            if self.use_weighted_fm:
+                raise ValueError("use_weighted_fm=True (fusion taps) and modality taps exclude")
+            (count,) = taps
+            assert count is not None
+            return count + int(self.fusion is not None)
+        if self.use_weighted_fm and self.fusion is not None:
+            depth = _int_attr(self.fusion, "depth")
+            return len(resolve_layer_indices(self.fm_layers, depth, "fm_layers")) + int(
+                self.use_input
+            )
+        return None
 
     @property
     def names(self) -> list[str]:
         """Modality names in fused order."""
         return list(self.modalities.keys())
 
+    def _modality(self, name: str) -> Modality:
+        mod = self.modalities[name]
+        assert isinstance(mod, Modality)
+        return mod
+
+    def _items(self) -> list[tuple[str, Modality]]:
+        return [(name, mod) for name, mod in self.modalities.items() if isinstance(mod, Modality)]
+
+    # ------------------------------------------------------------------ data preparation
     def make_splits(
         self,
         padding_masks: Mapping[str, Tensor],
@@ -292,24 +598,41 @@ class MultimodalMAE(nn.Module):
                 sample: no token of it is kept or predicted).
             generator: RNG for the masking functions.
         """
+        check_generator("generator", generator)
         self._check_names("padding_masks", padding_masks, require_all=True)
         self._check_names("missing", missing)
-        splits: dict[str, MaskSplit] = {}
-        for name, mod in self._items():
-            split = mod.masking(padding_masks[name], mod.num_steps, generator, mod.never_padded)
-            if missing is not None and name in missing:
-                split = mask_missing_samples(split, missing[name])
-            splits[name] = split
-        return splits
+        return {
+            name: mod.split(
+                padding_masks[name],
+                missing=None if missing is None else missing.get(name),
+                generator=generator,
+            )
+            for name, mod in self._items()
+        }
+
+    def splits_from_masks(
+        self,
+        hidden_masks: Mapping[str, Tensor],
+        predict_masks: Optional[Mapping[str, Tensor]] = None,
+    ) -> dict[str, MaskSplit]:
+        """`Modality.split_from_masks` for every modality in ``hidden_masks`` (data
+        preparation, e.g. in a ``collate_fn``: one host sync each). Masks are in each
+        modality's input layout, True = hidden / predicted; pass the result as
+        ``forward(splits=...)`` (tokenizer padding still wins there)."""
+        self._check_names("hidden_masks", hidden_masks)
+        self._check_names("predict_masks", predict_masks)
+        predict_masks = predict_masks or {}
+        return {
+            name: self._modality(name).split_from_masks(mask, predict_masks.get(name))
+            for name, mask in hidden_masks.items()
+        }
 
     def full_reconstruction_split(self, split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
         """Same visible tokens, but every hidden real token is predicted (inference)."""
         predict = ~split.visible_mask & ~padding_mask
         return mask_split_from_masks(split.visible_mask, predict, padding_mask=padding_mask)
 
-    def _items(self) -> list[tuple[str, Modality]]:
-        return [(name, mod) for name, mod in self.modalities.items() if isinstance(mod, Modality)]
-
+    # ------------------------------------------------------------------ checks
     def _check_names(
         self, arg: str, value: Optional[Mapping[str, Any]], *, require_all: bool = False
     ) -> None:
@@ -352,6 +675,33 @@ class MultimodalMAE(nn.Module):
             _check_batch(f"inputs[{name!r}]", inputs[name], batch, f"inputs[{first!r}]")
         return batch
 
+    def _check_static(
+        self, static: Optional[Tensor], site_padding_mask: Optional[Tensor], batch: int
+    ) -> None:
+        """``static`` is there when a modality has a static token, with the batch, dtype and
+        attribute count that static token needs (before any tokenizing)."""
+        needs = [(n, m.static_token) for n, m in self._items() if m.static_token is not None]
+        if static is None:
+            if needs:
+                names = [n for n, _ in needs]
+                raise ValueError(f"static is required: modalities {names} have a static token")
+            return
+        st = _check_batch("static", static, batch, "inputs")
+        if not st.is_floating_point():
+            raise TypeError(f"static must be a floating-point tensor, got dtype {st.dtype}")
+        for name, tok in needs:
+            check = getattr(tok, "check_static", None)
+            if callable(check):
+                kw = (
+                    {"site_padding_mask": site_padding_mask}
+                    if getattr(tok, "per_site", False)
+                    else {}
+                )
+                try:
+                    check(st, **kw)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"static (for modality {name!r}): {e}") from e
+
     def _kwargs(
         self,
         name: str,
@@ -366,17 +716,121 @@ class MultimodalMAE(nn.Module):
             )
         kwargs = dict(given)
         mod = self.modalities[name]
-        if site_padding_mask is not None and isinstance(mod.tokenizer, SeriesTokenizer):
+        if site_padding_mask is not None and hasattr(mod.tokenizer, "num_sites"):
             kwargs.setdefault("site_padding_mask", site_padding_mask)
         return kwargs
 
+    def _check_forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]],
+        static: Optional[Tensor],
+        site_padding_mask: Optional[Tensor],
+        missing: Optional[Mapping[str, Tensor]],
+        splits: Optional[Mapping[str, MaskSplit]],
+        hidden_masks: Optional[Mapping[str, Tensor]],
+        predict_masks: Optional[Mapping[str, Tensor]],
+        dense: Union[bool, Mapping[str, bool], None],
+        generator: Optional[torch.Generator],
+    ) -> tuple[int, dict[str, bool], dict[str, bool]]:
+        """Every argument of `forward`, once, before any work (metadata only, no sync).
+        Returns the batch size and, per modality, whether its visible slots are dense (the
+        encoder runs unmasked) and whether that was promised (``dense``: the decoders and
+        the fusion run unmasked too)."""
+        check_generator("generator", generator)
+        b = self._check_inputs(inputs)
+        self._check_names("tokenizer_kwargs", tokenizer_kwargs)
+        self._check_names("missing", missing)
+        self._check_names("splits", splits)
+        self._check_names("hidden_masks", hidden_masks)
+        self._check_names("predict_masks", predict_masks)
+        for name in (hidden_masks or {}).keys() & (splits or {}).keys():
+            raise ValueError(f"modality {name!r} has both splits[{name!r}] and hidden_masks")
+        if splits is not None:  # given splits cover every modality (with hidden_masks)
+            lacking = [n for n in self.names if n not in splits and n not in (hidden_masks or {})]
+            if lacking:
+                raise ValueError(
+                    f"splits lacks modalities {lacking}; give a split (or hidden_masks) for "
+                    f"all of {self.names}"
+                )
+        for name in predict_masks or {}:
+            if name not in (hidden_masks or {}):
+                raise ValueError(f"predict_masks[{name!r}] needs hidden_masks[{name!r}]")
+        for arg, masks in (("hidden_masks", hidden_masks), ("predict_masks", predict_masks)):
+            for name, m in (masks or {}).items():
+                _check_bool_mask(f"{arg}[{name!r}]", m, b)
+        if missing is not None:
+            for name, flags in missing.items():
+                f = _check_batch(f"missing[{name!r}]", flags, b, "inputs")
+                if f.dtype != torch.bool or f.ndim != 1:
+                    raise TypeError(
+                        f"missing[{name!r}] must be a bool tensor [b] (True = modality absent), "
+                        f"got dtype {f.dtype} shape {tuple(f.shape)}"
+                    )
+        if site_padding_mask is not None:
+            spm = _check_batch("site_padding_mask", site_padding_mask, b, "inputs")
+            if spm.dtype != torch.bool:
+                raise TypeError(
+                    f"site_padding_mask must have dtype torch.bool (True = padding site), "
+                    f"got {spm.dtype}"
+                )
+        self._check_static(static, site_padding_mask, b)
+        for name in self.names:
+            self._kwargs(name, tokenizer_kwargs, site_padding_mask)
+        if dense is not None and not isinstance(dense, (bool, Mapping)):
+            raise TypeError(f"dense must be None, a bool or a mapping name → bool, got {dense!r}")
+        if isinstance(dense, Mapping):
+            self._check_names("dense", dense)
+            for name, flag in dense.items():
+                check_bool(f"dense[{name!r}]", flag)
+        # A modality's visible slots are dense (no padding: unmasked kernels) when promised,
+        # or when drawn here without padding and no sample of it is removed.
+        # Only a promise drops the padding masks of the decoders and the fusion too.
+        out: dict[str, bool] = {}
+        promised: dict[str, bool] = {}
+        for name, mod in self._items():
+            given = (splits is not None and name in splits) or name in (hidden_masks or {})
+            auto = not given and mod.never_padded and (missing is None or name not in missing)
+            promise = dense.get(name) if isinstance(dense, Mapping) else dense
+            out[name] = auto if promise is None else promise
+            promised[name] = bool(promise)
+        return b, out, promised
+
+    def _check_tokens(
+        self, name: str, x: Tensor, tokens: Tensor, split: Optional[MaskSplit], b: int
+    ) -> None:
+        """The token count fits the modality (at most ``num_steps`` steps) and a given
+        split."""
+        mod = self._modality(name)
+        n_m = tokens.shape[1]
+        per_step = mod.tokens_per_step
+        rows = getattr(mod.decoder, "num_positions", None)
+        if _decoder_kind("decoder", mod.decoder) == "sequence":
+            rows = _int_attr(mod.decoder, "num_tokens")
+            fits = n_m == rows
+        elif per_step is None:
+            fits = rows is None or n_m == rows
+        else:
+            fits = n_m % max(per_step, 1) == 0 and n_m <= per_step * mod.num_steps
+            fits = fits and (rows is None or n_m <= rows)
+        if not fits:
+            steps = "?" if per_step is None else n_m // max(per_step, 1)
+            raise ValueError(
+                f"inputs[{name!r}] of shape {tuple(x.shape)} gives {n_m} tokens ({steps} "
+                f"steps) but modality {name!r} is built for {rows} positions, at most "
+                f"num_steps={mod.num_steps} steps"
+            )
+        if split is not None:
+            check_mask_split(f"splits[{name!r}]", split, b, n_m, f"inputs[{name!r}] ({n_m} tokens)")
+
+    # ------------------------------------------------------------------ the steps
     def tokenize(
         self,
         inputs: Mapping[str, Tensor],
         tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]] = None,
         site_padding_mask: Optional[Tensor] = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (tokens [b, n_m, e], padding_mask [b, n_m])}`` for every modality.
+        """Step 1: ``{name: (tokens [b, n_m, e], padding_mask [b, n_m])}``.
 
         A tokenizer's ValueError/TypeError is re-raised (same type) prefixed with
         ``inputs['<name>']``, so the message says which modality was wrong.
@@ -388,11 +842,39 @@ class MultimodalMAE(nn.Module):
             kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
             x = check_tensor(f"inputs[{name!r}]", inputs[name])
             try:
-                out[name] = mod.tokenizer(x, **kwargs)
+                out[name] = mod.tokenize(x, **kwargs)
             except (ValueError, TypeError) as e:
                 cls = TypeError if isinstance(e, TypeError) else ValueError
                 raise cls(f"inputs[{name!r}]: {e}") from e
         return out
+
+    def fuse(
+        self, encoded: Mapping[str, EncoderOutput], dense: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Step 4: ``(keys [b, M, e], keys_padding_mask [b, M], context, context_padding)``:
+        the concatenated encodings through the fusion encoder, and what the query decoders
+        read (``keys`` or stacked feature maps ``[f, b, M, e]``; the padding mask is None
+        when ``dense``)."""
+        keys = torch.cat([e.tokens for e in encoded.values()], dim=1)
+        pad = torch.cat([e.padding_mask for e in encoded.values() if e.padding_mask is not None], 1)
+        mod_feats = [e.features for e in encoded.values()]
+        key_pad = None if dense else pad
+        context: Optional[Tensor] = None
+        if self.fusion is not None:
+            taps = self.use_weighted_fm
+            fused: EncoderOutput = self.fusion(
+                keys,
+                key_pad,
+                return_layers=self.fm_layers if taps else None,
+                include_input=self.use_input and taps,
+            )
+            keys, context = fused.tokens, fused.features
+        if all(f is not None for f in mod_feats):  # taps of every modality's own encoder
+            maps = torch.cat([f for f in mod_feats if f is not None], dim=2)
+            if self.fusion is not None:
+                maps = torch.cat([maps, keys[None].to(maps.dtype)], dim=0)
+            context = maps
+        return keys, pad, (keys if context is None else context), key_pad
 
     def forward(
         self,
@@ -403,158 +885,89 @@ class MultimodalMAE(nn.Module):
         site_padding_mask: Optional[Tensor] = None,
         missing: Optional[Mapping[str, Tensor]] = None,
         splits: Optional[Mapping[str, MaskSplit]] = None,
+        hidden_masks: Optional[Mapping[str, Tensor]] = None,
+        predict_masks: Optional[Mapping[str, Tensor]] = None,
+        dense: Union[bool, Mapping[str, bool], None] = None,
         generator: Optional[torch.Generator] = None,
     ) -> MultimodalOutput:
-        b = self._check_inputs(inputs)
-        self._check_names("tokenizer_kwargs", tokenizer_kwargs)
-        self._check_names("missing", missing)
-        self._check_names("splits", splits, require_all=splits is not None)
-        if missing is not None:
-            for name, flags in missing.items():
-                f = _check_batch(f"missing[{name!r}]", flags, b, "inputs")
-                if f.dtype != torch.bool or f.ndim != 1:
-                    raise TypeError(
-                        f"missing[{name!r}] must be a bool tensor [b] (True = modality absent), "
-                        f"got dtype {f.dtype} shape {tuple(f.shape)}"
-                    )
-        needs_static = [n for n, mod in self._items() if mod.static_token is not None]
-        if static is None and needs_static:
-            raise ValueError(f"static is required: modalities {needs_static} have a static token")
-        if static is not None:
-            _check_batch("static", static, b, "inputs")
-        if site_padding_mask is not None:
-            spm = _check_batch("site_padding_mask", site_padding_mask, b, "inputs")
-            if spm.dtype != torch.bool:
-                raise TypeError(
-                    f"site_padding_mask must have dtype torch.bool (True = padding site), "
-                    f"got {spm.dtype}"
-                )
-        tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
-        for name, mod in self._items():
-            n_m = tokenized[name][0].shape[1]
-            rows = _decoder_positions(mod.decoder)
-            if rows is not None and n_m != rows:
-                raise ValueError(
-                    f"inputs[{name!r}] of shape {tuple(inputs[name].shape)} gives {n_m} tokens "
-                    f"but modality {name!r} is built for {rows} (its decoder's position table; "
-                    f"num_steps={mod.num_steps})"
-                )
-            if splits is not None:
-                check_mask_split(
-                    f"splits[{name!r}]", splits[name], b, n_m, f"inputs[{name!r}] ({n_m} tokens)"
-                )
-        # A modality's visible set is known to be unpadded only when its split was drawn here
-        # without padding and no sample of it was removed; user splits may be ragged.
-        dense = {
-            name: splits is None and mod.never_padded and (missing is None or name not in missing)
-            for name, mod in self._items()
-        }
-        if splits is None:
-            splits = self.make_splits(
-                {k: v[1] for k, v in tokenized.items()}, missing=missing, generator=generator
-            )
-        elif missing is not None:
-            splits = {
-                k: mask_missing_samples(s, missing[k]) if k in missing else s
-                for k, s in splits.items()
-            }
-        encoded: list[Tensor] = []
-        encoded_pad: list[Tensor] = []
-        widths: list[int] = []
-        for name, mod in self._items():
-            tokens, _ = tokenized[name]
-            split = splits[name]
-            visible, keep_pad = split.visible_tokens(tokens)
-            cond = None
-            static_tok = None
-            if mod.static_token is not None and static is not None:
-                kw = {"site_padding_mask": site_padding_mask} if mod.static_token.per_site else {}
-                static_tok, _ = mod.static_token(static, **kw)
-                if mod.encoder.cond_dim is not None:
-                    cond = static_tok[:, 0]
-            # MaskSplit slots put padding last; a never-padded modality has none at all, so its
-            # encoder runs without a mask (flash attention on CUDA).
-            enc = mod.encoder(
-                visible,
-                None if dense[name] else keep_pad,
-                cond=cond,
-                padding_is_trailing=True,
-            ).tokens
-            if static_tok is not None:
-                enc = torch.cat([enc, static_tok.to(enc.dtype)], dim=1)
-                keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
-            encoded.append(enc)
-            encoded_pad.append(keep_pad)
-            widths.append(enc.shape[1])
-        keys = torch.cat(encoded, dim=1)
-        keys_pad = torch.cat(encoded_pad, dim=1)
-        features: Optional[Tensor] = None
-        if self.fusion is not None:
-            fused = self.fusion(
-                keys,
-                keys_pad,
-                return_layers=self.fm_layers if self.use_weighted_fm else None,
-                include_input=self.use_input and self.use_weighted_fm,
-            )
-            keys, features = fused.tokens, fused.features
+        """Tokenize, split, encode, fuse, decode and score every modality.
 
-        # Keys are shared by every CrossMAE decoder: move their padding to the end of each row
-        # once (CUDA packed attention), instead of once per decoder.
-        dec_keys, dec_features, dec_pad = keys, features, keys_pad
-        if _varlen.prefer_trailing_padding(keys):
-            perm = _varlen.real_first_permutation(keys_pad)
-            dec_keys = _varlen.take_tokens(keys, perm, 1)
-            dec_pad = torch.gather(keys_pad, 1, perm)
-            if features is not None:
-                dec_features = _varlen.take_tokens(features, perm, 2)
-        losses: dict[str, Tensor] = {}
-        sample_losses: dict[str, Tensor] = {}
-        preds: dict[str, Tensor] = {}
-        targets: dict[str, Tensor] = {}
-        valids: dict[str, Tensor] = {}
+        Args:
+            inputs: name → input ``x_m`` in the modality's layout (e.g. rasters
+                ``[b, t, H, W]``, series ``[b, s, t]``; NaN = missing value).
+            tokenizer_kwargs: name → extra keyword arguments of that tokenizer.
+            static: static attributes ``[b, a]`` or ``[b, s, a]`` (for static tokens).
+            site_padding_mask: bool ``[b, s]``, True = padding site (series tokenizers and
+                per-site static tokens).
+            missing: name → bool ``[b]``, True = the modality is absent for that sample.
+            splits: name → `MaskSplit` over the modality's tokens (e.g. drawn in the data
+                pipeline); modalities left out are masked by the model.
+            hidden_masks: name → bool mask in the modality's **input layout**, True =
+                hidden from the encoder: a raster ``[b, t, gh*gw]`` or ``[b, t, gh, gw]``
+                over the full patch grid (cells that are not valid patches are ignored); a
+                series ``[b, P, t]`` over site groups × steps. One host sync per modality
+                (slot widths); for a sync-free step build ``splits`` with
+                `splits_from_masks` in the data pipeline.
+            predict_masks: name → bool, same layout, True = reconstruct (default: every
+                hidden real token); must lie inside ``hidden_masks``.
+            dense: promise that the visible slots of the named modalities (True: of all)
+                hold no padding, so attention runs unmasked (flash kernels). Default: True
+                only for a split drawn here by a never-padded modality. A false promise
+                gives wrong results.
+            generator: RNG for the model's own masking (a `torch.Generator`).
+
+        Tokenizer padding always wins: a padding token is never visible, never predicted,
+        whichever way the split came.
+
+        Returns:
+            `MultimodalOutput`.
+        """
+        b, dense_of, promised = self._check_forward(
+            inputs, tokenizer_kwargs, static, site_padding_mask, missing, splits,
+            hidden_masks, predict_masks, dense, generator,
+        )  # fmt: skip
+        tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
+        given = dict(splits or {})
+        for name, hidden in (hidden_masks or {}).items():
+            predict = (predict_masks or {}).get(name)
+            given[name] = self._modality(name).split_from_masks(hidden, predict)
+        used: dict[str, MaskSplit] = {}
+        encoded: dict[str, EncoderOutput] = {}
+        for name, mod in self._items():
+            tokens, pad = tokenized[name]
+            self._check_tokens(name, inputs[name], tokens, given.get(name), b)
+            flags = None if missing is None else missing.get(name)
+            used[name] = mod.split(pad, given=given.get(name), missing=flags, generator=generator)
+            static_tok = self._static_token(mod, static, site_padding_mask)
+            encoded[name], _ = mod.encode(tokens, used[name], static_tok, dense=dense_of[name])
+        all_dense = all(promised.values())
+        keys, _, context, context_pad = self.fuse(encoded, all_dense)
+        losses, per_sample, preds, targets, valids = {}, {}, {}, {}, {}
         total = keys.new_zeros(())
         offset = 0
-        for (name, mod), width in zip(self._items(), widths):
-            split = splits[name]
-            dec = mod.decoder
-            if isinstance(dec, CrossMAEDecoder):
-                use_fm = dec_features is not None and dec.wfm is not None
-                pred = dec(
-                    dec_features if use_fm else dec_keys,
-                    split.ids_predict,
-                    context_padding_mask=dec_pad,
-                    query_padding_mask=split.predict_padding_mask,
-                    context_padding_is_trailing=dec_pad is not keys_pad,
-                )
-            else:
-                k_m = split.ids_keep.shape[1]
-                own = keys[:, offset : offset + k_m]
-                pred = dec(
-                    own,
-                    split.ids_keep,
-                    split.ids_predict,
-                    context_padding_mask=split.keep_padding_mask,
-                    query_padding_mask=split.predict_padding_mask,
-                    padding_mask=tokenized[name][1],
-                )
+        for name, mod in self._items():
+            width = encoded[name].tokens.shape[1]
+            own = keys[:, offset : offset + used[name].ids_keep.shape[1]]
             offset += width
+            pad = tokenized[name][1]
+            preds[name] = mod.decode(
+                context, context_pad, own, used[name], pad, dense=promised[name]
+            )
             kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
             kwargs.pop("time_positions", None)
-            tokenizer = cast(Any, mod.tokenizer)
-            target_full, valid_full = tokenizer.targets(inputs[name], **kwargs)
-            target = gather_tokens(target_full, split.ids_predict)
-            valid = gather_tokens(valid_full, split.ids_predict)
-            per_sample = masked_mse_loss(
-                pred,
-                target,
-                padding_mask=split.predict_padding_mask,
-                valid_mask=valid,
-                reduction="none",
+            losses[name], per_sample[name], targets[name], valids[name] = mod.score(
+                inputs[name], preds[name], used[name], **kwargs
             )
-            scored = (~split.predict_padding_mask[..., None] & valid).flatten(1).any(dim=1)
-            loss = per_sample.sum() / scored.sum().clamp(min=1).to(per_sample.dtype)
-            losses[name] = loss
-            sample_losses[name] = per_sample
-            preds[name], targets[name], valids[name] = pred, target, valid
-            total = total + mod.loss_weight * loss
-        return MultimodalOutput(total, losses, sample_losses, preds, targets, valids, dict(splits))
+            total = total + mod.loss_weight * losses[name]
+        return MultimodalOutput(total, losses, per_sample, preds, targets, valids, used)
+
+    @staticmethod
+    def _static_token(
+        mod: Modality, static: Optional[Tensor], site_padding_mask: Optional[Tensor]
+    ) -> Optional[Tensor]:
+        if mod.static_token is None or static is None:
+            return None
+        per_site = getattr(mod.static_token, "per_site", False)
+        kw = {"site_padding_mask": site_padding_mask} if per_site else {}
+        token, _ = mod.static_token(static, **kw)
+        return token

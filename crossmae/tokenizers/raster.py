@@ -506,6 +506,33 @@ class RasterTokenizer(_ProjectedTokenizer):
         target_valid: Tensor = rearrange(valid, "b t v k -> b (t v) k")
         return target, target_valid
 
+    def layout_to_tokens(self, values: Tensor) -> Tensor:
+        """Map a per-patch tensor in the input layout to this tokenizer's token order.
+
+        The input layout is one entry per (step, grid patch) over the **full** patch grid:
+        ``[b, t, gh*gw, ...]`` (row-major patches) or ``[b, t, gh, gw, ...]``. Entries of
+        patches that are not valid patches are dropped (they have no token). Typical use: a
+        bool hidden mask drawn by a data pipeline (True = hidden), see
+        ``MultimodalMAE.forward(hidden_masks=...)``.
+
+        Args:
+            values: ``[b, t, gh*gw, ...]`` or ``[b, t, gh, gw, ...]``, any dtype.
+
+        Returns:
+            ``[b, t*Lv, ...]``, time-major like the tokens (token ``n = t_i * Lv + v``).
+        """
+        v = check_tensor("values", values)
+        gh, gw = self.grid_size
+        if v.ndim >= 4 and tuple(v.shape[2:4]) == (gh, gw):
+            v = v.flatten(2, 3)
+        if v.ndim < 3 or v.shape[2] != self.num_patches:
+            raise ValueError(
+                f"values must be [b, t, {gh * gw}, ...] or [b, t, {gh}, {gw}, ...] (steps x "
+                f"the full {gh}x{gw} patch grid), got shape {tuple(v.shape)}"
+            )
+        picked = v.index_select(2, self.valid_patch_index.to(v.device))
+        return picked.flatten(1, 2)
+
     def token_positions(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """Time step and grid patch of every token.
 

@@ -268,6 +268,28 @@ class SeriesTokenizer(_ProjectedTokenizer):
         target_valid: Tensor = rearrange(observed, "b t p k -> b (t p) k")
         return target, target_valid
 
+    def layout_to_tokens(self, values: Tensor) -> Tensor:
+        """Map a per-patch tensor in the input layout to this tokenizer's token order.
+
+        The input layout is patch-major: one entry per (site group, step), ``[b, P, t, ...]``
+        with ``P = ceil(s / group_size)`` patches of ``group_size`` consecutive sites.
+        Typical use: a bool hidden mask drawn by a data pipeline (True = hidden), see
+        ``MultimodalMAE.forward(hidden_masks=...)``.
+
+        Args:
+            values: ``[b, P, t, ...]``, any dtype.
+
+        Returns:
+            ``[b, t*P, ...]``, time-major like the tokens (token ``n = t_i * P + p``).
+        """
+        v = check_tensor("values", values)
+        if v.ndim < 3 or v.shape[1] != self.num_patches:
+            raise ValueError(
+                f"values must be [b, {self.num_patches}, t, ...] (site groups x steps), got "
+                f"shape {tuple(v.shape)}"
+            )
+        return v.transpose(1, 2).flatten(1, 2)
+
     def token_positions(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """Time step and patch of every token.
 
@@ -329,6 +351,25 @@ class StaticToken(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.trunc_normal_(self.proj.bias, std=0.02)
 
+    def check_static(self, static: object, site_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Check ``static`` (and ``site_padding_mask``) as `forward` would, without any work
+        (metadata only); composites call it at their entry point. Returns ``static``."""
+        x = _check_float("static", static)
+        want = 3 if self.per_site else 2
+        if x.ndim != want or x.shape[-1] != self.num_attributes:
+            layout = "[b, s, a]" if self.per_site else "[b, a]"
+            raise ValueError(
+                f"static must have shape {layout} with a={self.num_attributes} "
+                f"(per_site={self.per_site}), got {tuple(x.shape)}"
+            )
+        if site_padding_mask is not None and not self.per_site:
+            raise ValueError("site_padding_mask is only accepted with per_site=True")
+        if self.per_site:
+            check_padding_mask(
+                "site_padding_mask", site_padding_mask, (x.shape[0], x.shape[1]), "static"
+            )
+        return x
+
     def forward(
         self, static: Tensor, site_padding_mask: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor]:
@@ -344,19 +385,8 @@ class StaticToken(nn.Module):
             ``(token, padding_mask)``: token ``[b, 1, d]``; padding_mask bool ``[b, 1]``, all
             False (**True = padding**; this token is always real).
         """
-        x = _check_float("static", static)
-        want = 3 if self.per_site else 2
-        if x.ndim != want or x.shape[-1] != self.num_attributes:
-            layout = "[b, s, a]" if self.per_site else "[b, a]"
-            raise ValueError(
-                f"static must have shape {layout} with a={self.num_attributes} "
-                f"(per_site={self.per_site}), got {tuple(x.shape)}"
-            )
-        if site_padding_mask is not None and not self.per_site:
-            raise ValueError("site_padding_mask is only accepted with per_site=True")
+        x = self.check_static(static, site_padding_mask)
         b = x.shape[0]
-        if self.per_site:
-            check_padding_mask("site_padding_mask", site_padding_mask, (b, x.shape[1]), "static")
         dtype = self.proj.weight.dtype
         observed = torch.isfinite(x)
         values = torch.where(observed, x, x.new_zeros(())).to(dtype)
