@@ -15,19 +15,16 @@ part of the CrossMAE decoder's context. Decoder indices (``ids_predict``) are pa
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_float_tensor, check_tensor
-from ..decoders.cross import CrossMAEDecoder
-from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import (
     EncoderOutput,
     LayerSelection,
-    TransformerEncoder,
     resolve_layer_indices,
 )
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
@@ -35,13 +32,15 @@ from ..layers.pos_embed import sincos_pos_embed_2d
 from ..losses import masked_mse_loss, norm_pix_target
 from ..masking.split import MaskSplit, mask_split_from_masks, random_masking
 from ..masking.tokens import scatter_tokens
+from ..protocols import QueryDecoder, SequenceDecoder, cond_dim_of
 from ..tokenizers.raster import patchify, unpatchify
 from ._inputs import check_mask_split
+from .multimodal import _check_encoder, _decoder_kind, _int_attr
 
 __all__ = ["ImageCrossMAE", "ImageCrossMAEOutput"]
 
 IntPair = Union[int, tuple[int, int]]
-Decoder = Union[CrossMAEDecoder, MAEDecoder]
+Decoder = Union[QueryDecoder, SequenceDecoder]
 
 
 class ImageCrossMAEOutput(NamedTuple):
@@ -61,6 +60,17 @@ class ImageCrossMAEOutput(NamedTuple):
     pred: Tensor
     split: MaskSplit
     target: Tensor
+
+
+def _check_image_encoder(encoder: object) -> None:
+    """An `crossmae.Encoder` without per-sample conditioning (``cond_dim`` None or absent)."""
+    _check_encoder("encoder", encoder)
+    cond = cond_dim_of(encoder)
+    if cond is not None:
+        raise ValueError(
+            f"encoder was built with cond_dim={cond}; ImageCrossMAE has no "
+            "per-sample conditioning (build the encoder without cond_dim)"
+        )
 
 
 def _pair(name: str, value: object) -> tuple[int, int]:
@@ -133,8 +143,8 @@ class ImageCrossMAE(nn.Module):
     def __init__(
         self,
         patch_embed: nn.Module,
-        encoder: TransformerEncoder,
-        decoder: Decoder,
+        encoder: nn.Module,
+        decoder: nn.Module,
         *,
         img_size: IntPair,
         patch_size: IntPair,
@@ -150,17 +160,8 @@ class ImageCrossMAE(nn.Module):
         super().__init__()
         if not isinstance(patch_embed, nn.Module):
             raise TypeError(f"patch_embed must be an nn.Module, got {type(patch_embed).__name__}")
-        if not isinstance(encoder, TransformerEncoder):
-            raise TypeError(f"encoder must be a TransformerEncoder, got {type(encoder).__name__}")
-        if not isinstance(decoder, (CrossMAEDecoder, MAEDecoder)):
-            raise TypeError(
-                f"decoder must be a CrossMAEDecoder or an MAEDecoder, got {type(decoder).__name__}"
-            )
-        if encoder.films is not None:
-            raise ValueError(
-                f"encoder was built with cond_dim={encoder.cond_dim}; ImageCrossMAE has no "
-                "per-sample conditioning (build the encoder without cond_dim)"
-            )
+        _check_image_encoder(encoder)
+        _decoder_kind("decoder", decoder)
         self.img_size = _pair("img_size", img_size)
         self.patch_size = _pair("patch_size", patch_size)
         if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
@@ -172,7 +173,7 @@ class ImageCrossMAE(nn.Module):
         self.grid_size = (h // ph, w // pw)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.patch_dim = ph * pw * in_chans
-        self.embed_dim = encoder.dim
+        self.embed_dim = _int_attr(encoder, "dim")
         mr, pr = _ratio("mask_ratio", mask_ratio), _ratio("predict_ratio", predict_ratio)
         if not 0.0 <= mr < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
@@ -192,14 +193,12 @@ class ImageCrossMAE(nn.Module):
         self.use_input = False
         num_maps: Optional[int] = None
         if fm_layers is not None:
-            if not isinstance(encoder.norm, nn.Identity):
-                raise ValueError(
-                    "with fm_layers (weighted feature maps) the encoder's final norm is never "
-                    "used: build the encoder with final_norm=False"
-                )
-            self.fm_layers = resolve_layer_indices(fm_layers, encoder.depth, "fm_layers")
+            self.fm_layers = resolve_layer_indices(
+                fm_layers, _int_attr(encoder, "depth"), "fm_layers"
+            )
             self.use_input = use_input
             num_maps = len(self.fm_layers) + int(use_input)
+        self._check_encoder_fits(encoder)
         self._check_decoder(decoder, num_maps, feature_mix, feature_norm)
 
         self.patch_embed = patch_embed
@@ -213,63 +212,108 @@ class ImageCrossMAE(nn.Module):
         self.feature_norm = feature_norm
         nn.init.normal_(self.cls_token, std=0.02)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Parts may be replaced after construction (``model.encoder = mine``); the replacement
+        # is checked by protocol and against the model's widths, as in the constructor.
+        if name == "encoder" and "decoder" in self._modules:
+            _check_image_encoder(value)
+            self._check_encoder_fits(value)
+        elif name == "decoder" and "decoder" in self._modules:
+            _decoder_kind("decoder", value)
+            self._check_decoder(value, self.num_feature_maps, self.feature_mix, self.feature_norm)
+        super().__setattr__(name, value)
+
+    @property
+    def num_feature_maps(self) -> Optional[int]:
+        """Encoder feature maps mixed by the decoder (``fm_layers`` + input), or None."""
+        if self.fm_layers is None:
+            return None
+        return len(self.fm_layers) + int(self.use_input)
+
+    def _check_encoder_fits(self, encoder: Any) -> None:
+        """Width ``embed_dim``; with feature weighting, the tapped layers exist and no final
+        norm would go unused (checked on encoders exposing a ``norm`` module)."""
+        if int(encoder.dim) != self.embed_dim:
+            raise ValueError(
+                f"encoder.dim ({encoder.dim}) must equal the model's width ({self.embed_dim})"
+            )
+        if self.fm_layers is not None:
+            if max(self.fm_layers) >= _int_attr(encoder, "depth"):
+                raise ValueError(
+                    f"fm_layers {self.fm_layers} index past the encoder's depth {encoder.depth}"
+                )
+            norm = getattr(encoder, "norm", None)
+            if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+                raise ValueError(
+                    "with fm_layers (weighted feature maps) the encoder's final norm is never "
+                    "used: build the encoder with final_norm=False"
+                )
+
     def _check_decoder(
         self,
-        decoder: Decoder,
+        decoder: Any,
         num_maps: Optional[int],
         feature_mix: Optional[WeightedFeatureMaps],
         feature_norm: Optional[nn.Module],
     ) -> None:
-        if decoder.context_dim != self.embed_dim:
+        """Widths and positions of ``decoder`` fit the model (attributes its protocol names,
+        plus the optional ``out_dim`` / ``num_positions`` when the decoder has them)."""
+        kind = _decoder_kind("decoder", decoder)
+        if int(decoder.context_dim) != self.embed_dim:
             raise ValueError(
                 f"decoder.context_dim ({decoder.context_dim}) must equal the encoder width "
                 f"({self.embed_dim})"
             )
-        if decoder.head.out_features != self.patch_dim:
+        out_dim = getattr(decoder, "out_dim", None)
+        if out_dim is not None and int(out_dim) != self.patch_dim:
             raise ValueError(
-                f"decoder predicts {decoder.head.out_features} values per patch but "
+                f"decoder predicts {out_dim} values per patch but "
                 f"patch_size**2 * in_chans = {self.patch_dim}"
             )
-        if isinstance(decoder, CrossMAEDecoder):
+        has_positions = hasattr(decoder, "num_positions")
+        positions = getattr(decoder, "num_positions", None)
+        if kind == "query":
             if feature_mix is not None or feature_norm is not None:
                 raise ValueError(
-                    "feature_mix/feature_norm are only for an MAEDecoder; a CrossMAEDecoder "
-                    "holds its own weighted feature maps (num_feature_maps)"
+                    "feature_mix/feature_norm are only for a sequence (MAE) decoder; a query "
+                    "decoder (CrossMAEDecoder) holds its own weighted feature maps "
+                    "(num_feature_maps)"
                 )
-            if decoder.num_feature_maps != num_maps:
+            own_maps = getattr(decoder, "num_feature_maps", None)
+            if own_maps != num_maps:
                 raise ValueError(
-                    f"decoder.num_feature_maps is {decoder.num_feature_maps} but fm_layers / "
+                    f"decoder.num_feature_maps is {own_maps} but fm_layers / "
                     f"use_input select {num_maps} feature maps"
                 )
-            table = decoder.pos_embed if decoder.pos_embed is not None else decoder.pos_table
-            if table is None or table.shape[0] != self.num_patches:
-                shape = None if table is None else tuple(table.shape)
+            if has_positions and positions != self.num_patches:
                 raise ValueError(
-                    f"decoder needs a position table [{self.num_patches}, c], got {shape}"
+                    f"decoder needs a position table [{self.num_patches}, c], got one for "
+                    f"{positions} positions"
                 )
+            return
+        num_tokens = _int_attr(decoder, "num_tokens")
+        if num_tokens != self.num_patches:
+            raise ValueError(
+                f"decoder.num_tokens ({num_tokens}) must equal the number of "
+                f"patches ({self.num_patches})"
+            )
+        if has_positions and positions is None:
+            raise ValueError("decoder needs a position table (pos_embed='learned' or fixed)")
+        if num_maps is None:
+            if feature_mix is not None or feature_norm is not None:
+                raise ValueError("feature_mix/feature_norm need fm_layers")
         else:
-            if decoder.num_tokens != self.num_patches:
+            if not isinstance(feature_mix, WeightedFeatureMaps) or feature_norm is None:
                 raise ValueError(
-                    f"decoder.num_tokens ({decoder.num_tokens}) must equal the number of "
-                    f"patches ({self.num_patches})"
+                    "an MAEDecoder with fm_layers needs feature_mix="
+                    f"WeightedFeatureMaps({num_maps}, 1) and a feature_norm"
                 )
-            if decoder.pos_embed is None and decoder.pos_table is None:
-                raise ValueError("decoder needs a position table (pos_embed='learned' or fixed)")
-            if num_maps is None:
-                if feature_mix is not None or feature_norm is not None:
-                    raise ValueError("feature_mix/feature_norm need fm_layers")
-            else:
-                if not isinstance(feature_mix, WeightedFeatureMaps) or feature_norm is None:
-                    raise ValueError(
-                        "an MAEDecoder with fm_layers needs feature_mix="
-                        f"WeightedFeatureMaps({num_maps}, 1) and a feature_norm"
-                    )
-                if (feature_mix.num_inputs, feature_mix.num_outputs) != (num_maps, 1):
-                    raise ValueError(
-                        f"feature_mix must be WeightedFeatureMaps({num_maps}, 1), got "
-                        f"WeightedFeatureMaps({feature_mix.num_inputs}, "
-                        f"{feature_mix.num_outputs})"
-                    )
+            if (feature_mix.num_inputs, feature_mix.num_outputs) != (num_maps, 1):
+                raise ValueError(
+                    f"feature_mix must be WeightedFeatureMaps({num_maps}, 1), got "
+                    f"WeightedFeatureMaps({feature_mix.num_inputs}, "
+                    f"{feature_mix.num_outputs})"
+                )
 
     @property
     def uses_weighted_fm(self) -> bool:
@@ -318,7 +362,9 @@ class ImageCrossMAE(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        mask_token = getattr(self.decoder, "mask_token", None)
+        if isinstance(mask_token, nn.Parameter):
+            nn.init.normal_(mask_token, std=0.02)
 
     # ------------------------------------------------------------------ inputs
     def _check_imgs(self, imgs: object) -> Tensor:
@@ -440,7 +486,7 @@ class ImageCrossMAE(nn.Module):
             context = encoded.tokens  # [b 1+k e]
         keep_pad = None if dense else split.keep_padding_mask
         predict_pad = None if dense else split.predict_padding_mask
-        if isinstance(self.decoder, CrossMAEDecoder):
+        if _decoder_kind("decoder", self.decoder) == "query":
             context_pad = encoded.padding_mask
             if dense:
                 context_pad = None

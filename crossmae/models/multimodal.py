@@ -28,6 +28,7 @@ replaced after construction (``model.modalities["x"].encoder = mine``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -120,10 +121,28 @@ def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
     )
 
 
+def _accepts(part: object, keywords: tuple[str, ...]) -> bool:
+    """``part.forward`` takes every keyword in ``keywords`` (or ``**kwargs``)."""
+    try:
+        forward: Any = getattr(part, "forward", None)
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return True  # no signature to read (e.g. a C function): trust the protocol check
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(k in params for k in keywords)
+
+
+_QUERY_KEYWORDS = ("context_padding_mask", "query_padding_mask")
+_SEQUENCE_KEYWORDS = ("context_padding_mask", "query_padding_mask", "padding_mask")
+
+
 def _decoder_kind(name: str, decoder: object) -> str:
-    if isinstance(decoder, nn.Module) and isinstance(decoder, QueryDecoder):
+    if not isinstance(decoder, nn.Module):
+        pass
+    elif isinstance(decoder, QueryDecoder) and _accepts(decoder, _QUERY_KEYWORDS):
         return "query"
-    if isinstance(decoder, nn.Module) and isinstance(decoder, SequenceDecoder):
+    elif isinstance(decoder, SequenceDecoder) and _accepts(decoder, _SEQUENCE_KEYWORDS):
         return "sequence"
     raise TypeError(
         f"{name} must be an nn.Module satisfying crossmae.QueryDecoder (context_dim, "
@@ -139,7 +158,11 @@ def _int_attr(part: object, attr: str) -> int:
 
 
 def _check_encoder(name: str, encoder: object) -> None:
-    if not (isinstance(encoder, nn.Module) and isinstance(encoder, Encoder)):
+    if not (
+        isinstance(encoder, nn.Module)
+        and isinstance(encoder, Encoder)
+        and _accepts(encoder, ("return_layers", "include_input"))
+    ):
         raise TypeError(
             f"{name} must be an nn.Module satisfying crossmae.Encoder (int dim, int depth, "
             f"forward(tokens, padding_mask, *, return_layers, include_input)), got "
