@@ -24,7 +24,7 @@ Build a large model without allocating memory on the ``meta`` device::
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
@@ -33,7 +33,7 @@ import torch.nn as nn
 from .._checks import check_int
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
-from ..encoders.transformer import TransformerEncoder
+from ..encoders.transformer import TransformerEncoder, resolve_layer_indices
 from ..layers.feature_maps import WeightedFeatureMaps
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..tokenizers.raster import PatchEmbed
@@ -180,68 +180,97 @@ def build_mae_decoder(
     )
 
 
-def build_image_crossmae(config: ImageCrossMAEConfig) -> ImageCrossMAE:
-    """Build and initialize (MAE's scheme) an `ImageCrossMAE` from its config.
+def build_image_crossmae(
+    config: Optional[ImageCrossMAEConfig] = None,
+    *,
+    img_size: IntPair = 224,
+    patch_size: IntPair = 16,
+    in_chans: int = 3,
+    embed_dim: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    decoder_embed_dim: int = 512,
+    decoder_depth: int = 8,
+    decoder_num_heads: int = 16,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    norm_eps: float = 1e-6,
+    drop_path: float = 0.0,
+    decoder_drop_path: float = 0.0,
+    mask_ratio: float = 0.75,
+    predict_ratio: float = 0.25,
+    norm_pix_loss: bool = False,
+    use_cross_attn: bool = True,
+    decoder_self_attn: bool = False,
+    use_weighted_fm: bool = True,
+    fm_layers: Union[str, int, tuple[int, ...]] = "all",
+    use_input: bool = False,
+    fused_attn: Optional[bool] = None,
+) -> ImageCrossMAE:
+    """Wire and initialize (MAE's scheme) an `ImageCrossMAE` (defaults: CrossMAE ViT-B/16).
 
-    Wiring: `PatchEmbed` (Conv2d ``proj``) → ViT encoder (final norm only without feature
-    weighting) → `CrossMAEDecoder` (``use_cross_attn``) or `MAEDecoder`. With
-    ``use_weighted_fm`` the CrossMAE decoder mixes ``num_feature_maps`` encoder maps
-    (``fm_layers`` ± the input) per decoder layer; the MAE decoder gets a single learned
-    mix (``feature_mix = WeightedFeatureMaps(f, 1)``) followed by a LayerNorm.
+    A plain function: copy it and swap a part to change the architecture; each part checks
+    its own arguments. Keyword arguments mirror `ImageCrossMAEConfig`'s fields; a config
+    may be passed instead (0.1 style), then no keyword argument may be given.
 
-    Args:
-        config: `ImageCrossMAEConfig`.
+    Wiring: `PatchEmbed` (``proj`` of shape ``[e, C, ph, pw]``) → ViT `TransformerEncoder`
+    (final norm only without feature weighting) → `CrossMAEDecoder` (``use_cross_attn``) or
+    `MAEDecoder`, with MAE's fixed 2D sin-cos query positions. With ``use_weighted_fm`` the
+    CrossMAE decoder mixes the encoder blocks ``fm_layers`` (± the input) per decoder layer;
+    the MAE decoder gets one learned mix (``WeightedFeatureMaps(f, 1)``) and a LayerNorm.
 
     Returns:
         A freshly initialized `ImageCrossMAE` (on the current default device; use
         ``with torch.device("meta"):`` to build without allocating).
     """
-    _check_type("config", config, ImageCrossMAEConfig)
-    enc_cfg, dec_cfg = config.encoder, config.decoder
-    norm = _layer_norm(config.norm_eps)
-    patch_embed = PatchEmbed(
-        config.embed_dim, config.patch_size, config.img_size, in_chans=config.in_chans
-    )
-    encoder = build_encoder(enc_cfg)
-    num_maps = config.num_feature_maps
-    feature_mix: Optional[WeightedFeatureMaps] = None
-    feature_norm: Optional[nn.Module] = None
+    if config is not None:
+        _check_type("config", config, ImageCrossMAEConfig)
+        given = {k: v for k, v in locals().items() if k in _FIELDS and v != _FIELDS[k]}
+        if given:
+            raise TypeError(
+                f"pass either config or keyword arguments, not both (got {sorted(given)})"
+            )
+        return build_image_crossmae(**{f: getattr(config, f) for f in _FIELDS})
+    norm = _layer_norm(norm_eps)
+    patch_embed = PatchEmbed(embed_dim, patch_size, img_size, in_chans=in_chans)
+    grid = patch_embed.grid_size
+    assert grid is not None  # PatchEmbed was given img_size
+    taps = resolve_layer_indices(fm_layers, depth, "fm_layers") if use_weighted_fm else None
+    num_maps = None if taps is None else len(taps) + int(use_input)
+    encoder = TransformerEncoder(
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
+        norm_layer=norm, final_norm=not use_weighted_fm, fused_attn=fused_attn,
+    )  # fmt: skip
+    table = sincos_pos_embed_2d(decoder_embed_dim, grid)
+    patch_dim = patch_embed.patch_size[0] * patch_embed.patch_size[1] * in_chans
     decoder: Union[CrossMAEDecoder, MAEDecoder]
-    if config.use_cross_attn:
-        decoder = build_crossmae_decoder(
-            dec_cfg,
-            context_dim=config.embed_dim,
-            out_dim=config.patch_dim,
-            grid_size=config.grid_size,
-            num_feature_maps=num_maps,
-        )
+    feature_mix, feature_norm = None, None
+    if use_cross_attn:
+        decoder = CrossMAEDecoder(
+            embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, patch_dim,
+            mlp_ratio, self_attn=decoder_self_attn, qkv_bias=qkv_bias,
+            drop_path=decoder_drop_path, norm_layer=norm, num_feature_maps=num_maps,
+            num_tokens=table.shape[0], pos_embed=table, fused_attn=fused_attn,
+        )  # fmt: skip
     else:
-        decoder = build_mae_decoder(
-            dec_cfg,
-            context_dim=config.embed_dim,
-            out_dim=config.patch_dim,
-            grid_size=config.grid_size,
-        )
+        decoder = MAEDecoder(
+            embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, patch_dim,
+            table.shape[0], mlp_ratio, qkv_bias=qkv_bias, drop_path=decoder_drop_path,
+            norm_layer=norm, pos_embed=table, fused_attn=fused_attn,
+        )  # fmt: skip
         if num_maps is not None:
-            feature_mix = WeightedFeatureMaps(num_maps, 1)
-            feature_norm = norm(config.embed_dim)
+            feature_mix, feature_norm = WeightedFeatureMaps(num_maps, 1), norm(embed_dim)
     model = ImageCrossMAE(
-        patch_embed,
-        encoder,
-        decoder,
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_chans,
-        mask_ratio=config.mask_ratio,
-        predict_ratio=config.predict_ratio,
-        norm_pix_loss=config.norm_pix_loss,
-        fm_layers=config.fm_layer_indices if config.use_weighted_fm else None,
-        use_input=config.use_input and config.use_weighted_fm,
-        feature_mix=feature_mix,
-        feature_norm=feature_norm,
-    )
+        patch_embed, encoder, decoder, img_size=img_size, patch_size=patch_size,
+        in_chans=in_chans, mask_ratio=mask_ratio, predict_ratio=predict_ratio,
+        norm_pix_loss=norm_pix_loss, fm_layers=taps, use_input=use_input and taps is not None,
+        feature_mix=feature_mix, feature_norm=feature_norm,
+    )  # fmt: skip
     model.initialize_weights()
     return model
+
+
+_FIELDS = {f.name: f.default for f in fields(ImageCrossMAEConfig)}
 
 
 def crossmae_vit_small_config(**overrides: Any) -> ImageCrossMAEConfig:

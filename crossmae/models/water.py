@@ -10,7 +10,7 @@ fusion layer, and five CrossMAE decoders of width 128 x 4 layers; loss weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 import torch
@@ -188,137 +188,136 @@ def _series_positions(dim: int, t_index: Tensor, loc_index: Tensor) -> Tensor:
     return sincos_pos_embed_2d_from_coords(dim, torch.stack([t_index, loc_index], dim=-1))
 
 
-def _decoder(
-    cfg: WaterMAEConfig, out_dim: int, pos: Tensor, fm_count: Optional[int]
-) -> CrossMAEDecoder | MAEDecoder:
-    if cfg.use_cross_attn:
-        return CrossMAEDecoder(
-            cfg.embed_dim,
-            cfg.decoder_dim,
-            cfg.decoder_depth,
-            cfg.decoder_num_heads,
-            out_dim,
-            cfg.mlp_ratio,
-            self_attn=cfg.decoder_self_attn,
-            drop_path=cfg.drop_path,
-            num_feature_maps=fm_count,
-            pos_embed=pos,
-            modality_embed=True,
-        )
-    return MAEDecoder(
-        cfg.embed_dim,
-        cfg.decoder_dim,
-        cfg.decoder_depth,
-        cfg.decoder_num_heads,
-        out_dim,
-        num_tokens=pos.shape[0],
-        mlp_ratio=cfg.mlp_ratio,
-        drop_path=cfg.drop_path,
-        pos_embed=pos,
-        modality_embed=True,
-    )
+_DEFAULTS = WaterMAEConfig()
 
 
-def build_water_mae(config: Optional[WaterMAEConfig] = None) -> MultimodalMAE:
-    """Wire tokenizers, encoders, fusion and decoders for the water model.
+def build_water_mae(
+    config: Optional[WaterMAEConfig] = None,
+    *,
+    raster_names: tuple[str, ...] = _DEFAULTS.raster_names,
+    series_names: tuple[str, ...] = _DEFAULTS.series_names,
+    loss_weights: tuple[float, ...] = _DEFAULTS.loss_weights,
+    num_steps: int = 30,
+    image_size: tuple[int, int] = (290, 180),
+    patch_size: tuple[int, int] = (10, 10),
+    valid_patch_mask: Optional[Tensor] = None,
+    num_land_patches: int = 94,
+    num_sites: int = 604,
+    group_size: int = 8,
+    num_static: int = 11,
+    embed_dim: int = 256,
+    num_heads: int = 8,
+    raster_depth: int = 6,
+    series_depth: int = 4,
+    fusion_depth: int = 1,
+    decoder_dim: int = 128,
+    decoder_depth: int = 4,
+    decoder_num_heads: int = 8,
+    mlp_ratio: float = 4.0,
+    mask_ratio: float = 0.39,
+    predict_ratio: Optional[float] = None,
+    use_cross_attn: bool = True,
+    decoder_self_attn: bool = False,
+    use_weighted_fm: bool = False,
+    fm_layers: LayerSelection = "all",
+    use_input: bool = False,
+    drop_path: float = 0.0,
+) -> MultimodalMAE:
+    """Wire tokenizers, encoders, fusion and decoders for the water model (a plain function:
+    copy it and swap a part to change the architecture; the parts check their arguments).
 
-    Inputs of the built model: rasters ``[b, t, H, W]`` (NaN = missing), series
-    ``[b, sites, t]`` (NaN = missing, e.g. river flow before 1989), ``static=[b, sites, a]``
-    and optionally ``site_padding_mask=[b, sites]`` (True = padding site).
+    Keyword arguments are the configuration (defaults: the water model, see the module
+    docstring and `WaterMAEConfig`, whose fields they mirror). A `WaterMAEConfig` may be
+    passed instead (0.1 style); then no keyword argument may be given.
+
+    Inputs of the built model: rasters ``[b, t, H, W]`` (NaN = missing, ``t <= num_steps``),
+    series ``[b, sites, t]`` (NaN = missing, e.g. river flow before 1989),
+    ``static=[b, sites, a]`` and optionally ``site_padding_mask=[b, sites]`` (True = padding
+    site).
     """
-    if config is None:
-        config = WaterMAEConfig()
-    elif not isinstance(config, WaterMAEConfig):
-        raise TypeError(
-            f"config must be a WaterMAEConfig or None, got {type(config).__name__}; build one "
-            "with WaterMAEConfig(**fields) or use water_mae_small(**overrides)"
+    if config is not None:
+        if not isinstance(config, WaterMAEConfig):
+            raise TypeError(
+                f"config must be a WaterMAEConfig or None, got {type(config).__name__}; pass "
+                "keyword arguments (build_water_mae(num_steps=4, ...)) or a WaterMAEConfig"
+            )
+        given = {k: v for k, v in locals().items() if k in _FIELDS and _differs(v, _FIELDS[k])}
+        if given:
+            raise TypeError(
+                f"pass either config or keyword arguments, not both (got {sorted(given)})"
+            )
+        return build_water_mae(**{f: getattr(config, f) for f in _FIELDS})
+    names = tuple(raster_names) + tuple(series_names)
+    if len(tuple(loss_weights)) != len(names):
+        raise ValueError(
+            f"loss_weights has {len(tuple(loss_weights))} entries but there are {len(names)} "
+            f"modalities ({names})"
         )
-    cfg = config
-    gh = cfg.image_size[0] // cfg.patch_size[0]
-    gw = cfg.image_size[1] // cfg.patch_size[1]
-    valid = cfg.valid_patch_mask
-    if valid is None:
-        valid = default_land_patches(gh * gw, cfg.num_land_patches)
-    fm_count: Optional[int] = None
-    if cfg.use_weighted_fm:
-        layers = resolve_layer_indices(cfg.fm_layers, cfg.fusion_depth, "fm_layers")
-        fm_count = len(layers) + int(cfg.use_input)
-    mask_fn = grouped_masking_fn(cfg.mask_ratio, cfg.predict_ratio)
-    modalities: dict[str, Modality] = {}
-    weights = dict(zip(cfg.raster_names + cfg.series_names, cfg.loss_weights))
-    for name in cfg.raster_names:
-        tok = RasterTokenizer(
-            cfg.embed_dim,
-            cfg.patch_size,
-            cfg.image_size,
-            valid_patch_mask=valid,
-            spatial_embed="learned",
+    weights = dict(zip(names, loss_weights))
+    if valid_patch_mask is None:
+        grid = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
+        valid_patch_mask = default_land_patches(grid, num_land_patches)
+    fm_count = None
+    if use_weighted_fm:
+        fm_count = len(resolve_layer_indices(fm_layers, fusion_depth, "fm_layers")) + int(use_input)
+    masking = grouped_masking_fn(mask_ratio, predict_ratio)
+
+    def encoder(depth: int, cond_dim: Optional[int] = None) -> TransformerEncoder:
+        return TransformerEncoder(
+            embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path, cond_dim=cond_dim
+        )
+
+    def decoder(out_dim: int, pos: Tensor) -> CrossMAEDecoder | MAEDecoder:
+        if use_cross_attn:
+            return CrossMAEDecoder(
+                embed_dim, decoder_dim, decoder_depth, decoder_num_heads, out_dim, mlp_ratio,
+                self_attn=decoder_self_attn, drop_path=drop_path, num_feature_maps=fm_count,
+                pos_embed=pos, modality_embed=True,
+            )  # fmt: skip
+        return MAEDecoder(
+            embed_dim, decoder_dim, decoder_depth, decoder_num_heads, out_dim,
+            num_tokens=pos.shape[0], mlp_ratio=mlp_ratio, drop_path=drop_path, pos_embed=pos,
             modality_embed=True,
-        )
-        enc = TransformerEncoder(
-            cfg.embed_dim,
-            cfg.raster_depth,
-            cfg.num_heads,
-            cfg.mlp_ratio,
-            drop_path=cfg.drop_path,
-            final_norm=True,
-        )
-        out_dim = cfg.patch_size[0] * cfg.patch_size[1]
+        )  # fmt: skip
+
+    modalities: dict[str, Modality] = {}
+    for name in raster_names:
+        tok = RasterTokenizer(
+            embed_dim, patch_size, image_size, valid_patch_mask=valid_patch_mask,
+            spatial_embed="learned", modality_embed=True,
+        )  # fmt: skip
+        # queries know (step, row, col) like the tokens: the tokenizer's sin-cos formula
+        pos = raster_position_embedding(decoder_dim, tok.patch_coords, num_steps)
         modalities[name] = Modality(
-            tok,
-            enc,
-            # queries know (step, row, col) like the tokens: the tokenizer's sin-cos formula
-            _decoder(
-                cfg,
-                out_dim,
-                raster_position_embedding(cfg.decoder_dim, tok.patch_coords, cfg.num_steps),
-                fm_count,
-            ),
-            masking=mask_fn,
-            loss_weight=weights[name],
-            num_steps=cfg.num_steps,
-        )
-    for name in cfg.series_names:
-        stok = SeriesTokenizer(
-            cfg.embed_dim, cfg.num_sites, group_size=cfg.group_size, modality_embed=True
-        )
-        t_idx, p_idx = stok.token_positions(cfg.num_steps)
-        enc = TransformerEncoder(
-            cfg.embed_dim,
-            cfg.series_depth,
-            cfg.num_heads,
-            cfg.mlp_ratio,
-            drop_path=cfg.drop_path,
-            final_norm=True,
-            cond_dim=cfg.embed_dim,
-        )
+            tok, encoder(raster_depth), decoder(patch_size[0] * patch_size[1], pos),
+            masking=masking, loss_weight=weights[name], num_steps=num_steps,
+        )  # fmt: skip
+    for name in series_names:
+        stok = SeriesTokenizer(embed_dim, num_sites, group_size=group_size, modality_embed=True)
+        pos = _series_positions(decoder_dim, *stok.token_positions(num_steps))
         modalities[name] = Modality(
-            stok,
-            enc,
-            _decoder(
-                cfg, cfg.group_size, _series_positions(cfg.decoder_dim, t_idx, p_idx), fm_count
-            ),
-            masking=mask_fn,
-            static_token=StaticToken(cfg.num_static, cfg.embed_dim, per_site=True),
-            loss_weight=weights[name],
-            num_steps=cfg.num_steps,
-        )
+            stok, encoder(series_depth, cond_dim=embed_dim), decoder(group_size, pos),
+            masking=masking, static_token=StaticToken(num_static, embed_dim, per_site=True),
+            loss_weight=weights[name], num_steps=num_steps,
+        )  # fmt: skip
     fusion = None
-    if cfg.fusion_depth > 0:
+    if fusion_depth > 0:
         fusion = TransformerEncoder(
-            cfg.embed_dim,
-            cfg.fusion_depth,
-            cfg.num_heads,
-            cfg.mlp_ratio,
-            final_norm=not cfg.use_weighted_fm,
+            embed_dim, fusion_depth, num_heads, mlp_ratio, final_norm=not use_weighted_fm
         )
     return MultimodalMAE(
-        modalities,
-        fusion,
-        use_weighted_fm=cfg.use_weighted_fm,
-        fm_layers=cfg.fm_layers,
-        use_input=cfg.use_input,
-    )
+        modalities, fusion, use_weighted_fm=use_weighted_fm, fm_layers=fm_layers,
+        use_input=use_input,
+    )  # fmt: skip
+
+
+_FIELDS = {f.name: f.default for f in fields(WaterMAEConfig)}
+
+
+def _differs(value: object, default: object) -> bool:
+    if isinstance(value, Tensor) or isinstance(default, Tensor):
+        return value is not default
+    return bool(value != default)
 
 
 def water_mae_small(**overrides: Any) -> MultimodalMAE:
