@@ -366,11 +366,12 @@ class Modality(nn.Module):
         static_tok: Optional[Tensor],
         *,
         dense: bool,
-    ) -> tuple[EncoderOutput, Tensor]:
+    ) -> EncoderOutput:
         """Step 3: encode the visible tokens (``cond=`` only for an encoder with a
         ``cond_dim``; ``dense``: the visible slots hold no padding, attention runs
-        unmasked). Returns ``(EncoderOutput, keep_padding_mask [b, k])``; the static token
-        is appended to ``tokens`` and ``features`` (never padding)."""
+        unmasked). Returns an `EncoderOutput` whose ``tokens [b, k (+1), e]``,
+        ``padding_mask [b, k (+1)]`` (True = padding; never None) and ``features`` have the
+        static token appended (never padding)."""
         visible, keep_pad = split.visible_tokens(tokens)
         kwargs: dict[str, Any] = {}
         if static_tok is not None and cond_dim_of(self.encoder) is not None:
@@ -387,7 +388,7 @@ class Modality(nn.Module):
                 s4 = s.to(feats.dtype)[None].expand(feats.shape[0], -1, -1, -1)
                 feats = torch.cat([feats, s4], dim=2)
             keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
-        return EncoderOutput(enc, keep_pad, feats), keep_pad
+        return EncoderOutput(enc, keep_pad, feats)
 
     def decode(
         self,
@@ -962,7 +963,7 @@ class MultimodalMAE(nn.Module):
             flags = None if missing is None else missing.get(name)
             used[name] = mod.split(pad, given=given.get(name), missing=flags, generator=generator)
             static_tok = self._static_token(mod, static, site_padding_mask)
-            encoded[name], _ = mod.encode(tokens, used[name], static_tok, dense=dense_of[name])
+            encoded[name] = mod.encode(tokens, used[name], static_tok, dense=dense_of[name])
         all_dense = all(promised.values())
         keys, _, context, context_pad = self.fuse(encoded, all_dense)
         losses, per_sample, preds, targets, valids = {}, {}, {}, {}, {}
