@@ -47,6 +47,7 @@ from ..protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer, cond_
 from ._inputs import check_mask_split
 
 __all__ = [
+    "CondFn",
     "LossFn",
     "MaskingFn",
     "Modality",
@@ -54,6 +55,7 @@ __all__ = [
     "MultimodalOutput",
     "grouped_masking_fn",
     "padding_wins",
+    "visible_site_mean",
 ]
 
 MaskingFn = Callable[[Tensor, int, Optional[torch.Generator], bool], MaskSplit]
@@ -67,7 +69,48 @@ LossFn = Callable[..., Tensor]
 ``reduction="none"`` is the default. ``padding_mask`` True = padding slot, ``valid_mask``
 True = a scored value."""
 
+CondFn = Callable[[Tensor, Optional[Tensor], MaskSplit, Any], Tensor]
+"""``cond_fn(static, site_padding_mask, split, tokenizer) -> cond [b, cond_dim]``: what
+conditions a modality's encoder (see `visible_site_mean`)."""
+
 Decoder = Union[QueryDecoder, SequenceDecoder]
+
+
+def visible_site_mean(group_size: int) -> CondFn:
+    """A `CondFn`: raw per-site attributes ``static [b, s, a]`` averaged over the sample's
+    visible tokens, each token's value being the mean over the real sites of its patch
+    (``group_size`` consecutive sites; padding sites and non-finite values excluded). A
+    sample with no visible token gets zeros. Needs a tokenizer with ``layout_to_tokens``
+    over ``[b, P, t]`` (e.g. `SeriesTokenizer`).
+
+    Shapes: ``static [b, s, a]``, ``site_padding_mask [b, s]`` (True = padding site) →
+    ``[b, a]``.
+    """
+    g = check_int("group_size", group_size, minimum=1)
+
+    def fn(
+        static: Tensor, site_padding_mask: Optional[Tensor], split: MaskSplit, tokenizer: Any
+    ) -> Tensor:
+        b, s, a = static.shape
+        real = torch.isfinite(static)
+        if site_padding_mask is not None:
+            real = real & ~site_padding_mask[..., None]
+        p = -(-s // g)
+        fill = p * g - s
+        values = torch.where(real, static, static.new_zeros(()))
+        if fill:
+            values = torch.cat([values, values.new_zeros(b, fill, a)], dim=1)
+            real = torch.cat([real, real.new_zeros(b, fill, a)], dim=1)
+        sums = values.reshape(b, p, g, a).sum(dim=2)
+        counts = real.reshape(b, p, g, a).sum(dim=2)
+        patch_mean = sums / counts.clamp(min=1).to(sums.dtype)  # [b p a]
+        t = split.visible_mask.shape[1] // p
+        per_token = tokenizer.layout_to_tokens(patch_mean[:, :, None].expand(b, p, t, a))
+        vis = split.visible_mask[..., None].to(per_token.dtype)  # [b n 1]
+        total = (per_token * vis).sum(dim=1)
+        return total / vis.sum(dim=1).clamp(min=1)
+
+    return fn
 
 
 def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None) -> MaskingFn:
@@ -212,6 +255,9 @@ class Modality(nn.Module):
         use_input: also feed this encoder's input (with ``fm_layers``).
         loss: a `LossFn` (default: masked MSE over valid target values), e.g. a
             per-site-averaged series loss or a loss with a pixel land mask.
+        cond_fn: what conditions an encoder with a ``cond_dim``: a `CondFn` (e.g.
+            `visible_site_mean`, the raw attributes averaged over the visible patches), or
+            None for the static token ``[b, e]``.
     """
 
     def __init__(
@@ -228,6 +274,7 @@ class Modality(nn.Module):
         fm_layers: LayerSelection = None,
         use_input: bool = False,
         loss: Optional[LossFn] = None,
+        cond_fn: Optional[CondFn] = None,
     ) -> None:
         super().__init__()
         _check_tokenizer("tokenizer", tokenizer)
@@ -242,6 +289,8 @@ class Modality(nn.Module):
             )
         if loss is not None and not callable(loss):
             raise TypeError(f"loss must be a LossFn or None, got {type(loss).__name__}")
+        if cond_fn is not None and not callable(cond_fn):
+            raise TypeError(f"cond_fn must be a CondFn or None, got {type(cond_fn).__name__}")
         weight = check_ratio("loss_weight", loss_weight)
         if weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {loss_weight!r}")
@@ -257,6 +306,7 @@ class Modality(nn.Module):
         self.loss_weight = weight
         self.num_steps = steps
         self.loss_fn: Optional[LossFn] = loss
+        self.cond_fn: Optional[CondFn] = cond_fn
         if never_padded is None:
             flag = getattr(tokenizer, "pad_empty_tokens", None)
             never_padded = flag is False and hasattr(tokenizer, "valid_patch_index")
@@ -359,6 +409,21 @@ class Modality(nn.Module):
             split = mask_missing_samples(split, missing)
         return split
 
+    def condition(
+        self,
+        static: Optional[Tensor],
+        site_padding_mask: Optional[Tensor],
+        split: MaskSplit,
+        static_tok: Optional[Tensor],
+    ) -> Optional[Tensor]:
+        """What conditions the encoder: None unless it has a ``cond_dim``; then ``cond_fn``'s
+        output, or the static token ``[b, e]``."""
+        if cond_dim_of(self.encoder) is None or static is None:
+            return None
+        if self.cond_fn is not None:
+            return self.cond_fn(static, site_padding_mask, split, self.tokenizer)
+        return None if static_tok is None else static_tok[:, 0]
+
     def encode(
         self,
         tokens: Tensor,
@@ -366,6 +431,7 @@ class Modality(nn.Module):
         static_tok: Optional[Tensor],
         *,
         dense: bool,
+        cond: Optional[Tensor] = None,
     ) -> EncoderOutput:
         """Step 3: encode the visible tokens (``cond=`` only for an encoder with a
         ``cond_dim``; ``dense``: the visible slots hold no padding, attention runs
@@ -373,9 +439,7 @@ class Modality(nn.Module):
         ``padding_mask [b, k (+1)]`` (True = padding; never None) and ``features`` have the
         static token appended (never padding)."""
         visible, keep_pad = split.visible_tokens(tokens)
-        kwargs: dict[str, Any] = {}
-        if static_tok is not None and cond_dim_of(self.encoder) is not None:
-            kwargs["cond"] = static_tok[:, 0]
+        kwargs: dict[str, Any] = {} if cond is None else {"cond": cond}
         if self.fm_layers is not None:
             kwargs["return_layers"] = self.fm_layers
             kwargs["include_input"] = self.use_input
@@ -963,7 +1027,10 @@ class MultimodalMAE(nn.Module):
             flags = None if missing is None else missing.get(name)
             used[name] = mod.split(pad, given=given.get(name), missing=flags, generator=generator)
             static_tok = self._static_token(mod, static, site_padding_mask)
-            encoded[name] = mod.encode(tokens, used[name], static_tok, dense=dense_of[name])
+            cond = mod.condition(static, site_padding_mask, used[name], static_tok)
+            encoded[name] = mod.encode(
+                tokens, used[name], static_tok, dense=dense_of[name], cond=cond
+            )
         all_dense = all(promised.values())
         keys, _, context, context_pad = self.fuse(encoded, all_dense)
         losses, per_sample, preds, targets, valids = {}, {}, {}, {}, {}

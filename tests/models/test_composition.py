@@ -203,3 +203,48 @@ def test_fewer_steps_at_run_time() -> None:
     }
     with pytest.raises(ValueError, match="num_steps=3"):
         model(longer, static=static)
+
+
+def test_encoder_conditioned_on_raw_attributes_of_visible_patches() -> None:
+    """``cond_fn=visible_site_mean(g)``: the FiLM input is the raw static attributes, per
+    patch the mean over real sites, averaged over the visible tokens."""
+    from crossmae.models.multimodal import visible_site_mean
+
+    torch.manual_seed(0)
+    base = tiny_water_model()
+    m = mod(base, "evaporation")
+    enc = cm.TransformerEncoder(32, 1, 4, cond_dim=11)
+    seen: list[Tensor] = []
+    enc.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw["cond"]), with_kwargs=True)
+    mods = {
+        "evaporation": Modality(
+            m.tokenizer,
+            enc,
+            m.decoder,
+            masking=m.masking,
+            static_token=m.static_token,
+            num_steps=3,
+            cond_fn=visible_site_mean(4),
+        )
+    }
+    model = MultimodalMAE(mods, None)
+    g = torch.Generator().manual_seed(4)
+    x = {"evaporation": torch.randn(2, 12, 3, generator=g)}
+    static = torch.randn(2, 12, 11, generator=g)
+    spm = torch.zeros(2, 12, dtype=torch.bool)
+    spm[1, 6:] = True  # sample 1: sites 6..11 are padding (patch 2 empty, patch 1 half)
+    static[1, 6:] = float("nan")  # whatever padding sites hold is ignored
+    out = model(x, static=static, site_padding_mask=spm, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    cond = seen[0]
+    vis = out.splits["evaporation"].visible_mask  # [b, t*P], token n = step * 3 + patch
+    for i in range(2):
+        rows = []
+        for n in vis[i].nonzero().flatten().tolist():
+            sites = [s for s in range(4 * (n % 3), 4 * (n % 3) + 4) if not spm[i, s]]
+            if sites:
+                rows.append(static[i, sites].mean(dim=0))
+            else:
+                rows.append(torch.zeros(11))
+        expect = torch.stack(rows).mean(dim=0)
+        torch.testing.assert_close(cond[i], expect)
