@@ -276,6 +276,11 @@ class PostNormTransformerEncoder(nn.Module):
         _check_input_dtype("tokens", x, _param_dtype(self), "encoder")
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "tokens [b, n, c]")
         if self.films is not None:
+            if cond is None:
+                raise ValueError(
+                    f"cond [b, {self.cond_dim}] is required: the encoder was built with "
+                    f"cond_dim={self.cond_dim}"
+                )
             c = check_float_tensor("cond", cond, ndim=2)
             if tuple(c.shape) != (x.shape[0], self.cond_dim):
                 raise ValueError(
