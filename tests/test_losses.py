@@ -469,6 +469,12 @@ def test_series_loss_per_real_site_hand_computed() -> None:
     # per real site: (4 * 1 + 2 * 9) / 6; per token: (1 + 9) / 2
     torch.testing.assert_close(per_site, torch.tensor(22.0 / 6.0, dtype=torch.float64))
     torch.testing.assert_close(per_token, torch.tensor(5.0, dtype=torch.float64))
+    compiled = torch.compile(masked_mse_loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(pred, target, valid_mask=valid, average="value"), per_site)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = masked_mse_loss(pred.float(), target.bfloat16(), valid_mask=valid, average="value")
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), per_site)
 
 
 def test_bad_average() -> None:
