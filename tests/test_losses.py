@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import generator, seeds
 
-from crossmae import RasterTokenizer, gather_tokens
+from crossmae import RasterTokenizer, SeriesTokenizer, gather_tokens
 from crossmae.losses import (
     MaskedMSELoss,
     masked_mse_loss,
@@ -571,3 +571,34 @@ def test_token_valid_mask_from_pixels_bad_arguments() -> None:
         token_valid_mask_from_pixels(land, [2, 2], ids)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pixel_valid_mask must be"):
         token_valid_mask_from_pixels(torch.ones(6, dtype=torch.bool), 2, ids)
+
+
+def test_series_loss_per_real_site_with_series_tokenizer() -> None:
+    """With SeriesTokenizer's targets, average='value' is the mean over real (site, step)."""
+    g = generator(5)
+    s, t, group = 7, 3, 4  # 2 site groups, the last with 3 real sites and 1 fill-up site
+    tok = SeriesTokenizer(8, s, group_size=group)
+    x = torch.randn(2, s, t, generator=g, dtype=torch.float64)
+    target_full, valid_full = tok.targets(x)  # [b, t * 2, 4], time-major tokens
+    ids = torch.tensor([[0, 1, 5], [3, 4, 0]])
+    pad = torch.tensor([[False, False, False], [False, False, True]])
+    target, valid = gather_tokens(target_full, ids), gather_tokens(valid_full, ids)
+    pred = torch.randn(2, 3, group, generator=g, dtype=torch.float64)
+    loss = masked_mse_loss(pred, target, padding_mask=pad, valid_mask=valid, reduction="none")
+    per_site = masked_mse_loss(
+        pred, target, padding_mask=pad, valid_mask=valid, reduction="none", average="value"
+    )
+    expected = []
+    for i in range(2):
+        errs = []
+        for j in range(3):
+            if pad[i, j]:
+                continue
+            step, patch = divmod(int(ids[i, j]), 2)
+            for slot in range(group):
+                site = patch * group + slot
+                if site < s:
+                    errs.append((float(pred[i, j, slot]) - float(x[i, site, step])) ** 2)
+        expected.append(sum(errs) / len(errs))
+    torch.testing.assert_close(per_site, torch.tensor(expected, dtype=torch.float64))
+    assert not torch.allclose(loss, per_site)  # the half-filled group weighs differently
