@@ -285,7 +285,7 @@ class ImageCrossMAE(nn.Module):
                     f"decoder.num_feature_maps is {own_maps} but fm_layers / "
                     f"use_input select {num_maps} feature maps"
                 )
-            if has_positions and positions != self.num_patches:
+            if positions is not None and positions != self.num_patches:
                 raise ValueError(
                     f"decoder needs a position table [{self.num_patches}, c], got one for "
                     f"{positions} positions"
@@ -297,7 +297,7 @@ class ImageCrossMAE(nn.Module):
                 f"decoder.num_tokens ({num_tokens}) must equal the number of "
                 f"patches ({self.num_patches})"
             )
-        if has_positions and positions is None:
+        if has_positions and positions is None and getattr(decoder, "query_pos", None) is None:
             raise ValueError("decoder needs a position table (pos_embed='learned' or fixed)")
         if num_maps is None:
             if feature_mix is not None or feature_norm is not None:
