@@ -38,8 +38,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_bool, check_generator, check_int, check_ratio, check_tensor
+from ..encoders.film import visible_patch_mean
 from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
-from ..losses import masked_mse_loss
+from ..losses import masked_mse_loss, token_valid_mask_from_pixels
 from ..masking.split import MaskSplit, mask_split_from_masks
 from ..masking.strategies import grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
@@ -51,6 +52,7 @@ __all__ = [
     "LossFn",
     "MaskingFn",
     "Modality",
+    "ModalityLoss",
     "MultimodalMAE",
     "MultimodalOutput",
     "grouped_masking_fn",
@@ -64,10 +66,74 @@ modality. With ``never_padded`` the mask is all False and may be ignored (so the
 widths are known on the host and no device sync happens)."""
 
 LossFn = Callable[..., Tensor]
-"""``loss(pred [b, p, o], target [b, p, o], *, padding_mask [b, p], valid_mask [b, p, o])
--> [b]`` per-sample losses (0 where nothing is scored); `crossmae.masked_mse_loss` with
-``reduction="none"`` is the default. ``padding_mask`` True = padding slot, ``valid_mask``
-True = a scored value."""
+"""``loss(pred [b, p, o], target [b, p, o], *, padding_mask [b, p], valid_mask [b, p, o],
+ids [b, p]) -> [b]`` per-sample losses (0 where nothing is scored); ``ids`` are the
+predicted token ids (``split.ids_predict``). ``padding_mask`` True = padding slot,
+``valid_mask`` True = a scored value. Default: `ModalityLoss` ``()`` (masked MSE)."""
+
+
+class ModalityLoss(nn.Module):
+    """A modality's per-sample masked MSE, with the downstream options.
+
+    Args:
+        average: ``"token"`` (mean over each token's valid values, then over tokens: 0.1's
+            loss) or ``"value"`` (every valid value counts once in its sample: the series
+            loss averaged per real site). See `crossmae.masked_mse_loss`.
+        pixel_valid_mask: optional bool pixel map, **True = valid pixel** (e.g. a land mask,
+            ``[H, W]``), for raster tokens: values at invalid pixels are not scored (a
+            non-persistent buffer; it moves with the model).
+        patch_size: the raster patch size (with ``pixel_valid_mask``).
+        patch_index: the grid patch of each token slot (e.g.
+            `RasterTokenizer.valid_patch_index`), with ``pixel_valid_mask``.
+        in_chans: channels per pixel (with ``pixel_valid_mask``).
+
+    Shapes: see `LossFn`; returns ``[b]``.
+    """
+
+    pixel_valid_mask: Optional[Tensor]
+    patch_index: Optional[Tensor]
+
+    def __init__(
+        self,
+        *,
+        average: str = "token",
+        pixel_valid_mask: Optional[Tensor] = None,
+        patch_size: Union[int, tuple[int, int], None] = None,
+        patch_index: Optional[Tensor] = None,
+        in_chans: int = 1,
+    ) -> None:
+        super().__init__()
+        if average not in ("token", "value"):
+            raise ValueError(f"average must be 'token' or 'value', got {average!r}")
+        if pixel_valid_mask is not None:
+            check_tensor("pixel_valid_mask", pixel_valid_mask)
+            if patch_size is None:
+                raise ValueError("pixel_valid_mask needs patch_size")
+        self.average = average
+        self.patch_size = patch_size
+        self.in_chans = check_int("in_chans", in_chans, minimum=1)
+        self.register_buffer("pixel_valid_mask", pixel_valid_mask, persistent=False)
+        self.register_buffer("patch_index", patch_index, persistent=False)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        *,
+        padding_mask: Tensor,
+        valid_mask: Tensor,
+        ids: Tensor,
+    ) -> Tensor:
+        if self.pixel_valid_mask is not None and self.patch_size is not None:
+            valid_mask = valid_mask & token_valid_mask_from_pixels(
+                self.pixel_valid_mask, self.patch_size, ids, patch_index=self.patch_index,
+                in_chans=self.in_chans,
+            )  # fmt: skip
+        return masked_mse_loss(
+            pred, target, padding_mask=padding_mask, valid_mask=valid_mask, reduction="none",
+            average=self.average,  # type: ignore[arg-type]
+        )  # fmt: skip
+
 
 CondFn = Callable[[Tensor, Optional[Tensor], MaskSplit, Any], Tensor]
 """``cond_fn(static, site_padding_mask, split, tokenizer) -> cond [b, cond_dim]``: what
@@ -77,11 +143,11 @@ Decoder = Union[QueryDecoder, SequenceDecoder]
 
 
 def visible_site_mean(group_size: int) -> CondFn:
-    """A `CondFn`: raw per-site attributes ``static [b, s, a]`` averaged over the sample's
-    visible tokens, each token's value being the mean over the real sites of its patch
-    (``group_size`` consecutive sites; padding sites and non-finite values excluded). A
-    sample with no visible token gets zeros. Needs a tokenizer with ``layout_to_tokens``
-    over ``[b, P, t]`` (e.g. `SeriesTokenizer`).
+    """A `CondFn` for series modalities: the raw per-site attributes ``static [b, s, a]``
+    averaged over the sample's visible patches, each patch being the mean over its real
+    sites (`crossmae.encoders.visible_patch_mean`; the downstream water model's FiLM input).
+    A patch is visible when any of its (step, patch) tokens is; tokens are time-major
+    (``n = t * P + p``, as `SeriesTokenizer` numbers them).
 
     Shapes: ``static [b, s, a]``, ``site_padding_mask [b, s]`` (True = padding site) →
     ``[b, a]``.
@@ -91,24 +157,10 @@ def visible_site_mean(group_size: int) -> CondFn:
     def fn(
         static: Tensor, site_padding_mask: Optional[Tensor], split: MaskSplit, tokenizer: Any
     ) -> Tensor:
-        b, s, a = static.shape
-        real = torch.isfinite(static)
-        if site_padding_mask is not None:
-            real = real & ~site_padding_mask[..., None]
+        b, s = static.shape[0], static.shape[1]
         p = -(-s // g)
-        fill = p * g - s
-        values = torch.where(real, static, static.new_zeros(()))
-        if fill:
-            values = torch.cat([values, values.new_zeros(b, fill, a)], dim=1)
-            real = torch.cat([real, real.new_zeros(b, fill, a)], dim=1)
-        sums = values.reshape(b, p, g, a).sum(dim=2)
-        counts = real.reshape(b, p, g, a).sum(dim=2)
-        patch_mean = sums / counts.clamp(min=1).to(sums.dtype)  # [b p a]
-        t = split.visible_mask.shape[1] // p
-        per_token = tokenizer.layout_to_tokens(patch_mean[:, :, None].expand(b, p, t, a))
-        vis = split.visible_mask[..., None].to(per_token.dtype)  # [b n 1]
-        total = (per_token * vis).sum(dim=1)
-        return total / vis.sum(dim=1).clamp(min=1)
+        seen = split.visible_mask.reshape(b, -1, p).any(dim=1)  # [b P]
+        return visible_patch_mean(static, g, seen, site_padding_mask=site_padding_mask)
 
     return fn
 
@@ -493,22 +545,17 @@ class Modality(nn.Module):
         target_full, valid_full = tokenizer.targets(x, **kwargs)
         target = gather_tokens(target_full, split.ids_predict)
         valid = gather_tokens(valid_full, split.ids_predict)
-        loss_fn = self.loss_fn
-        if loss_fn is None:
-            per_sample = masked_mse_loss(
-                pred,
-                target,
-                padding_mask=split.predict_padding_mask,
-                valid_mask=valid,
-                reduction="none",
-            )
-        else:
-            per_sample = loss_fn(
-                pred, target, padding_mask=split.predict_padding_mask, valid_mask=valid
-            )
+        loss_fn = self.loss_fn if self.loss_fn is not None else _DEFAULT_LOSS
+        per_sample = loss_fn(
+            pred, target, padding_mask=split.predict_padding_mask, valid_mask=valid,
+            ids=split.ids_predict,
+        )  # fmt: skip
         scored = (~split.predict_padding_mask[..., None] & valid).flatten(1).any(dim=1)
         loss = per_sample.sum() / scored.sum().clamp(min=1).to(per_sample.dtype)
         return loss, per_sample, target, valid
+
+
+_DEFAULT_LOSS = ModalityLoss()
 
 
 def _check_batch(name: str, value: object, batch: int, against: str) -> Tensor:

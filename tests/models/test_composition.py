@@ -207,7 +207,7 @@ def test_fewer_steps_at_run_time() -> None:
 
 def test_encoder_conditioned_on_raw_attributes_of_visible_patches() -> None:
     """``cond_fn=visible_site_mean(g)``: the FiLM input is the raw static attributes, per
-    patch the mean over real sites, averaged over the visible tokens."""
+    patch the mean over real sites, averaged over the visible patches."""
     from crossmae.models.multimodal import visible_site_mean
 
     torch.manual_seed(0)
@@ -237,14 +237,57 @@ def test_encoder_conditioned_on_raw_attributes_of_visible_patches() -> None:
     out = model(x, static=static, site_padding_mask=spm, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
     cond = seen[0]
-    vis = out.splits["evaporation"].visible_mask  # [b, t*P], token n = step * 3 + patch
+    vis = out.splits["evaporation"].visible_mask.reshape(2, 3, 3).any(dim=1)  # [b, P]
     for i in range(2):
         rows = []
-        for n in vis[i].nonzero().flatten().tolist():
-            sites = [s for s in range(4 * (n % 3), 4 * (n % 3) + 4) if not spm[i, s]]
+        for p in vis[i].nonzero().flatten().tolist():
+            sites = [s for s in range(4 * p, 4 * p + 4) if not spm[i, s]]
             if sites:
                 rows.append(static[i, sites].mean(dim=0))
-            else:
-                rows.append(torch.zeros(11))
-        expect = torch.stack(rows).mean(dim=0)
+        expect = torch.stack(rows).mean(dim=0) if rows else torch.zeros(11)
         torch.testing.assert_close(cond[i], expect)
+
+
+def test_modality_loss_options_reach_the_loss() -> None:
+    """``Modality(loss=ModalityLoss(...))``: the pixel land mask removes values from the
+    raster loss (a NaN-free change at a masked pixel leaves it unchanged), ``average="value"``
+    is the per-site series loss."""
+    from crossmae.models.multimodal import ModalityLoss
+
+    torch.manual_seed(0)
+    base = tiny_water_model()
+    m = mod(base, "precipitation")
+    tok = m.tokenizer
+    sea = torch.zeros(40, 30, dtype=torch.bool)
+    sea[:, :5] = True  # the first 5 pixel columns are sea
+    loss = ModalityLoss(
+        pixel_valid_mask=~sea,
+        patch_size=10,
+        patch_index=tok.valid_patch_index,  # type: ignore[arg-type]
+    )
+    masked = Modality(tok, m.encoder, m.decoder, masking=m.masking, num_steps=3, loss=loss)
+    model = MultimodalMAE({"precipitation": masked}, None).eval()
+    g = torch.Generator().manual_seed(5)
+    x = {"precipitation": torch.randn(2, 3, 40, 30, generator=g)}
+    with torch.no_grad():
+        ref = model(x, generator=torch.Generator().manual_seed(0))
+        x2 = {"precipitation": x["precipitation"].clone()}
+        x2["precipitation"][..., :5] += 100.0  # change only sea pixels (targets there)
+        got = model(x2, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(ref.targets["precipitation"], got.targets["precipitation"])
+    # predictions change too (the sea pixels are encoder input), so compare against the
+    # loss recomputed without the sea values
+    valid = cm.losses.token_valid_mask_from_pixels(
+        ~sea,
+        10,
+        got.splits["precipitation"].ids_predict,
+        patch_index=tok.valid_patch_index,  # type: ignore[arg-type]
+    )
+    want = cm.masked_mse_loss(
+        got.preds["precipitation"], got.targets["precipitation"],
+        padding_mask=got.splits["precipitation"].predict_padding_mask,
+        valid_mask=valid & got.target_valid["precipitation"],
+    )  # fmt: skip
+    torch.testing.assert_close(got.losses["precipitation"], want)
+    with pytest.raises(ValueError, match="average"):
+        ModalityLoss(average="site")
