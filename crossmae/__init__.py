@@ -75,6 +75,7 @@ from .models import (
     ImageCrossMAEConfig,
     ImageCrossMAEOutput,
     Modality,
+    ModalityLoss,
     MultimodalMAE,
     MultimodalOutput,
     OfficialLoadReport,
@@ -91,6 +92,8 @@ from .models import (
     crossmae_vit_small,
     crossmae_vit_small_config,
     load_official_crossmae_state_dict,
+    padding_wins,
+    visible_site_mean,
     water_mae_small,
 )
 from .protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer
@@ -130,6 +133,7 @@ __all__ = [
     "MaskedMSELoss",
     "Mlp",
     "Modality",
+    "ModalityLoss",
     "MultimodalMAE",
     "MultimodalOutput",
     "OfficialLoadReport",
@@ -178,6 +182,7 @@ __all__ = [
     "padded_attention",
     "padded_attention_kernel",
     "padding_mask_to_lengths",
+    "padding_wins",
     "patchify",
     "random_masking",
     "raster_position_embedding",
@@ -196,6 +201,7 @@ __all__ = [
     "use_fused_attn",
     "valid_patches_from_mask",
     "visible_patch_mean",
+    "visible_site_mean",
     "water_mae_small",
     "weighted_sum_losses",
 ]

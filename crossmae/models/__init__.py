@@ -18,7 +18,15 @@ from .factories import (
     crossmae_vit_small_config,
 )
 from .image import ImageCrossMAE, ImageCrossMAEOutput
-from .multimodal import Modality, MultimodalMAE, MultimodalOutput, grouped_masking_fn
+from .multimodal import (
+    Modality,
+    ModalityLoss,
+    MultimodalMAE,
+    MultimodalOutput,
+    grouped_masking_fn,
+    padding_wins,
+    visible_site_mean,
+)
 from .official import OfficialLoadReport, load_official_crossmae_state_dict, official_key_for
 from .water import WaterMAEConfig, build_water_mae, default_land_patches, water_mae_small
 
@@ -30,6 +38,7 @@ __all__ = [
     "ImageCrossMAEConfig",
     "ImageCrossMAEOutput",
     "Modality",
+    "ModalityLoss",
     "MultimodalMAE",
     "MultimodalOutput",
     "OfficialLoadReport",
@@ -49,5 +58,7 @@ __all__ = [
     "grouped_masking_fn",
     "load_official_crossmae_state_dict",
     "official_key_for",
+    "padding_wins",
+    "visible_site_mean",
     "water_mae_small",
 ]
