@@ -206,6 +206,7 @@ def build_image_crossmae(
     fm_layers: Union[str, int, tuple[int, ...]] = "all",
     use_input: bool = False,
     fused_attn: Optional[bool] = None,
+    encoder: Optional[nn.Module] = None,
 ) -> ImageCrossMAE:
     """Wire and initialize (MAE's scheme) an `ImageCrossMAE` (defaults: CrossMAE ViT-B/16).
 
@@ -219,6 +220,11 @@ def build_image_crossmae(
     CrossMAE decoder mixes the encoder blocks ``fm_layers`` (± the input) per decoder layer;
     the MAE decoder gets one learned mix (``WeightedFeatureMaps(f, 1)``) and a LayerNorm.
 
+    ``encoder``: any `crossmae.Encoder` of width ``embed_dim`` (e.g. the timm adapter of the
+    how-to) used instead of the ViT `TransformerEncoder` (``depth`` must then be its depth;
+    with ``use_weighted_fm`` it must not apply an unused final norm). It is initialized with
+    the rest (MAE's scheme).
+
     Returns:
         A freshly initialized `ImageCrossMAE` (on the current default device; use
         ``with torch.device("meta"):`` to build without allocating).
@@ -230,17 +236,18 @@ def build_image_crossmae(
             raise TypeError(
                 f"pass either config or keyword arguments, not both (got {sorted(given)})"
             )
-        return build_image_crossmae(**{f: getattr(config, f) for f in _FIELDS})
+        return build_image_crossmae(**{f: getattr(config, f) for f in _FIELDS}, encoder=encoder)
     norm = _layer_norm(norm_eps)
     patch_embed = PatchEmbed(embed_dim, patch_size, img_size, in_chans=in_chans)
     grid = patch_embed.grid_size
     assert grid is not None  # PatchEmbed was given img_size
     taps = resolve_layer_indices(fm_layers, depth, "fm_layers") if use_weighted_fm else None
     num_maps = None if taps is None else len(taps) + int(use_input)
-    encoder = TransformerEncoder(
-        embed_dim, depth, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
-        norm_layer=norm, final_norm=not use_weighted_fm, fused_attn=fused_attn,
-    )  # fmt: skip
+    if encoder is None:
+        encoder = TransformerEncoder(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
+            norm_layer=norm, final_norm=not use_weighted_fm, fused_attn=fused_attn,
+        )  # fmt: skip
     table = sincos_pos_embed_2d(decoder_embed_dim, grid)
     patch_dim = patch_embed.patch_size[0] * patch_embed.patch_size[1] * in_chans
     decoder: Union[CrossMAEDecoder, MAEDecoder]

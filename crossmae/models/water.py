@@ -11,10 +11,10 @@ fusion layer, and five CrossMAE decoders of width 128 x 4 layers; loss weights
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import check_int
 from ..decoders.cross import CrossMAEDecoder
@@ -190,6 +190,9 @@ def _series_positions(dim: int, t_index: Tensor, loc_index: Tensor) -> Tensor:
 
 _DEFAULTS = WaterMAEConfig()
 
+EncoderFn = Callable[[str, int, Optional[int]], nn.Module]
+"""``encoder_fn(name, depth, cond_dim) -> Encoder``: builds one encoder of the water model."""
+
 
 def build_water_mae(
     config: Optional[WaterMAEConfig] = None,
@@ -222,6 +225,7 @@ def build_water_mae(
     fm_layers: LayerSelection = "all",
     use_input: bool = False,
     drop_path: float = 0.0,
+    encoder_fn: Optional[EncoderFn] = None,
 ) -> MultimodalMAE:
     """Wire tokenizers, encoders, fusion and decoders for the water model (a plain function:
     copy it and swap a part to change the architecture; the parts check their arguments).
@@ -229,6 +233,11 @@ def build_water_mae(
     Keyword arguments are the configuration (defaults: the water model, see the module
     docstring and `WaterMAEConfig`, whose fields they mirror). A `WaterMAEConfig` may be
     passed instead (0.1 style); then no keyword argument may be given.
+
+    ``encoder_fn(name, depth, cond_dim) -> Encoder`` builds the encoder of each modality
+    (``name``; ``cond_dim`` is ``embed_dim`` for the FiLM-conditioned series encoders, else
+    None) and the fusion (``name="fusion"``); any `crossmae.Encoder` of width ``embed_dim``
+    fits, e.g. ``PostNormTransformerEncoder``. Default: pre-norm `TransformerEncoder`.
 
     Inputs of the built model: rasters ``[b, t, H, W]`` (NaN = missing, ``t <= num_steps``),
     series ``[b, sites, t]`` (NaN = missing, e.g. river flow before 1989),
@@ -246,7 +255,7 @@ def build_water_mae(
             raise TypeError(
                 f"pass either config or keyword arguments, not both (got {sorted(given)})"
             )
-        return build_water_mae(**{f: getattr(config, f) for f in _FIELDS})
+        return build_water_mae(**{f: getattr(config, f) for f in _FIELDS}, encoder_fn=encoder_fn)
     names = tuple(raster_names) + tuple(series_names)
     if len(tuple(loss_weights)) != len(names):
         raise ValueError(
@@ -262,10 +271,14 @@ def build_water_mae(
         fm_count = len(resolve_layer_indices(fm_layers, fusion_depth, "fm_layers")) + int(use_input)
     masking = grouped_masking_fn(mask_ratio, predict_ratio)
 
-    def encoder(depth: int, cond_dim: Optional[int] = None) -> TransformerEncoder:
+    def encoder(name: str, depth: int, cond_dim: Optional[int] = None) -> nn.Module:
+        if encoder_fn is not None:
+            return encoder_fn(name, depth, cond_dim)
+        final_norm = not (name == "fusion" and use_weighted_fm)
         return TransformerEncoder(
-            embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path, cond_dim=cond_dim
-        )
+            embed_dim, depth, num_heads, mlp_ratio, drop_path=0.0 if name == "fusion" else drop_path,
+            cond_dim=cond_dim, final_norm=final_norm,
+        )  # fmt: skip
 
     def decoder(out_dim: int, pos: Tensor) -> CrossMAEDecoder | MAEDecoder:
         if use_cross_attn:
@@ -289,22 +302,18 @@ def build_water_mae(
         # queries know (step, row, col) like the tokens: the tokenizer's sin-cos formula
         pos = raster_position_embedding(decoder_dim, tok.patch_coords, num_steps)
         modalities[name] = Modality(
-            tok, encoder(raster_depth), decoder(patch_size[0] * patch_size[1], pos),
+            tok, encoder(name, raster_depth), decoder(patch_size[0] * patch_size[1], pos),
             masking=masking, loss_weight=weights[name], num_steps=num_steps,
         )  # fmt: skip
     for name in series_names:
         stok = SeriesTokenizer(embed_dim, num_sites, group_size=group_size, modality_embed=True)
         pos = _series_positions(decoder_dim, *stok.token_positions(num_steps))
         modalities[name] = Modality(
-            stok, encoder(series_depth, cond_dim=embed_dim), decoder(group_size, pos),
+            stok, encoder(name, series_depth, cond_dim=embed_dim), decoder(group_size, pos),
             masking=masking, static_token=StaticToken(num_static, embed_dim, per_site=True),
             loss_weight=weights[name], num_steps=num_steps,
         )  # fmt: skip
-    fusion = None
-    if fusion_depth > 0:
-        fusion = TransformerEncoder(
-            embed_dim, fusion_depth, num_heads, mlp_ratio, final_norm=not use_weighted_fm
-        )
+    fusion = encoder("fusion", fusion_depth) if fusion_depth > 0 else None
     return MultimodalMAE(
         modalities, fusion, use_weighted_fm=use_weighted_fm, fm_layers=fm_layers,
         use_input=use_input,

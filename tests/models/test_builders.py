@@ -69,3 +69,31 @@ def test_water_builder_wires_modality_options() -> None:
     }  # fmt: skip
     with pytest.raises(ValueError, match="loss_weights"):
         cm.build_water_mae(**TINY_WATER, loss_weights=(1.0,))
+
+
+def test_builders_take_any_encoder() -> None:
+    """The builders accept any `Encoder` part: a post-norm encoder for every water modality
+    and the fusion, a foreign encoder for the image model."""
+    calls: list[tuple[str, int, Any]] = []
+
+    def post_norm(name: str, depth: int, cond_dim: Any) -> torch.nn.Module:
+        calls.append((name, depth, cond_dim))
+        return cm.PostNormTransformerEncoder(32, depth, 4, cond_dim=cond_dim)
+
+    torch.manual_seed(0)
+    model = cm.build_water_mae(**TINY_WATER, encoder_fn=post_norm)
+    assert [c[0] for c in calls] == [*model.names, "fusion"]
+    assert dict((c[0], c[2]) for c in calls)["river_flow"] == 32  # FiLM on the static token
+    for name in model.names:
+        assert isinstance(model.modalities[name].encoder, cm.PostNormTransformerEncoder)  # type: ignore[union-attr]
+    g = torch.Generator().manual_seed(0)
+    x = {m: torch.randn(2, 2, 40, 30, generator=g) for m in model.names[:3]}
+    x.update({m: torch.randn(2, 10, 2, generator=g) for m in model.names[3:]})
+    out = model(x, static=torch.randn(2, 10, 11, generator=g))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    enc = cm.TransformerEncoder(32, 2, 4, final_norm=False)
+    image = cm.build_image_crossmae(**TINY_IMAGE, encoder=enc)
+    assert image.encoder is enc
+    with pytest.raises(TypeError, match="encoder"):
+        cm.build_image_crossmae(**TINY_IMAGE, encoder=torch.nn.Linear(2, 2))
