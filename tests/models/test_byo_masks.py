@@ -199,3 +199,30 @@ def test_padding_wins_keeps_widths_and_is_sync_free() -> None:
     assert out.predict_padding_mask.tolist() == [[False, True]]
     assert out.ids_keep.tolist() == [[0, 0]] and out.ids_predict.tolist() == [[2, 0]]
     assert isinstance(out, MaskSplit)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loader_splits_on_cuda_match_hidden_masks() -> None:
+    """On CUDA: splits built in the 'collate_fn' (CPU), pinned and moved with
+    ``non_blocking=True``, give the loss of ``hidden_masks``; the dense promise (unmasked
+    kernels) gives the same loss as the masked kernels for never-padded rasters."""
+    torch.manual_seed(0)
+    model = tiny_water_model().cuda()
+    g = torch.Generator().manual_seed(8)
+    x, static = tiny_water_batch(NAMES, g)
+    x["river_flow"] = torch.randn(2, 12, 3, generator=g)
+    hidden = draw_hidden(g, 2)
+    splits = model.splits_from_masks(hidden)  # CPU, data preparation
+    moved = {k: s.pin_memory().to("cuda", non_blocking=True) for k, s in splits.items()}
+    xc = {k: v.cuda() for k, v in x.items()}
+    with torch.no_grad():
+        ref = model(xc, static=static.cuda(), hidden_masks={k: v.cuda() for k, v in hidden.items()})
+        got = model(xc, static=static.cuda(), splits=moved)
+    torch.testing.assert_close(got.loss, ref.loss)
+    rasters = {m: model.modalities[m] for m in RASTERS}
+    sub = MultimodalMAE(rasters, model.fusion).cuda()  # type: ignore[arg-type]
+    xs = {m: xc[m] for m in RASTERS}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a = sub(xs, generator=torch.Generator("cuda").manual_seed(0))
+        b = sub(xs, generator=torch.Generator("cuda").manual_seed(0), dense=True)
+    torch.testing.assert_close(a.loss.float(), b.loss.float(), rtol=2e-2, atol=2e-2)
