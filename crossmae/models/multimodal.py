@@ -432,13 +432,24 @@ class Modality(nn.Module):
                 f"hidden masks need a tokenizer with layout_to_tokens(); "
                 f"{type(self.tokenizer).__name__} has none (pass splits= instead)"
             )
+        for arg, m in (("hidden_mask", hidden_mask), ("predict_mask", predict_mask)):
+            if m is not None and check_tensor(arg, m).dtype != torch.bool:
+                raise TypeError(f"{arg} must have dtype torch.bool (True = yes), got {m.dtype}")
         hidden = to_tokens(hidden_mask)
         predict = hidden if predict_mask is None else to_tokens(predict_mask)
+        if predict.shape != hidden.shape:
+            raise ValueError(
+                f"predict_mask has shape {tuple(predict_mask.shape)} but hidden_mask has "  # type: ignore[union-attr]
+                f"{tuple(hidden_mask.shape)}"
+            )
+        # data preparation: a host check is fine here (mask_split_from_masks syncs anyway)
+        if predict_mask is not None and bool((predict & ~hidden).any()):
+            raise ValueError("predict_mask marks tokens that hidden_mask does not hide")
         visible = ~hidden
         if padding_mask is not None:
             visible = visible & ~padding_mask
             predict = predict & ~padding_mask
-        return mask_split_from_masks(visible, predict & hidden)
+        return mask_split_from_masks(visible, predict)
 
     def split(
         self,
@@ -757,10 +768,7 @@ class MultimodalMAE(nn.Module):
         self._check_names("hidden_masks", hidden_masks)
         self._check_names("predict_masks", predict_masks)
         predict_masks = predict_masks or {}
-        return {
-            name: self._modality(name).split_from_masks(mask, predict_masks.get(name))
-            for name, mask in hidden_masks.items()
-        }
+        return self._mask_splits(hidden_masks, predict_masks)
 
     def full_reconstruction_split(self, split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
         """Same visible tokens, but every hidden real token is predicted (inference)."""
@@ -932,7 +940,13 @@ class MultimodalMAE(nn.Module):
         return b, out, promised
 
     def _check_tokens(
-        self, name: str, x: Tensor, tokens: Tensor, split: Optional[MaskSplit], b: int
+        self,
+        name: str,
+        x: Tensor,
+        tokens: Tensor,
+        split: Optional[MaskSplit],
+        b: int,
+        from_masks: bool = False,
     ) -> None:
         """The token count fits the modality (at most ``num_steps`` steps) and a given
         split."""
@@ -956,7 +970,10 @@ class MultimodalMAE(nn.Module):
                 f"num_steps={mod.num_steps} steps"
             )
         if split is not None:
-            check_mask_split(f"splits[{name!r}]", split, b, n_m, f"inputs[{name!r}] ({n_m} tokens)")
+            label = "hidden_masks" if from_masks else "splits"
+            check_mask_split(
+                f"{label}[{name!r}]", split, b, n_m, f"inputs[{name!r}] ({n_m} tokens)"
+            )
 
     # ------------------------------------------------------------------ the steps
     def tokenize(
@@ -1061,16 +1078,14 @@ class MultimodalMAE(nn.Module):
             inputs, tokenizer_kwargs, static, site_padding_mask, missing, splits,
             hidden_masks, predict_masks, dense, generator,
         )  # fmt: skip
+        given = {**(splits or {}), **self._mask_splits(hidden_masks, predict_masks)}
         tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
-        given = dict(splits or {})
-        for name, hidden in (hidden_masks or {}).items():
-            predict = (predict_masks or {}).get(name)
-            given[name] = self._modality(name).split_from_masks(hidden, predict)
         used: dict[str, MaskSplit] = {}
         encoded: dict[str, EncoderOutput] = {}
         for name, mod in self._items():
             tokens, pad = tokenized[name]
-            self._check_tokens(name, inputs[name], tokens, given.get(name), b)
+            from_masks = name in (hidden_masks or {})
+            self._check_tokens(name, inputs[name], tokens, given.get(name), b, from_masks)
             flags = None if missing is None else missing.get(name)
             used[name] = mod.split(pad, given=given.get(name), missing=flags, generator=generator)
             static_tok = self._static_token(mod, static, site_padding_mask)
@@ -1098,6 +1113,22 @@ class MultimodalMAE(nn.Module):
             )
             total = total + mod.loss_weight * losses[name]
         return MultimodalOutput(total, losses, per_sample, preds, targets, valids, used)
+
+    def _mask_splits(
+        self,
+        hidden_masks: Optional[Mapping[str, Tensor]],
+        predict_masks: Optional[Mapping[str, Tensor]],
+    ) -> dict[str, MaskSplit]:
+        """Splits from masks in the input layout; errors name ``hidden_masks['<name>']``."""
+        out = {}
+        for name, hidden in (hidden_masks or {}).items():
+            try:
+                out[name] = self._modality(name).split_from_masks(
+                    hidden, (predict_masks or {}).get(name)
+                )
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"hidden_masks[{name!r}] / predict_masks[{name!r}]: {e}") from e
+        return out
 
     @staticmethod
     def _static_token(

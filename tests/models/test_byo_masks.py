@@ -115,6 +115,12 @@ def test_mask_arguments_are_checked_first(model: MultimodalMAE) -> None:
             model(x, static=static[..., :10])
         with pytest.raises(TypeError, match=r"dense\['precipitation'\]"):
             model(x, static=static, dense={"precipitation": "yes"})
+        with pytest.raises(ValueError, match=r"hidden_masks\['precipitation'\].*12"):
+            model(x, static=static, hidden_masks={"precipitation": hidden["evaporation"]})
+        outside = {"precipitation": ~hidden["precipitation"]}
+        with pytest.raises(ValueError, match="does not hide"):
+            model(x, static=static, hidden_masks={"precipitation": hidden["precipitation"]},
+                  predict_masks=outside)  # fmt: skip
         assert calls == [], "arguments must be checked before any tokenizing"
     finally:
         handle.remove()
