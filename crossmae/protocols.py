@@ -147,7 +147,9 @@ class Tokenizer(Protocol):
     when masks are given in the input layout.
 
     Optional: ``num_tokens(num_steps) -> int`` (tokens for ``num_steps`` time steps; lets a
-    model run fewer steps than it was built for).
+    model run fewer steps than it was built for); a ``num_sites`` attribute (then
+    `MultimodalMAE` passes its ``site_padding_mask=`` on); ``pad_empty_tokens`` (False, with
+    ``valid_patch_index``: the tokenizer never flags padding, so masking needs no sync).
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]: ...

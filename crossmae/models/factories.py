@@ -222,8 +222,8 @@ def build_image_crossmae(
 
     ``encoder``: any `crossmae.Encoder` of width ``embed_dim`` (e.g. the timm adapter of the
     how-to) used instead of the ViT `TransformerEncoder` (``depth`` must then be its depth;
-    with ``use_weighted_fm`` it must not apply an unused final norm). It is initialized with
-    the rest (MAE's scheme).
+    with ``use_weighted_fm`` it must not apply an unused final norm). A given encoder keeps
+    its weights (e.g. pretrained ones); every other part gets MAE's initialization.
 
     Returns:
         A freshly initialized `ImageCrossMAE` (on the current default device; use
@@ -243,6 +243,7 @@ def build_image_crossmae(
     assert grid is not None  # PatchEmbed was given img_size
     taps = resolve_layer_indices(fm_layers, depth, "fm_layers") if use_weighted_fm else None
     num_maps = None if taps is None else len(taps) + int(use_input)
+    encoder_given = encoder
     if encoder is None:
         encoder = TransformerEncoder(
             embed_dim, depth, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
@@ -273,7 +274,11 @@ def build_image_crossmae(
         norm_pix_loss=norm_pix_loss, fm_layers=taps, use_input=use_input and taps is not None,
         feature_mix=feature_mix, feature_norm=feature_norm,
     )  # fmt: skip
+    own_state = {} if encoder_given is None else encoder_given.state_dict()
+    kept = {k: v.clone() for k, v in own_state.items() if not v.is_meta}
     model.initialize_weights()
+    if encoder_given is not None and kept:
+        encoder_given.load_state_dict(kept, strict=False)
     return model
 
 

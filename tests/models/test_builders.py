@@ -93,7 +93,9 @@ def test_builders_take_any_encoder() -> None:
     out.loss.backward()
     assert torch.isfinite(out.loss)
     enc = cm.TransformerEncoder(32, 2, 4, final_norm=False)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
     image = cm.build_image_crossmae(**TINY_IMAGE, encoder=enc)
     assert image.encoder is enc
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())  # kept
     with pytest.raises(TypeError, match="encoder"):
         cm.build_image_crossmae(**TINY_IMAGE, encoder=torch.nn.Linear(2, 2))
