@@ -110,3 +110,27 @@ def check_probability(name: str, value: object) -> float:
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return v
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Refuse anything but a real ``bool`` (``"False"``, ``0``, ``None`` would read as a flag)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_optional_bool(name: str, value: object) -> Optional[bool]:
+    """As :func:`check_bool`, but ``None`` (meaning "decide automatically") is accepted."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_generator(name: str, value: object) -> Optional[torch.Generator]:
+    """Refuse anything but a ``torch.Generator`` or ``None`` (e.g. a seed given as ``5``)."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {value!r} ({type(value).__name__}); "
+            "for a seed, pass `torch.Generator().manual_seed(seed)`"
+        )
+    return value
