@@ -13,7 +13,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_optional_bool,
+    check_padding_mask,
+)
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
 from ..masking.tokens import gather_tokens
@@ -72,6 +79,9 @@ class MAEDecoder(_QueryEmbeddings):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("modality_embed", modality_embed)
+        check_optional_bool("fused_attn", fused_attn)
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)

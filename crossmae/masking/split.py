@@ -15,7 +15,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_padding_mask, check_ratio, check_tensor
+from .._checks import (
+    check_generator,
+    check_int,
+    check_padding_mask,
+    check_ratio,
+    check_tensor,
+)
 from .tokens import gather_tokens
 
 __all__ = ["MaskSplit", "mask_split_from_masks", "random_masking"]
@@ -156,6 +162,7 @@ def random_masking(
         ValueError: ratios out of range, or shapes/devices of ``padding_mask``/``noise``
             not matching ``(batch_size, num_tokens)``.
     """
+    check_generator("generator", generator)
     b = check_int("batch_size", batch_size, minimum=0)
     n = check_int("num_tokens", num_tokens, minimum=0)
     mr = check_ratio("mask_ratio", mask_ratio)
@@ -224,6 +231,7 @@ def uniform_noise(
     A CPU generator with CUDA data is fine (the noise is drawn on the CPU, then moved), so
     the same seed gives the same masks on every device.
     """
+    check_generator("generator", generator)
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)

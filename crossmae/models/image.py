@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_tensor
+from .._checks import check_float_tensor, check_generator, check_optional_bool, check_tensor
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import (
@@ -349,6 +349,7 @@ class ImageCrossMAE(nn.Module):
         Defaults to the model's ``mask_ratio`` and ``predict_ratio``; ``noise [b, N]``
         (small = keep) or ``generator`` make it deterministic.
         """
+        check_generator("generator", generator)
         mr = self.mask_ratio if mask_ratio is None else mask_ratio
         pr = self.predict_ratio if predict_ratio is None else predict_ratio
         if device is None and noise is None and generator is None:
@@ -513,9 +514,9 @@ class ImageCrossMAE(nn.Module):
         Returns:
             `ImageCrossMAEOutput` ``(loss, pred [b, p, o], split, target [b, p, o])``.
         """
+        check_generator("generator", generator)
         x = self._check_imgs(imgs)
-        if dense is not None and not isinstance(dense, bool):
-            raise TypeError(f"dense must be a bool or None, got {dense!r}")
+        check_optional_bool("dense", dense)
         is_dense = split is None if dense is None else dense
         if split is None:
             split = self.random_split(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_int, check_ratio, check_tensor
+from .._checks import check_bool, check_int, check_ratio, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
 from ._base import _ProjectedTokenizer, _time_embed_positions
 
@@ -571,6 +571,7 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_bool("bias", bias)
         d = check_int("embed_dim", embed_dim, minimum=1)
         self.patch_size = _pair("patch_size", patch_size)
         self.in_chans = check_int("in_chans", in_chans, minimum=1)
