@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_int, check_ratio, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
-from ._base import _ProjectedTokenizer, _time_embed_positions
+from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
 __all__ = [
     "PatchEmbed",
@@ -472,6 +472,7 @@ class RasterTokenizer(_ProjectedTokenizer):
         """
         xt = self._check_x(x)
         b, t = xt.shape[0], xt.shape[1]
+        _check_time_positions(time_positions, b, t)
         values, valid = self._patch_values(xt)
         feats = values.to(self.proj.weight.dtype)
         if self.missing_fraction:

@@ -123,3 +123,45 @@ CASES = _gen_cases() + _flag_cases()
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_seam_input(case: Case, rec: Recorder) -> None:
     run_case(rec, case)
+
+
+# --------------------------------------------------------------------------- time_positions
+def _tokenizers() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    raster = cm.RasterTokenizer(8, 4, (8, 12))
+    series = cm.SeriesTokenizer(8, 4, group_size=2)
+    return {
+        "RasterTokenizer": (raster, randn(2, 3, 8, 12)),  # [b, t, H, W]
+        "SeriesTokenizer": (series, randn(2, 4, 3)),  # [b, s, t]
+    }
+
+
+BAD_TIME_POSITIONS: dict[str, Callable[[], torch.Tensor]] = {
+    "time_positions of the wrong length [t + 1]": lambda: torch.arange(4.0),
+    "time_positions of bool dtype": lambda: torch.ones(3, dtype=torch.bool),
+    "time_positions [b + 1, t] (another batch)": lambda: torch.zeros(3, 3),
+}
+
+
+@pytest.mark.parametrize("api", ["RasterTokenizer", "SeriesTokenizer"])
+@pytest.mark.parametrize("tried", list(BAD_TIME_POSITIONS))
+def test_time_positions_checked_before_proj(api: str, tried: str, rec: Recorder) -> None:
+    """The error comes before any work: the projection never runs."""
+    tok, x = _tokenizers()[api]
+    calls: list[int] = []
+    hook = tok.proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        tok(x, time_positions=BAD_TIME_POSITIONS[tried]())
+    except (ValueError, TypeError) as e:
+        ok = "time_positions" in str(e) and not calls
+        rec.check(
+            api,
+            tried,
+            ok,
+            f"{type(e).__name__} naming `time_positions`, raised before `proj` runs",
+            f"{type(e).__name__}: {e} (proj ran {len(calls)} times)",
+        )
+    else:
+        rec.check(api, tried, False, "", "returned silently")
+    finally:
+        hook.remove()
