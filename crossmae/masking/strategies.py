@@ -43,7 +43,15 @@ from .._checks import (
     check_ratio,
     check_tensor,
 )
-from .split import MaskSplit, _ascending_ids, _resolve_device, mask_split_from_masks, uniform_noise
+from .split import (
+    MaskSplit,
+    _ascending_ids,
+    _check_split_values,
+    _resolve_device,
+    _split_is_host_checkable,
+    mask_split_from_masks,
+    uniform_noise,
+)
 
 __all__ = [
     "channel_masking",
@@ -555,6 +563,8 @@ SplitLike = Union[MaskSplit, tuple[Tensor, Tensor]]
 
 def _as_split(split: object) -> MaskSplit:
     if isinstance(split, MaskSplit):
+        if _split_is_host_checkable(split):  # free on the CPU; see MaskSplit.validate
+            _check_split_values(split, "split")
         return split
     if isinstance(split, tuple) and len(split) == 2:
         return mask_split_from_masks(split[0], split[1])
