@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from reliability_helpers import Case, Raises, Recorder, randn, run_case
+from reliability_helpers import Case, Raises, Recorder, Returns, randn, run_case
 
 import crossmae as cm
 
@@ -165,3 +165,174 @@ def test_time_positions_checked_before_proj(api: str, tried: str, rec: Recorder)
         rec.check(api, tried, False, "", "returned silently")
     finally:
         hook.remove()
+
+
+# --------------------------------------------------------------------------- splits, scatter
+def _corrupt(kind: str) -> cm.MaskSplit:
+    from strategies import SplitSpec, corrupt_split
+
+    return corrupt_split(SplitSpec(1, False, 0.75).build(2, 16), kind)
+
+
+def _split_cases() -> list[Case]:
+    from strategies import CORRUPTED_FIELD, SPLIT_CORRUPTIONS
+
+    imgs = randn(2, 3, 16, 16)
+    out: list[Case] = []
+    for kind in SPLIT_CORRUPTIONS:
+        field = CORRUPTED_FIELD[kind]
+        tried = f"split with {kind.replace('_', ' ')}"
+        out += [
+            Case(
+                "MaskSplit",
+                f"validate(): {tried}",
+                (lambda k=kind: _corrupt(k).validate()),
+                Raises((f"split.{field}",)),
+            ),
+            Case(
+                "ImageCrossMAE.forward",
+                f"CPU {tried}",
+                (lambda k=kind: _image()(imgs, split=_corrupt(k))),
+                Raises((f"split.{field}",)),
+            ),
+            Case(
+                "mask_missing_samples",
+                f"CPU {tried}",
+                (
+                    lambda k=kind: cm.mask_missing_samples(
+                        _corrupt(k), torch.zeros(2, dtype=torch.bool)
+                    )
+                ),
+                Raises((f"split.{field}",)),
+            ),
+        ]
+    values = torch.tensor([[[1.0], [2.0], [3.0]]])
+    out += [
+        Case(
+            "scatter_tokens",
+            "repeated real ids [[1, 1, 2]] (CPU)",
+            lambda: cm.scatter_tokens(values, torch.tensor([[1, 1, 2]]), 4),
+            Raises(("ids",)),
+        ),
+        Case(
+            "scatter_tokens",
+            "a repeated id in a padded slot only",
+            lambda: cm.scatter_tokens(
+                values,
+                torch.tensor([[1, 1, 2]]),
+                4,
+                padding_mask=torch.tensor([[False, True, False]]),
+            ),
+            Returns("placed; padded slots are never written", _equals([0.0, 1.0, 3.0, 0.0])),
+        ),
+        Case(
+            "MAEDecoder.forward",
+            "repeated real ids_keep (CPU)",
+            lambda: cm.MAEDecoder(8, 8, 1, 2, 4, num_tokens=4)(
+                randn(1, 3, 8), torch.tensor([[1, 1, 2]]), torch.tensor([[0, 3]])
+            ),
+            Raises(("ids_keep",)),
+        ),
+    ]
+    return out
+
+
+def _equals(expected: list[float]) -> Callable[[Any], None]:
+    def check(result: Any) -> None:
+        assert result.flatten().tolist() == expected, result.flatten().tolist()
+
+    return check
+
+
+# --------------------------------------------------------------------------- unseen pixels
+def _pixel_case(where: str) -> Any:
+    """Loss, predictions and gradients with NaN/inf written at ``where``; the clean ones."""
+    model = _image().train()
+    imgs = randn(2, 3, 16, 16, seed=4)
+    split = cm.random_masking(
+        2, 16, 0.75, predict_ratio=0.25, generator=torch.Generator().manual_seed(0)
+    )
+    if where == "hidden":
+        patch = int(torch.nonzero(~split.visible_mask[0] & ~split.predict_mask[0])[0])
+    else:
+        patch = int(split.ids_predict[0, 0])
+    r, c = divmod(patch, 4)
+
+    def run(x: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(x, split=split, dense=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    clean = run(imgs)
+    poisoned = imgs.clone()
+    poisoned[0, 1, r * 4 + 1, c * 4 + 2] = float("nan")
+    nan = run(poisoned)
+    poisoned[0, 1, r * 4 + 1, c * 4 + 2] = float("inf")
+    inf = run(poisoned)
+    model.eval()
+    return where, clean, nan, inf
+
+
+def _check_pixel(result: Any) -> None:
+    where, (c_out, c_g), (n_out, n_g), (i_out, i_g) = result
+    for grads in (n_g, i_g):
+        bad = [k for k, g in grads.items() if not bool(torch.isfinite(g).all())]
+        assert not bad, f"non-finite gradients: {bad[:3]}"
+    assert torch.equal(n_out.pred, c_out.pred) and torch.equal(i_out.pred, c_out.pred)
+    if where == "hidden":
+        assert torch.equal(n_out.loss, c_out.loss) and torch.equal(i_out.loss, c_out.loss)
+        assert all(torch.equal(n_g[k], c_g[k]) for k in c_g), "gradients changed"
+    else:  # a missing target value: NaN and inf alike, both finite
+        assert torch.equal(n_out.loss, i_out.loss), "NaN and inf targets scored differently"
+        assert all(torch.equal(n_g[k], i_g[k]) for k in n_g)
+
+
+def _pixel_cases() -> list[Case]:
+    pe = cm.PatchEmbed(8, 4, 16)
+    imgs = randn(2, 3, 16, 16, seed=2)
+    ids = torch.tensor([[0, 5], [15, 3]])
+    poisoned = imgs.clone()
+    poisoned[:, :, 4:8, 8:12] = float("nan")  # patch 6: selected by no sample
+    return [
+        Case(
+            "ImageCrossMAE.forward",
+            "NaN/inf in a pixel neither visible nor predicted",
+            lambda: _pixel_case("hidden"),
+            Returns(
+                "loss, predictions and every gradient bit-identical; gradients finite",
+                _check_pixel,
+                finite=False,
+            ),
+        ),
+        Case(
+            "ImageCrossMAE.forward",
+            "NaN/inf in a pixel of a predicted (target) patch",
+            lambda: _pixel_case("target"),
+            Returns(
+                "a missing target value: not scored, not in norm_pix statistics; "
+                "predictions bit-identical, loss and gradients finite",
+                _check_pixel,
+                finite=False,
+            ),
+        ),
+        Case(
+            "PatchEmbed.embed_selected",
+            "NaN in a patch that is not selected",
+            lambda: pe.embed_selected(poisoned, ids),
+            Returns(
+                "never read: equal to the clean result",
+                lambda r: torch.testing.assert_close(
+                    r, pe.embed_selected(imgs, ids), rtol=0, atol=0
+                ),
+            ),
+        ),
+    ]
+
+
+MORE_CASES = _split_cases() + _pixel_cases()
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=[c.id for c in MORE_CASES])
+def test_seam_split_scatter_pixels(case: Case, rec: Recorder) -> None:
+    run_case(rec, case)
