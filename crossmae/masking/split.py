@@ -39,6 +39,11 @@ class MaskSplit(NamedTuple):
         predict_mask: bool ``[b, n]``, True = this token is a reconstruction target.
 
     ``k`` and ``p`` are the largest per-sample counts in the batch.
+
+    Splits made by crossmae are self-consistent by construction; one built or edited by
+    hand must be too (distinct real ids in range, masks equal to the ids, no token both
+    visible and predicted): see `validate`, which the entry points taking a split run
+    whenever it is free (CPU tensors).
     """
 
     ids_keep: Tensor

@@ -540,7 +540,10 @@ class ImageCrossMAE(nn.Module):
             predict_ratio: share of all patches decoded and scored (default: the model's).
             split: a precomputed `MaskSplit` over the ``N`` patches (then none of the
                 masking arguments may be given). Passing one keeps ``forward`` free of host
-                syncs (e.g. for ``torch.compile(fullgraph=True)``).
+                syncs (e.g. for ``torch.compile(fullgraph=True)``). A split on the CPU is
+                checked for self-consistency here (`MaskSplit.validate`, ``ValueError``
+                naming the field); one on CUDA only for shapes and dtypes (call
+                ``split.validate()`` in data preparation).
             generator: RNG for the random split.
             noise: ``[b, N]`` ordering scores for the random split (small = visible).
             dense: whether the split has no padding slot, so attention can run without
