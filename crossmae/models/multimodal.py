@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_int, check_ratio, check_tensor
+from .._checks import check_generator, check_int, check_ratio, check_tensor
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
@@ -292,6 +292,7 @@ class MultimodalMAE(nn.Module):
                 sample: no token of it is kept or predicted).
             generator: RNG for the masking functions.
         """
+        check_generator("generator", generator)
         self._check_names("padding_masks", padding_masks, require_all=True)
         self._check_names("missing", missing)
         splits: dict[str, MaskSplit] = {}

@@ -44,6 +44,9 @@ def _gen_cases() -> list[Case]:
         ),
         "ImageCrossMAE.forward": lambda g: _image()(randn(2, 3, 16, 16), generator=g),
         "ImageCrossMAE.random_split": lambda g: _image().random_split(2, generator=g),
+        "MultimodalMAE.make_splits": lambda g: _water().make_splits(
+            {name: torch.zeros(2, 1, dtype=torch.bool) for name in _water().names}, generator=g
+        ),
     }
     return [
         Case(api, f"generator={g!r}", (lambda f=fn, g=g: f(g)), Raises(("generator",), (repr(g),)))
@@ -53,6 +56,12 @@ def _gen_cases() -> list[Case]:
 
 
 _IMAGE: list[cm.ImageCrossMAE] = []
+
+
+def _water() -> cm.MultimodalMAE:
+    from reliability_helpers import build_water
+
+    return build_water()
 
 
 def _image() -> cm.ImageCrossMAE:
