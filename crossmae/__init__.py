@@ -15,8 +15,16 @@ from ._config import (
     set_padded_attention_kernel,
     use_fused_attn,
 )
-from .decoders import CrossMAEDecoder, MAEDecoder
-from .encoders import EncoderOutput, FiLM, TransformerEncoder
+from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos
+from .encoders import (
+    EncoderOutput,
+    FiLM,
+    FiLMProjection,
+    PostNormBlock,
+    PostNormTransformerEncoder,
+    TransformerEncoder,
+    visible_patch_mean,
+)
 from .layers import (
     Attention,
     Block,
@@ -36,7 +44,13 @@ from .layers import (
     sincos_pos_embed_2d_from_coords,
     unpack_tokens,
 )
-from .losses import MaskedMSELoss, masked_mse_loss, norm_pix_target, weighted_sum_losses
+from .losses import (
+    MaskedMSELoss,
+    masked_mse_loss,
+    norm_pix_target,
+    token_valid_mask_from_pixels,
+    weighted_sum_losses,
+)
 from .masking import (
     MaskSplit,
     channel_masking,
@@ -105,6 +119,7 @@ __all__ = [
     "EncoderConfig",
     "EncoderOutput",
     "FiLM",
+    "FiLMProjection",
     "ImageCrossMAE",
     "ImageCrossMAEConfig",
     "ImageCrossMAEOutput",
@@ -118,8 +133,11 @@ __all__ = [
     "OfficialLoadReport",
     "PackedTokens",
     "PatchEmbed",
+    "PostNormBlock",
+    "PostNormTransformerEncoder",
     "RasterTokenizer",
     "SeriesTokenizer",
+    "SpatioTemporalQueryPos",
     "StackedLayerNorm",
     "StaticToken",
     "TransformerEncoder",
@@ -166,11 +184,13 @@ __all__ = [
     "sincos_pos_embed_2d_from_coords",
     "tail_masking",
     "time_step_masking",
+    "token_valid_mask_from_pixels",
     "tube_masking",
     "unpack_tokens",
     "unpatchify",
     "use_fused_attn",
     "valid_patches_from_mask",
+    "visible_patch_mean",
     "water_mae_small",
     "weighted_sum_losses",
 ]

@@ -21,7 +21,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_generator, check_optional_bool, check_tensor
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_generator,
+    check_optional_bool,
+    check_tensor,
+)
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import (
@@ -399,6 +405,7 @@ class ImageCrossMAE(nn.Module):
             input first when ``use_input``).
         """
         x = self._check_imgs(imgs)
+        check_bool("dense", dense)
         return self._encode(x, self._check_split(split, x.shape[0]), dense=dense)
 
     def _embed_visible(self, x: Tensor, split: MaskSplit) -> Tensor:
@@ -459,6 +466,7 @@ class ImageCrossMAE(nn.Module):
             ``[b, p, o]`` predicted patch values, laid out ``(ph pw C)``; padded query slots
             hold finite, meaningless values.
         """
+        check_bool("dense", dense)
         return self._decode(encoded, self._check_split(split, encoded.tokens.shape[0]), dense=dense)
 
     def _decode(self, encoded: EncoderOutput, split: MaskSplit, *, dense: bool) -> Tensor:
