@@ -110,6 +110,21 @@ def _flag_cases() -> list[Case]:
             ),
         ),
         "PatchEmbed": ("bias", lambda v: cm.PatchEmbed(8, 4, bias=v)),
+        "PostNormBlock": ("qkv_bias", lambda v: cm.PostNormBlock(8, 2, qkv_bias=v)),
+        "PostNormTransformerEncoder": (
+            "qkv_bias",
+            lambda v: cm.PostNormTransformerEncoder(8, 0, 2, qkv_bias=v),
+        ),
+        "PostNormTransformerEncoder ": (
+            "norm_features",
+            lambda v: cm.PostNormTransformerEncoder(8, 1, 2, norm_features=v),
+        ),
+        "PostNormTransformerEncoder.forward": (
+            "include_input",
+            lambda v: cm.PostNormTransformerEncoder(8, 1, 2)(
+                randn(1, 3, 8), return_layers=[0], include_input=v
+            ),
+        ),
         "drop_path": ("training", lambda v: cm.drop_path(randn(2, 3), 0.5, v)),
     }
     out = []
