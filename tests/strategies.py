@@ -20,12 +20,17 @@ from typing import Optional, Sequence, Union
 import torch
 from hypothesis import strategies as st
 
+from crossmae.masking import MaskSplit, mask_split_from_masks, random_masking
 from crossmae.models import MultimodalMAE
 
 __all__ = [
+    "CORRUPTED_FIELD",
+    "SPLIT_CORRUPTIONS",
     "CrossBatch",
     "PaddedBatch",
+    "SplitSpec",
     "assert_close_or_equal",
+    "corrupt_split",
     "cross_batches",
     "generator",
     "lengths_to_mask",
@@ -36,6 +41,7 @@ __all__ = [
     "reference_attention",
     "seeds",
     "shuffled_mask",
+    "split_specs",
     "tiny_water_batch",
     "tiny_water_model",
 ]
@@ -386,3 +392,81 @@ def tiny_water_batch(
     flow[0] = float("nan")
     inputs["river_flow"] = flow
     return inputs, torch.randn(2, 12, 11, generator=g)
+
+
+# --------------------------------------------------------------------------- mask splits
+SPLIT_CORRUPTIONS = (
+    "repeat_keep",
+    "repeat_predict",
+    "overlap",
+    "keep_out_of_range",
+    "predict_negative",
+    "visible_mask_disagrees",
+    "predict_mask_disagrees",
+)
+"""Ways to make a `MaskSplit` self-contradictory, and the field each one is named by."""
+CORRUPTED_FIELD = {
+    "repeat_keep": "ids_keep",
+    "repeat_predict": "ids_predict",
+    "overlap": "predict_mask",
+    "keep_out_of_range": "ids_keep",
+    "predict_negative": "ids_predict",
+    "visible_mask_disagrees": "visible_mask",
+    "predict_mask_disagrees": "predict_mask",
+}
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to build a split over ``n`` tokens: ``dense`` (`random_masking`, no padding) or
+    padded (per-sample random masks of different sizes, `mask_split_from_masks`; a sample
+    may keep or predict nothing). Built from ``seed``."""
+
+    seed: int
+    dense: bool
+    mask_ratio: float
+
+    def build(self, b: int, n: int) -> MaskSplit:
+        g = generator(self.seed)
+        if self.dense:
+            return random_masking(
+                b, n, self.mask_ratio, predict_ratio=self.mask_ratio / 2, generator=g
+            )
+        role = torch.randint(0, 3, (b, n), generator=g)  # 0 visible, 1 predicted, 2 skipped
+        role[0] = torch.where(role[0] == 0, 2, role[0])  # sample 0 sees nothing
+        if b > 1:  # the last sample keeps and predicts at least two tokens each
+            role[-1, :2], role[-1, 2:4] = 0, 1
+        return mask_split_from_masks(role == 0, role == 1)
+
+
+@st.composite
+def split_specs(draw: st.DrawFn) -> SplitSpec:
+    return SplitSpec(draw(seeds()), draw(st.booleans()), draw(st.sampled_from([0.5, 0.75])))
+
+
+def corrupt_split(split: MaskSplit, kind: str) -> MaskSplit:
+    """A copy of ``split`` broken in the way ``kind`` (one of `SPLIT_CORRUPTIONS`) names.
+
+    ``split`` needs a sample with two real kept and two real predicted slots (sample -1).
+    """
+    s = MaskSplit(*(t.clone() for t in split))
+    n = s.visible_mask.shape[1]
+    if kind == "repeat_keep":
+        s.ids_keep[-1, 1] = s.ids_keep[-1, 0]
+    elif kind == "repeat_predict":
+        s.ids_predict[-1, 1] = s.ids_predict[-1, 0]
+    elif kind == "overlap":  # a visible token also predicted (in ids and masks alike)
+        s.ids_predict[-1, 0] = s.ids_keep[-1, 0]
+        s.predict_mask[-1] = False
+        s.predict_mask[-1, s.ids_predict[-1][~s.predict_padding_mask[-1]]] = True
+    elif kind == "keep_out_of_range":
+        s.ids_keep[-1, 0] = n
+    elif kind == "predict_negative":
+        s.ids_predict[-1, 0] = -1
+    elif kind == "visible_mask_disagrees":
+        s.visible_mask[-1, s.ids_keep[-1, 0]] = False
+    elif kind == "predict_mask_disagrees":
+        s.predict_mask[-1, s.ids_predict[-1, 0]] = False
+    else:
+        raise ValueError(f"unknown corruption {kind!r}")
+    return s

@@ -52,9 +52,29 @@ checkpoint round trips and gradients for every masking strategy.
 ## Documented behaviour
 
 - **Index and length values** (`ids_*` past the sequence, negative ids, lengths outside
-  `[0, max_len]`) are not range-checked: checking a value needs a device sync. On the CPU
-  the kernel raises (`RuntimeError`/`IndexError`), on CUDA a device-side assert fires. An
-  out-of-range value is never silently dropped, clamped or wrapped.
+  `[0, max_len]`) are range-checked where that is free (CPU tensors: a `ValueError`, or
+  the CPU kernel's error where a case says so); on CUDA a device-side assert fires
+  instead of a host sync. An out-of-range value is never silently dropped, clamped or
+  wrapped.
+- **Self-contradictory splits** (a real id repeated in `ids_keep` or `ids_predict`, an id
+  outside `[0, N)`, `visible_mask` / `predict_mask` not equal to the real ids, a token
+  both visible and predicted) are refused with a `ValueError` naming the field by
+  `MaskSplit.validate()` on any device, and by every entry point that accepts a split
+  (`ImageCrossMAE.forward` and its parts, `MultimodalMAE(splits=)`, `mask_missing_samples`,
+  `modality_dropout`) when the split is on the CPU. On CUDA those entry points check only
+  shapes and dtypes (no host sync in forward): validate in data preparation. Splits the
+  library draws are valid by construction and not re-checked.
+- **Repeated real ids in `scatter_tokens`** (and `MAEDecoder`'s `ids_keep`) are refused on
+  CPU tensors; where that cannot be checked (CUDA, `torch.compile`) the repeated values
+  are summed at their position and each gets that position's gradient: value and
+  gradient always agree.
+- **Pixels outside the visible patches are never read** by `ImageCrossMAE`'s encoder
+  (visible-only patch embedding): NaN/inf there leaves loss, predictions and gradients
+  bit-identical. A NaN/inf pixel inside a **predicted** patch is a missing target value:
+  not scored, not in that patch's `norm_pix_loss` statistics (NaN and inf score alike).
+- **Flags and generators are typed**: a non-`bool` flag (`"False"`, `"no"`, `1`) or a
+  `generator` that is not a `torch.Generator` is a `TypeError` naming it, raised first.
+  Tokenizers check `time_positions` before any work.
 - **NaN/inf in real data propagates** to the outputs of that sample only (never to other
   samples, never hidden). NaN/inf in **padded** slots, in tokens that are not selected, or
   at invalid target values never reaches an output, a loss or a gradient.

@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_optional_bool,
+    check_padding_mask,
+)
 from ..layers import _varlen
 from ..layers._varlen import real_first_permutation, take_tokens
 from ..layers.blocks import CrossAttentionBlock
@@ -222,6 +229,10 @@ class CrossMAEDecoder(_QueryEmbeddings):
         query_pos: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        check_bool("self_attn", self_attn)
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("modality_embed", modality_embed)
+        check_optional_bool("fused_attn", fused_attn)
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)
@@ -346,6 +357,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
         Returns:
             ``[b, p, o]`` predictions.
         """
+        check_bool("context_padding_is_trailing", context_padding_is_trailing)
         raw = self._check_context(context)
         ids = check_index_tensor("ids_predict", ids_predict)
         b, m = raw.shape[-3], raw.shape[-2]

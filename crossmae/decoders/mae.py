@@ -13,10 +13,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_index_tensor, check_int, check_padding_mask
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_optional_bool,
+    check_padding_mask,
+)
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
-from ..masking.tokens import gather_tokens
+from ..masking.tokens import _check_unique_ids, gather_tokens
 from .cross import _param_dtype_check, _QueryEmbeddings
 
 __all__ = ["MAEDecoder"]
@@ -54,6 +61,10 @@ class MAEDecoder(_QueryEmbeddings):
         ``forward(context [b, m, e], ids_keep [b, m], ids_predict [b, p], *,
         context_padding_mask [b, m] | None, query_padding_mask [b, p] | None,
         padding_mask [b, n] | None, pos [n, c] | [b, n, c] | None) -> [b, p, o]``.
+        Real ``ids_keep`` must be distinct within a sample: a repeat is refused on CPU
+        tensors (``ValueError``); on CUDA it cannot be checked without a sync and the
+        repeated tokens are summed at their position (value and gradient agree, as in
+        `crossmae.scatter_tokens`), never mixed with the mask token.
         ``context_padding_mask`` marks padded visible slots (never scattered);
         ``padding_mask`` marks padding in the full sequence (never a key). ``context`` must
         have the decoder's dtype (any float dtype under autocast); ``pos`` is cast to it.
@@ -82,6 +93,9 @@ class MAEDecoder(_QueryEmbeddings):
         query_pos: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("modality_embed", modality_embed)
+        check_optional_bool("fused_attn", fused_attn)
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=1)
@@ -178,11 +192,13 @@ class MAEDecoder(_QueryEmbeddings):
                 f"pos must have shape [{n}, {self.dim}] or [{b}, {n}, {self.dim}] (num_tokens="
                 f"{n}, dim={self.dim}, batch {b}), got {tuple(table.shape)}"
             )
+        _check_unique_ids(ids_keep, n, cpad, "ids_keep")
         x = self.embed(ctx)
         # Scatter the visible tokens among mask tokens. An additive scatter: padded slots are
-        # zeroed and sent to token 0 (adding 0 changes nothing), real ids are unique, so the
-        # sum is exact, and an id out of [0, n) is an index error of the kernel, never
-        # silently dropped.
+        # zeroed and sent to token 0 (adding 0 changes nothing), real ids are unique (refused
+        # on the CPU otherwise; on CUDA repeats sum, as in `scatter_tokens`), so the sum is
+        # exact, and an id out of [0, n) is an index error of the kernel, never silently
+        # dropped. A position gets the mask token only where nothing real landed.
         idx = ids_keep.long()
         weight = torch.ones_like(idx, dtype=x.dtype)
         if cpad is not None:
@@ -194,7 +210,7 @@ class MAEDecoder(_QueryEmbeddings):
         if n > 0:  # (with n = 0 every visible slot must be padding: nothing to place)
             visible = visible.scatter_add(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)
             hit = hit.scatter_add(1, idx, weight)
-        full = visible + (1 - hit[..., None]) * self.mask_token.to(x.dtype)
+        full = torch.where(hit[..., None] > 0, visible, self.mask_token.to(x.dtype))
         full = full + table.to(full.dtype)
         if self.modality_embed is not None:
             full = full + self.modality_embed

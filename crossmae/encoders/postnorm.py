@@ -17,7 +17,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_int, check_padding_mask
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_optional_bool,
+    check_padding_mask,
+)
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
 from .film import FiLMProjection
@@ -85,6 +91,8 @@ class PostNormBlock(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         self.dim = check_int("dim", dim, minimum=1)
         self.attn = Attention(
             dim,
@@ -206,6 +214,8 @@ class PostNormTransformerEncoder(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=0)
         for flag_name, flag in (("final_norm", final_norm), ("norm_features", norm_features)):

@@ -13,7 +13,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_int, check_padding_mask, check_probability
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_optional_bool,
+    check_padding_mask,
+    check_probability,
+)
 from ..layers import _varlen
 from ..layers._varlen import inverse_permutation, real_first_permutation, take_tokens
 from ..layers.blocks import Block
@@ -192,6 +199,9 @@ class TransformerEncoder(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_bool("final_norm", final_norm)
+        check_optional_bool("fused_attn", fused_attn)
         self.dim = check_int("dim", dim, minimum=1)
         self.depth = check_int("depth", depth, minimum=0)
         check_probability("drop_path", drop_path)
@@ -228,6 +238,8 @@ class TransformerEncoder(nn.Module):
         include_input: bool = False,
         padding_is_trailing: bool = False,
     ) -> EncoderOutput:
+        check_bool("include_input", include_input)
+        check_bool("padding_is_trailing", padding_is_trailing)
         x = check_float_tensor("tokens", tokens, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(
@@ -297,6 +309,7 @@ class TransformerEncoder(nn.Module):
         ``features`` are ``[k, t, c]``; `unpack_tokens` brings rows back to ``[b, n, c]``.
         ``cond [b, a]`` (FiLM) is looked up per row.
         """
+        check_bool("include_input", include_input)
         if not isinstance(packed, PackedTokens):
             raise TypeError(f"packed must be PackedTokens, got {type(packed).__name__}")
         x = check_float_tensor("packed.tokens", packed.tokens, ndim=2)

@@ -27,9 +27,11 @@ from einops import rearrange
 from torch import Tensor
 
 from .._checks import (
+    check_bool,
     check_float_tensor,
     check_int,
     check_module_dtype,
+    check_optional_bool,
     check_padding_mask,
     check_probability,
     check_same_device,
@@ -150,6 +152,7 @@ def padded_attention(
         ``[b, h, n, d]``. Rows whose sample has no real key are exactly 0. Padded keys and
         values are zeroed first, so NaN/inf stored there cannot reach the output.
     """
+    check_optional_bool("fused", fused)
     check_float_tensor("q", q, ndim=4)
     check_float_tensor("k", k, ndim=4)
     check_float_tensor("v", v, ndim=4)
@@ -208,6 +211,7 @@ def packed_attention(
             ``cu_seqlens``, non-int ``max_seqlen``.
         ValueError: shapes other than the above, ``max_seqlen < 1``, devices that differ.
     """
+    check_optional_bool("fused", fused)
     _check_packed_qkv(q, k, v)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
     check_int("max_seqlen", max_seqlen, minimum=1)
@@ -348,6 +352,8 @@ class Attention(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         self.head_dim = _check_heads(dim, num_heads)
         self.dim = dim
         self.num_heads = num_heads
@@ -366,6 +372,7 @@ class Attention(nn.Module):
         *,
         padding_is_trailing: bool = False,
     ) -> Tensor:
+        check_bool("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype)
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
@@ -445,6 +452,8 @@ class CrossAttention(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         self.head_dim = _check_heads(dim, num_heads)
         self.context_dim = dim if context_dim is None else context_dim
         check_int("context_dim", self.context_dim, minimum=1)
@@ -467,6 +476,7 @@ class CrossAttention(nn.Module):
         *,
         context_padding_is_trailing: bool = False,
     ) -> Tensor:
+        check_bool("context_padding_is_trailing", context_padding_is_trailing)
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)

@@ -11,7 +11,13 @@ from typing import Callable, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_padding_mask, check_probability, check_ratio
+from .._checks import (
+    check_bool,
+    check_optional_bool,
+    check_padding_mask,
+    check_probability,
+    check_ratio,
+)
 from .attention import Attention, CrossAttention, _check_cross_inputs, _check_tokens
 from .drop import DropPath
 from .mlp import Mlp
@@ -63,6 +69,8 @@ class Block(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         check_probability("drop_path", drop_path)
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
@@ -85,6 +93,7 @@ class Block(nn.Module):
         *,
         padding_is_trailing: bool = False,
     ) -> Tensor:
+        check_bool("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype)
         if padding_mask is not None:
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
@@ -147,6 +156,9 @@ class CrossAttentionBlock(nn.Module):
         fused_attn: Optional[bool] = None,
     ) -> None:
         super().__init__()
+        check_bool("self_attn", self_attn)
+        check_bool("qkv_bias", qkv_bias)
+        check_optional_bool("fused_attn", fused_attn)
         check_probability("drop_path", drop_path)
         self.has_self_attn = bool(self_attn)
         if self.has_self_attn:
@@ -187,6 +199,8 @@ class CrossAttentionBlock(nn.Module):
     ) -> Tensor:
         # Every argument is checked before any work (the attention modules check again:
         # metadata only, so that costs nothing).
+        check_bool("context_padding_is_trailing", context_padding_is_trailing)
+        check_bool("query_padding_is_trailing", query_padding_is_trailing)
         x, context, _ = _check_cross_inputs(self.cross_attn, x, context, context_padding_mask)
         if query_padding_mask is not None:
             check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_probability
+from .._checks import check_bool, check_float_tensor, check_probability
 
 __all__ = ["DropPath", "drop_path", "drop_path_schedule"]
 
@@ -20,6 +20,7 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tens
     Shapes:
         ``x [b, ...] -> [b, ...]``, ``x`` floating point.
     """
+    check_bool("training", training)
     x = check_float_tensor("x", x)
     if x.ndim == 0:
         raise ValueError("x must have a batch dimension [b, ...], got a scalar (shape ())")

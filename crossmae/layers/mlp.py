@@ -10,7 +10,13 @@ from typing import Callable, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_int, check_module_dtype, check_probability
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_int,
+    check_module_dtype,
+    check_probability,
+)
 
 __all__ = ["Mlp"]
 
@@ -41,6 +47,7 @@ class Mlp(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_bool("bias", bias)
         check_int("in_features", in_features, minimum=1)
         hidden = in_features if hidden_features is None else hidden_features
         out = in_features if out_features is None else out_features

@@ -16,7 +16,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_padding_mask, check_ratio, check_tensor
+from .._checks import (
+    check_generator,
+    check_int,
+    check_padding_mask,
+    check_ratio,
+    check_tensor,
+)
 from .tokens import gather_tokens
 
 __all__ = ["MaskSplit", "mask_split_from_masks", "random_masking"]
@@ -34,6 +40,11 @@ class MaskSplit(NamedTuple):
         predict_mask: bool ``[b, n]``, True = this token is a reconstruction target.
 
     ``k`` and ``p`` are the largest per-sample counts in the batch.
+
+    Splits made by crossmae are self-consistent by construction; one built or edited by
+    hand must be too (distinct real ids in range, masks equal to the ids, no token both
+    visible and predicted): see `validate`, which the entry points taking a split run
+    whenever it is free (CPU tensors).
     """
 
     ids_keep: Tensor
@@ -52,6 +63,37 @@ class MaskSplit(NamedTuple):
     def num_predict(self) -> Tensor:
         """Predicted tokens per sample, int64 ``[b]``."""
         return (~self.predict_padding_mask).sum(dim=1)
+
+    # --- validation (issue 9): a split a user builds is checked here, never in forward ---
+    def validate(self, num_tokens: Optional[int] = None) -> MaskSplit:
+        """Check that this split is self-consistent; return it unchanged, or raise.
+
+        Splits made by crossmae are valid by construction. A split built or edited by hand
+        is checked by the public entry points that accept one (`ImageCrossMAE.forward`,
+        ``MultimodalMAE(splits=...)``, `mask_missing_samples`, ...) whenever that is free:
+        when its tensors are on the CPU and nothing is being compiled. On CUDA those entry
+        points do not check values (that would sync with the device); call ``validate()``
+        once in data preparation instead. It syncs, so keep it out of compiled code.
+
+        The rules (each failure is a ``ValueError`` naming the field):
+
+        - shapes and dtypes: ``ids_*`` integer ``[b, k]`` / ``[b, p]`` with their
+          ``*_padding_mask`` of the same shape, ``visible_mask`` / ``predict_mask`` bool
+          ``[b, n]``;
+        - every id (padded slots included) lies in ``[0, n)``;
+        - no real id repeats within a sample in ``ids_keep`` nor in ``ids_predict``;
+        - ``visible_mask`` is exactly the set of real ``ids_keep`` and ``predict_mask``
+          exactly the set of real ``ids_predict``;
+        - no token is both visible and predicted.
+
+        Args:
+            num_tokens: ``n``, when the caller knows it (default ``visible_mask.shape[1]``).
+
+        Returns:
+            ``self``, so ``split = split.validate()`` chains.
+        """
+        _check_split_values(self, "split", num_tokens)
+        return self
 
     def visible_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gather the visible tokens of ``x [b, n, ...]``.
@@ -217,6 +259,7 @@ def random_masking(
         ValueError: ratios out of range, or shapes/devices of ``padding_mask``/``noise``
             not matching ``(batch_size, num_tokens)``.
     """
+    check_generator("generator", generator)
     b = check_int("batch_size", batch_size, minimum=0)
     n = check_int("num_tokens", num_tokens, minimum=0)
     mr = check_ratio("mask_ratio", mask_ratio)
@@ -285,6 +328,7 @@ def uniform_noise(
     A CPU generator with CUDA data is fine (the noise is drawn on the CPU, then moved), so
     the same seed gives the same masks on every device.
     """
+    check_generator("generator", generator)
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
@@ -355,3 +399,71 @@ def _split_from_disjoint_masks(vis: Tensor, pred: Tensor) -> MaskSplit:
     ids_keep, keep_pad = _ascending_ids(vis, n_keep, _max_count(n_keep))
     ids_predict, predict_pad = _ascending_ids(pred, n_pred, _max_count(n_pred))
     return MaskSplit(ids_keep, keep_pad, ids_predict, predict_pad, vis, pred)
+
+
+# --- validation (issue 9): the rules of `MaskSplit.validate`, shared by the entry points ---
+def _split_is_host_checkable(split: MaskSplit) -> bool:
+    """Whether checking ``split``'s values is free: every field on the CPU, not compiling."""
+    return not torch.compiler.is_compiling() and all(
+        isinstance(t, Tensor) and t.device.type == "cpu" for t in split
+    )
+
+
+def _bad_rows(bad: Tensor, limit: int = 4) -> str:
+    rows = torch.nonzero(bad.reshape(bad.shape[0], -1).any(dim=1)).flatten()[:limit]
+    return ", ".join(str(int(i)) for i in rows)
+
+
+def _check_split_values(split: object, name: str, num_tokens: Optional[int] = None) -> None:
+    """`MaskSplit.validate`'s checks (metadata, then values; the value checks sync)."""
+    if not isinstance(split, MaskSplit):
+        raise TypeError(f"{name} must be a MaskSplit, got {type(split).__name__}")
+    for field in ("visible_mask", "predict_mask"):
+        t = getattr(split, field)
+        if not isinstance(t, Tensor) or t.dtype != torch.bool or t.ndim != 2:
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}.{field} must be a bool [b, n] tensor, got {what}")
+    b, n = split.visible_mask.shape
+    if num_tokens is not None and n != num_tokens:
+        raise ValueError(f"{name}.visible_mask has {n} tokens but {num_tokens} were expected")
+    if tuple(split.predict_mask.shape) != (b, n):
+        raise ValueError(
+            f"{name}.predict_mask has shape {tuple(split.predict_mask.shape)} but "
+            f"{name}.visible_mask has {(b, n)}"
+        )
+    for ids_field, pad_field, mask_field in (
+        ("ids_keep", "keep_padding_mask", "visible_mask"),
+        ("ids_predict", "predict_padding_mask", "predict_mask"),
+    ):
+        ids, pad = split._field_pair(ids_field, pad_field)
+        mask = getattr(split, mask_field)
+        if ids.shape[0] != b:
+            raise ValueError(
+                f"{name}.{ids_field} has batch {ids.shape[0]} but {name}.{mask_field} has {b}"
+            )
+        outside = (ids < 0) | (ids >= n)
+        if bool(outside.any()):
+            raise ValueError(
+                f"{name}.{ids_field} holds ids outside [0, {n}) (padded slots must hold a "
+                f"valid index such as 0), in sample(s) {_bad_rows(outside)}"
+            )
+        real = ~pad
+        counts = torch.zeros(b, n, dtype=torch.long, device=ids.device)
+        counts = counts.scatter_add(1, ids.long(), real.long())
+        if bool((counts > 1).any()):
+            raise ValueError(
+                f"{name}.{ids_field} repeats a real id within a sample (sample(s) "
+                f"{_bad_rows(counts > 1)}); flag extra slots in {name}.{pad_field}"
+            )
+        if not torch.equal(counts == 1, mask):
+            raise ValueError(
+                f"{name}.{mask_field} disagrees with the real slots of {name}.{ids_field} "
+                f"(sample(s) {_bad_rows((counts == 1) != mask)}): it must be True exactly at "
+                "those ids"
+            )
+    both = split.visible_mask & split.predict_mask
+    if bool(both.any()):
+        raise ValueError(
+            f"{name}.visible_mask and {name}.predict_mask overlap: a token is both visible "
+            f"and predicted (sample(s) {_bad_rows(both)})"
+        )

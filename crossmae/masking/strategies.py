@@ -36,8 +36,22 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from .._checks import check_int, check_padding_mask, check_ratio, check_tensor
-from .split import MaskSplit, _ascending_ids, _resolve_device, mask_split_from_masks, uniform_noise
+from .._checks import (
+    check_generator,
+    check_int,
+    check_padding_mask,
+    check_ratio,
+    check_tensor,
+)
+from .split import (
+    MaskSplit,
+    _ascending_ids,
+    _check_split_values,
+    _resolve_device,
+    _split_is_host_checkable,
+    mask_split_from_masks,
+    uniform_noise,
+)
 
 __all__ = [
     "channel_masking",
@@ -227,6 +241,7 @@ def grouped_random_masking(
         ValueError: ratios out of range or shapes not matching ``(batch_size, n)``.
         TypeError: wrong argument types.
     """
+    check_generator("generator", generator)
     b, t, l_ = _grid_args(batch_size, num_steps, num_locations, "num_steps", "num_locations")
     mr, pr = _check_ratios(mask_ratio, predict_ratio)
     n = t * l_
@@ -287,6 +302,7 @@ def chunk_masking(
         ValueError: ratios out of range, ``chunk_size < 1``, or shapes not matching.
         TypeError: wrong argument types.
     """
+    check_generator("generator", generator)
     b, t, l_ = _grid_args(batch_size, num_steps, num_locations, "num_steps", "num_locations")
     s = check_int("chunk_size", chunk_size, minimum=1)
     mr, pr = _check_ratios(mask_ratio, predict_ratio)
@@ -366,6 +382,7 @@ def time_step_masking(
         ValueError: ratios out of range or shapes not matching.
         TypeError: wrong argument types.
     """
+    check_generator("generator", generator)
     return _leading_unit_masking(
         batch_size,
         num_steps,
@@ -462,6 +479,7 @@ def channel_masking(
         ValueError: ratios out of range or shapes not matching.
         TypeError: wrong argument types.
     """
+    check_generator("generator", generator)
     return _leading_unit_masking(
         batch_size,
         num_channels,
@@ -514,6 +532,7 @@ def tube_masking(
         ValueError: ratios out of range or shapes not matching.
         TypeError: wrong argument types.
     """
+    check_generator("generator", generator)
     b, t, l_ = _grid_args(batch_size, num_steps, num_locations, "num_steps", "num_locations")
     mr, pr = _check_ratios(mask_ratio, predict_ratio)
     n = t * l_
@@ -544,6 +563,8 @@ SplitLike = Union[MaskSplit, tuple[Tensor, Tensor]]
 
 def _as_split(split: object) -> MaskSplit:
     if isinstance(split, MaskSplit):
+        if _split_is_host_checkable(split):  # free on the CPU; see MaskSplit.validate
+            _check_split_values(split, "split")
         return split
     if isinstance(split, tuple) and len(split) == 2:
         return mask_split_from_masks(split[0], split[1])
@@ -643,6 +664,7 @@ def modality_dropout(
         TypeError: arguments of the wrong type or dtype.
         ValueError: ``drop_prob`` outside ``[0, 1]`` or shapes not matching ``[b]``.
     """
+    check_generator("generator", generator)
     sp = _as_split(split)
     b = sp.visible_mask.shape[0]
     dev = sp.visible_mask.device

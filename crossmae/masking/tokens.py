@@ -50,6 +50,33 @@ def _check_ids_in_range(ids: Tensor, n: int, pad: Optional[Tensor], what: str) -
         torch._assert_async(ok.all(), f"ids out of range [0, {what})")
 
 
+def _check_unique_ids(ids: Tensor, n: int, pad: Optional[Tensor], name: str) -> None:
+    """Refuse a real id repeated within a sample, where that is free (CPU, not compiling).
+
+    Out-of-range ids are ignored here (the range is someone else's check). On CUDA or
+    while compiling nothing is checked (it would need a host sync); callers define what
+    repeats then mean.
+    """
+    if not _host_checkable(ids) or ids.numel() == 0 or n == 0:
+        return
+    real = (ids >= 0) & (ids < n)
+    if pad is not None:
+        real = real & ~pad
+    idx = ids.long().masked_fill(~real, n)  # padded slots count in a dropped scratch column
+    counts = torch.zeros(ids.shape[0], n + 1, dtype=torch.long, device=ids.device)
+    counts = counts.scatter_add(1, idx, torch.ones_like(idx))[:, :n]
+    repeated = counts > 1
+    if bool(repeated.any()):
+        where = torch.nonzero(repeated)[:8]
+        shown = ", ".join(
+            f"id {int(j)} {int(counts[i, j])} times in sample {int(i)}" for i, j in where.tolist()
+        )
+        raise ValueError(
+            f"{name} repeats a real id within a sample ({shown}); each real slot must name "
+            "a distinct token (flag extra slots in the padding mask instead)"
+        )
+
+
 def _expand_index(ids: Tensor, like: Tensor) -> Tensor:
     """``ids [b, k]`` broadcast over ``like``'s trailing dims -> ``[b, k, ...]``."""
     trailing = like.shape[2:]
@@ -103,6 +130,13 @@ def scatter_tokens(
     written (their index is redirected to a scratch slot that is dropped), so padded values,
     NaN included, cannot land anywhere. Differentiable w.r.t. ``values``.
 
+    Repeated real ids: every real id must be distinct within its sample. On CPU tensors a
+    repeat is refused (``ValueError``, free to check). On CUDA and under ``torch.compile``
+    it cannot be checked without a host sync; there the rule is that the values landing on
+    one position are **summed** (``out[i, m] = sum of values[i, j] with ids[i, j] = m``) and
+    each of them receives that position's gradient, so the value and the gradient always
+    agree (0.1.0 kept an arbitrary one of the values but gave every one gradient).
+
     Args:
         values: ``[b, k, ...]``.
         ids: int64 ``[b, k]`` target positions in ``[0, num_tokens)``.
@@ -115,8 +149,9 @@ def scatter_tokens(
 
     Raises:
         TypeError: ``values``/``ids``/``padding_mask`` of the wrong type or dtype.
-        ValueError: shapes not matching, or a non-padded id outside ``[0, num_tokens)``
-            (checked on CPU tensors; a device-side assertion on CUDA, so no host sync).
+        ValueError: shapes not matching, a non-padded id outside ``[0, num_tokens)``
+            (checked on CPU tensors; a device-side assertion on CUDA, so no host sync), or
+            (CPU tensors) a real id repeated within a sample.
     """
     values = check_tensor("values", values)
     ids = check_index_tensor("ids", ids)
@@ -129,14 +164,28 @@ def scatter_tokens(
     pad = check_padding_mask("padding_mask", padding_mask, ids.shape, "ids [b, k]")
     if pad is not None:
         check_same_device("padding_mask", pad, "ids", ids)
+    if isinstance(fill_value, bool) or not isinstance(fill_value, (int, float)):
+        raise TypeError(
+            f"fill_value must be a float, got {fill_value!r} ({type(fill_value).__name__})"
+        )
     # index n is the scratch slot for padded values: a real id there would vanish silently
     _check_ids_in_range(ids, n, pad, "num_tokens")
+    _check_unique_ids(ids, n, pad, "ids")
     idx = ids.long()
     if pad is not None:
         idx = idx.masked_fill(pad, n)  # scratch slot n, sliced off below
-    out = values.new_full((values.shape[0], n + 1, *values.shape[2:]), fill_value)
-    out = out.scatter(1, _expand_index(idx, values), values)
-    return out[:, :n]
+    # An additive scatter into zeros (0 + v == v, so unique ids are exact) keeps value and
+    # gradient consistent for repeats that could not be checked (CUDA, compile): they sum.
+    out = values.new_zeros((values.shape[0], n + 1, *values.shape[2:]))
+    if values.dtype == torch.bool:  # no sum for bool (and no gradient to disagree with)
+        out = out.scatter(1, _expand_index(idx, values), values)[:, :n]
+    else:
+        out = out.scatter_add(1, _expand_index(idx, values), values)[:, :n]
+    if fill_value != 0.0:
+        hit = torch.zeros(ids.shape[0], n + 1, dtype=torch.bool, device=ids.device)
+        hit = hit.scatter(1, idx, True)[:, :n]
+        out = torch.where(hit.reshape(*hit.shape, *([1] * (out.ndim - 2))), out, fill_value)
+    return out
 
 
 def lengths_to_padding_mask(lengths: Tensor, max_len: Optional[int] = None) -> Tensor:

@@ -3,7 +3,8 @@
 Legend: ``b`` batch, ``n`` tokens, ``k`` kept slots, ``p`` predicted slots.
 Mask polarity: ``*_padding_mask`` True = padding slot.
 
-Metadata only (shape, dtype, type): no check here syncs with the device.
+Metadata only (shape, dtype, type) on the device: no check here syncs with it. The values of
+a `MaskSplit` are checked too when that is free (CPU tensors, not compiling).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_index_tensor, check_tensor
-from ..masking.split import MaskSplit
+from ..masking.split import MaskSplit, _check_split_values, _split_is_host_checkable
 
 __all__: list[str] = []
 
@@ -32,6 +33,7 @@ def check_mask_split(
     ``ids_*`` must be integer ``[b, k]`` / ``[b, p]`` tensors, the masks bool, the padding
     masks shaped like their ids and ``visible_mask`` / ``predict_mask`` ``[b, n]``; errors
     name the field (``split.ids_keep``) and what it was checked against (``against``).
+    On CPU tensors (outside compilation) the values are checked as by `MaskSplit.validate`.
     """
     if not isinstance(split, MaskSplit):
         raise TypeError(f"{name} must be a MaskSplit, got {type(split).__name__}")
@@ -53,4 +55,6 @@ def check_mask_split(
                 f"{name}.{ids_field} {tuple(ids.shape)} and {name}.{pad_field} "
                 f"{tuple(pad.shape)} must both be [{batch}, width] ({against} has batch {batch})"
             )
+    if _split_is_host_checkable(split):  # free on the CPU; on CUDA see MaskSplit.validate
+        _check_split_values(split, name, num_tokens)
     return split

@@ -21,7 +21,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_float_tensor, check_tensor
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_generator,
+    check_optional_bool,
+    check_tensor,
+)
 from ..encoders.transformer import (
     EncoderOutput,
     LayerSelection,
@@ -395,6 +401,7 @@ class ImageCrossMAE(nn.Module):
         Defaults to the model's ``mask_ratio`` and ``predict_ratio``; ``noise [b, N]``
         (small = keep) or ``generator`` make it deterministic.
         """
+        check_generator("generator", generator)
         mr = self.mask_ratio if mask_ratio is None else mask_ratio
         pr = self.predict_ratio if predict_ratio is None else predict_ratio
         if device is None and noise is None and generator is None:
@@ -444,10 +451,37 @@ class ImageCrossMAE(nn.Module):
             input first when ``use_input``).
         """
         x = self._check_imgs(imgs)
-        split = self._check_split(split, x.shape[0])
-        tokens = self.patch_embed(x)  # [b n e]
-        tokens = tokens + self.pos_embed[:, 1:].to(tokens.dtype)
-        visible, keep_pad = split.visible_tokens(tokens)  # [b k e]
+        check_bool("dense", dense)
+        return self._encode(x, self._check_split(split, x.shape[0]), dense=dense)
+
+    def _embed_visible(self, x: Tensor, split: MaskSplit) -> Tensor:
+        """Embeddings of the visible patches ``[b, k, e]`` (padded slots 0).
+
+        Pixels outside the visible patches are never read: a patch embedding with an
+        ``embed_selected(img, ids, padding_mask)`` method (`crossmae.PatchEmbed`) embeds only
+        the ``ids_keep`` patches; any other ``[b, C, H, W] -> [b, N, e]`` module gets the
+        image with every pixel outside the visible patches replaced by 0 first. So NaN/inf
+        there cannot reach a loss, a prediction or a gradient.
+        """
+        ids, keep_pad = split.ids_keep, split.keep_padding_mask
+        embed_selected = getattr(self.patch_embed, "embed_selected", None)
+        if callable(embed_selected):
+            visible: Tensor = embed_selected(x, ids, keep_pad)  # [b k e]
+        else:
+            (gh, gw), (ph, pw) = self.grid_size, self.patch_size
+            seen = split.visible_mask.view(-1, 1, gh, 1, gw, 1)
+            seen = seen.expand(-1, 1, gh, ph, gw, pw).reshape(-1, 1, gh * ph, gw * pw)
+            tokens = self.patch_embed(torch.where(seen, x, x.new_zeros(())))  # [b n e]
+            visible = torch.gather(
+                tokens, 1, ids.long()[..., None].expand(-1, -1, tokens.shape[-1])
+            )
+        pos = self.pos_embed[0, 1:][ids.long()]  # [b k e]
+        visible = visible + pos.to(visible.dtype)
+        return visible.masked_fill(keep_pad[..., None], 0)
+
+    def _encode(self, x: Tensor, split: MaskSplit, *, dense: bool) -> EncoderOutput:
+        """`forward_encoder` on checked inputs."""
+        visible, keep_pad = self._embed_visible(x, split), split.keep_padding_mask
         cls = (self.cls_token + self.pos_embed[:, :1]).to(visible.dtype)
         cls = cls.expand(visible.shape[0], -1, -1)
         seq = torch.cat([cls, visible], dim=1)
@@ -478,6 +512,11 @@ class ImageCrossMAE(nn.Module):
             ``[b, p, o]`` predicted patch values, laid out ``(ph pw C)``; padded query slots
             hold finite, meaningless values.
         """
+        check_bool("dense", dense)
+        return self._decode(encoded, self._check_split(split, encoded.tokens.shape[0]), dense=dense)
+
+    def _decode(self, encoded: EncoderOutput, split: MaskSplit, *, dense: bool) -> Tensor:
+        """`forward_decoder` on a checked split."""
         if self.fm_layers is not None:
             if encoded.features is None:
                 raise ValueError("encoded.features is None but this model uses weighted fm")
@@ -516,15 +555,24 @@ class ImageCrossMAE(nn.Module):
     def forward_loss(self, imgs: Tensor, pred: Tensor, split: MaskSplit) -> tuple[Tensor, Tensor]:
         """Masked MSE of ``pred [b, p, o]`` against the patches at ``split.ids_predict``.
 
+        Target rule: a non-finite target pixel (NaN/inf inside a predicted patch) is a
+        *missing value*, as everywhere in crossmae: it is not scored, does not enter the
+        ``norm_pix_loss`` mean and variance of its patch, and holds 0 in ``target``; a patch
+        with no finite pixel is not scored at all. Masked with ``torch.where``, no host sync;
+        for finite images the loss is exactly the plain masked MSE.
+
         Returns:
             ``(loss, target)``: the scalar loss (mean over each sample's predicted patches,
             then over samples) and the target ``[b, p, o]`` (normalized per patch when
-            ``norm_pix_loss``, eps 1e-6; padded slots 0).
+            ``norm_pix_loss``, eps 1e-6; padded slots and missing pixels 0).
         """
         target, pad = split.predict_tokens(self.target_patches(imgs))
+        valid = torch.isfinite(target)  # [b p o], True = a real target value
         if self.norm_pix_loss:
-            target = norm_pix_target(target, eps=1e-6)
-        loss = masked_mse_loss(pred, target, padding_mask=pad)
+            target = norm_pix_target(target, valid_mask=valid, eps=1e-6)
+        else:
+            target = torch.where(valid, target, target.new_zeros(()))
+        loss = masked_mse_loss(pred, target, padding_mask=pad, valid_mask=valid)
         return loss, target
 
     def forward(
@@ -546,7 +594,10 @@ class ImageCrossMAE(nn.Module):
             predict_ratio: share of all patches decoded and scored (default: the model's).
             split: a precomputed `MaskSplit` over the ``N`` patches (then none of the
                 masking arguments may be given). Passing one keeps ``forward`` free of host
-                syncs (e.g. for ``torch.compile(fullgraph=True)``).
+                syncs (e.g. for ``torch.compile(fullgraph=True)``). A split on the CPU is
+                checked for self-consistency here (`MaskSplit.validate`, ``ValueError``
+                naming the field); one on CUDA only for shapes and dtypes (call
+                ``split.validate()`` in data preparation).
             generator: RNG for the random split.
             noise: ``[b, N]`` ordering scores for the random split (small = visible).
             dense: whether the split has no padding slot, so attention can run without
@@ -559,10 +610,12 @@ class ImageCrossMAE(nn.Module):
         Returns:
             `ImageCrossMAEOutput` ``(loss, pred [b, p, o], split, target [b, p, o])``.
         """
+        check_generator("generator", generator)
         x = self._check_imgs(imgs)
-        if dense is not None and not isinstance(dense, bool):
-            raise TypeError(f"dense must be a bool or None, got {dense!r}")
+        check_optional_bool("dense", dense)
         is_dense = split is None if dense is None else dense
+        if split is not None:  # a given split is checked once here (values too on the CPU)
+            split = self._check_split(split, x.shape[0])
         if split is None:
             split = self.random_split(
                 x.shape[0],
@@ -581,8 +634,8 @@ class ImageCrossMAE(nn.Module):
             raise ValueError(
                 "split was given: do not also pass mask_ratio, predict_ratio, generator or noise"
             )
-        encoded = self.forward_encoder(x, split, dense=is_dense)
-        pred = self.forward_decoder(encoded, split, dense=is_dense)
+        encoded = self._encode(x, split, dense=is_dense)
+        pred = self._decode(encoded, split, dense=is_dense)
         loss, target = self.forward_loss(x, pred, split)
         return ImageCrossMAEOutput(loss, pred, split, target)
 
@@ -637,7 +690,7 @@ class ImageCrossMAE(nn.Module):
         full = mask_split_from_masks(visible, ~visible)  # predict every hidden patch
         if given is not None:  # keep the caller's visible order exactly
             full = full._replace(ids_keep=given.ids_keep, keep_padding_mask=given.keep_padding_mask)
-        pred = self.forward_decoder(self.forward_encoder(x, full), full)  # [b p o]
+        pred = self._decode(self._encode(x, full, dense=False), full, dense=False)  # [b p o]
         patches = patchify(x, self.patch_size)  # [b n o]
         if oracle_denormalize:
             truth, _ = full.predict_tokens(patches)

@@ -29,6 +29,21 @@ def _time_embed_positions(
     return tp
 
 
+def _check_time_positions(time_positions: object, batch: int, num_steps: int) -> None:
+    """Entry-point check of a tokenizer's ``time_positions`` against ``x``'s batch and steps.
+
+    Run before any work (the projection included), so a wrong tensor fails first.
+    """
+    if time_positions is None:
+        return
+    tp = _time_embed_positions(time_positions, batch)  # type: ignore[arg-type]
+    if tp.shape[-1] != num_steps:
+        raise ValueError(
+            f"time_positions has shape {tuple(tp.shape)} but x has {num_steps} steps "
+            f"(expected [{num_steps}] or [{batch}, {num_steps}])"
+        )
+
+
 class _ProjectedTokenizer(nn.Module):
     """Base of the tokenizers: ``proj`` (Linear), optional ``spatial_pos_embed`` and
     ``modality_embed`` parameters, and their initialisation."""

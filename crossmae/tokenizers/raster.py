@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_int, check_ratio, check_tensor
+from .._checks import check_bool, check_int, check_ratio, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
-from ._base import _ProjectedTokenizer, _time_embed_positions
+from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
 __all__ = [
     "PatchEmbed",
@@ -472,6 +472,7 @@ class RasterTokenizer(_ProjectedTokenizer):
         """
         xt = self._check_x(x)
         b, t = xt.shape[0], xt.shape[1]
+        _check_time_positions(time_positions, b, t)
         values, valid = self._patch_values(xt)
         feats = values.to(self.proj.weight.dtype)
         if self.missing_fraction:
@@ -598,6 +599,7 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_bool("bias", bias)
         d = check_int("embed_dim", embed_dim, minimum=1)
         self.patch_size = _pair("patch_size", patch_size)
         self.in_chans = check_int("in_chans", in_chans, minimum=1)
@@ -646,3 +648,67 @@ class PatchEmbed(nn.Module):
         )
         out: Tensor = rearrange(y, "b d h w -> b (h w) d")
         return out
+
+    def embed_selected(
+        self, img: Tensor, ids: Tensor, padding_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """Embed only the patches ``ids`` of each image: no other pixel is ever read.
+
+        Gathers the selected patches from a view of ``img`` (no copy of the whole image),
+        then applies one linear projection whose weight is a view of ``proj.weight`` in its
+        ``[d, c, ph, pw]`` layout (so checkpoints load unchanged). Equal to
+        ``gather_tokens(self(img), ids)`` up to floating-point rounding (same products,
+        another summation order), but a NaN/inf pixel in a patch that is not selected
+        cannot reach the output or any gradient (the convolution over every patch would
+        put it into ``proj.weight.grad``).
+
+        Args:
+            img: float ``[b, c, H, W]``.
+            ids: int64 ``[b, k]`` patch indices into the row-major ``(H/ph) x (W/pw)`` grid.
+            padding_mask: optional bool ``[b, k]``, **True = padding slot**: its pixels are
+                not read either (the slot gets ``proj.bias``, or 0 without bias).
+
+        Returns:
+            ``[b, k, d]`` in ``proj.weight``'s dtype (autocast applies to the projection).
+        """
+        t = check_tensor("img", img)
+        if not t.is_floating_point():
+            raise TypeError(f"img must be a floating-point tensor, got dtype {t.dtype}")
+        if t.ndim != 4 or t.shape[1] != self.in_chans:
+            raise ValueError(
+                f"img must have shape [b, {self.in_chans}, H, W], got {tuple(t.shape)}"
+            )
+        size = (t.shape[2], t.shape[3])
+        if self.image_size is not None and size != self.image_size:
+            raise ValueError(f"img has (H, W) = {size} but image_size is {self.image_size}")
+        _check_divisible("img", size, self.patch_size)
+        idx = check_tensor("ids", ids)
+        if idx.dtype not in (torch.int64, torch.int32) or idx.ndim != 2:
+            raise TypeError(
+                f"ids must be an int64 [b, k] tensor, got {idx.dtype} {tuple(idx.shape)}"
+            )
+        if idx.shape[0] != t.shape[0]:
+            raise ValueError(f"ids has batch {idx.shape[0]} but img has batch {t.shape[0]}")
+        if padding_mask is not None:
+            pm = check_tensor("padding_mask", padding_mask)
+            if pm.dtype != torch.bool or tuple(pm.shape) != tuple(idx.shape):
+                raise ValueError(
+                    f"padding_mask must be bool {tuple(idx.shape)} (True = padding), got "
+                    f"{pm.dtype} {tuple(pm.shape)}"
+                )
+        (ph, pw), (gh, gw) = (
+            self.patch_size,
+            (size[0] // self.patch_size[0], size[1] // self.patch_size[1]),
+        )
+        idx = idx.long()
+        if padding_mask is not None:
+            idx = idx.masked_fill(padding_mask, 0)  # a valid index; its pixels are zeroed below
+        grid = t.reshape(t.shape[0], t.shape[1], gh, ph, gw, pw)  # splits dims: a view
+        grid = grid.permute(0, 2, 4, 1, 3, 5)  # [b gh gw c ph pw], a view
+        rows = torch.arange(t.shape[0], device=t.device)[:, None]
+        patches = grid[rows, idx // gw, idx % gw]  # [b k c ph pw]: only these pixels are read
+        patches = patches.flatten(2)  # [b k (c ph pw)], the conv weight's layout
+        if padding_mask is not None:
+            patches = patches.masked_fill(padding_mask[..., None], 0)
+        weight = self.proj.weight.flatten(1)  # [d (c ph pw)], a view of proj.weight
+        return F.linear(patches.to(weight.dtype), weight, self.proj.bias)

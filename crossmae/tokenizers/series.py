@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
 from ..layers.pos_embed import sincos_pos_embed_1d
-from ._base import _ProjectedTokenizer, _time_embed_positions
+from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
 __all__ = ["SeriesTokenizer", "StaticToken", "append_tokens"]
 
@@ -233,6 +233,8 @@ class SeriesTokenizer(_ProjectedTokenizer):
             has no observed value (all its sites padded or all its values missing). Padded
             tokens are finite.
         """
+        if isinstance(x, Tensor) and x.ndim in (3, 4):  # other x: refused by _grouped
+            _check_time_positions(time_positions, x.shape[0], x.shape[2])
         values, observed = self._grouped(x, site_padding_mask, missing_mask)
         b, t = values.shape[0], values.shape[1]
         dtype = self.proj.weight.dtype

@@ -854,12 +854,13 @@ def _image_cases() -> list[Case]:
             "NaN in a predicted patch of sample 0",
             lambda: m()(nan_in_patch(sp(), "ids_predict"), split=sp()),
             Returns(
-                "NaN reaches the target and the loss, not the predictions",
+                "a missing target value (issue 9 target rule): not scored; loss, target "
+                "and predictions finite",
                 lambda r: (
                     _assert(bool(torch.isfinite(r.pred).all()), "pred NaN"),
-                    _assert(bool(torch.isnan(r.loss)), "loss finite"),
+                    _assert(bool(torch.isfinite(r.loss)), "loss not finite"),
+                    _assert(bool(torch.isfinite(r.target).all()), "target not finite"),
                 )[1],
-                finite=False,
             ),
         ),
         Case(
