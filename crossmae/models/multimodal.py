@@ -33,7 +33,6 @@ from .._checks import check_int, check_ratio, check_tensor
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.mae import MAEDecoder
 from ..encoders.transformer import LayerSelection, TransformerEncoder, resolve_layer_indices
-from ..layers import _varlen
 from ..losses import masked_mse_loss
 from ..masking.split import MaskSplit, mask_split_from_masks
 from ..masking.strategies import grouped_random_masking, mask_missing_samples
@@ -474,12 +473,7 @@ class MultimodalMAE(nn.Module):
                     cond = static_tok[:, 0]
             # MaskSplit slots put padding last; a never-padded modality has none at all, so its
             # encoder runs without a mask (flash attention on CUDA).
-            enc = mod.encoder(
-                visible,
-                None if dense[name] else keep_pad,
-                cond=cond,
-                padding_is_trailing=True,
-            ).tokens
+            enc = mod.encoder(visible, None if dense[name] else keep_pad, cond=cond).tokens
             if static_tok is not None:
                 enc = torch.cat([enc, static_tok.to(enc.dtype)], dim=1)
                 keep_pad = torch.cat([keep_pad, keep_pad.new_zeros(keep_pad.shape[0], 1)], dim=1)
@@ -498,15 +492,8 @@ class MultimodalMAE(nn.Module):
             )
             keys, features = fused.tokens, fused.features
 
-        # Keys are shared by every CrossMAE decoder: move their padding to the end of each row
-        # once (CUDA packed attention), instead of once per decoder.
+        # Each decoder's attention backend lays out the shared keys itself (crossmae.layers.backend).
         dec_keys, dec_features, dec_pad = keys, features, keys_pad
-        if _varlen.prefer_trailing_padding(keys):
-            perm = _varlen.real_first_permutation(keys_pad)
-            dec_keys = _varlen.take_tokens(keys, perm, 1)
-            dec_pad = torch.gather(keys_pad, 1, perm)
-            if features is not None:
-                dec_features = _varlen.take_tokens(features, perm, 2)
         losses: dict[str, Tensor] = {}
         sample_losses: dict[str, Tensor] = {}
         preds: dict[str, Tensor] = {}
@@ -524,7 +511,6 @@ class MultimodalMAE(nn.Module):
                     split.ids_predict,
                     context_padding_mask=dec_pad,
                     query_padding_mask=split.predict_padding_mask,
-                    context_padding_is_trailing=dec_pad is not keys_pad,
                 )
             else:
                 k_m = split.ids_keep.shape[1]
