@@ -128,7 +128,8 @@ def _attend(
     if kernel == "manual":
         out = _manual_attention(q, k, v, attend, dropout_p)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
+        with backend.sdpa_context(plan.sdpa_backends if plan is not None else None):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
     return out.masked_fill(empty[:, None, None, None], 0.0)
 
 

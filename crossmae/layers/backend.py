@@ -66,8 +66,8 @@ class AttentionPlan:
             blocks (only for ``"varlen"`` over a padded layout).
         trailing: padding is known to be at the end of every row (set by the stack after it
             reordered, via `reordered`); the blocks then skip their own reordering copy.
-        sdpa_backends: for ``"sdpa"``, the SDPA backends to restrict the call to, in order
-            (from the kernel table), or None for PyTorch's own choice.
+        sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
+            call to, in order (from the kernel table), or None for PyTorch's own choice.
     """
 
     kernel: str
@@ -92,8 +92,9 @@ class KernelRule:
         min_keys: match calls with at least this many key slots ``m``.
         max_keys: match calls with at most this many key slots ``m``.
         padded: match only padded (True) or only unpadded (False) calls.
-        sdpa_backends: for unpadded calls, the SDPA backends to use, in order (from
-            `SDPA_BACKENDS`), e.g. ``("cudnn", "flash")``.
+        sdpa_backends: the SDPA backends to use, in order (from `SDPA_BACKENDS`), e.g.
+            ``("cudnn", "flash")``: for unpadded calls, and for padded ones with
+            ``kernel="sdpa_mask"``.
     """
 
     kernel: Optional[str] = None
@@ -228,7 +229,10 @@ def decide(
     if rule is not None and rule.kernel is not None and choice == "auto":
         ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}[rule.kernel]
         if ok:
-            return AttentionPlan(rule.kernel, reorder=rule.kernel == "varlen")
+            backends = rule.sdpa_backends if rule.kernel == "sdpa_mask" else None
+            return AttentionPlan(
+                rule.kernel, reorder=rule.kernel == "varlen", sdpa_backends=backends
+            )
     if choice in ("auto", "varlen") and varlen_ok:
         return AttentionPlan("varlen", reorder=True)
     half = dtype in _HALF

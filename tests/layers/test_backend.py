@@ -345,3 +345,14 @@ def test_trailing_flags_are_deprecated_and_ignored() -> None:
                 with pytest.warns(FutureWarning, match=flag):
                     out = call(**{flag: value})
                 torch.testing.assert_close(out, ref)  # a false promise changes nothing
+
+
+def test_masked_rule_with_sdpa_backends_runs() -> None:
+    backend.set_kernel_table([KernelRule(kernel="sdpa_mask", head_dim=8, sdpa_backends=("math",))])
+    plan = decide("cuda", BF16, 8, padded=True, varlen_ok=True, flex_ok=True)
+    assert (plan.kernel, plan.sdpa_backends, plan.reorder) == ("sdpa_mask", ("math",), False)
+    attn = cm.CrossAttention(16, num_heads=2).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, True, True, True], [True] * 5])
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, ctx, pad, plan=plan), attn(x, ctx, pad))
