@@ -426,7 +426,15 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
 # --------------------------------------------------------------------------- 7. small heads
 #: (name, queries, keys, head dim) at the water model's shapes (B=8, 8 heads)
 SMALLHEAD_SHAPES = (("fusion self-attn", 7892, 7892, 32), ("decoder cross-attn", 1110, 7892, 16))
-FLEX_BLOCKS = ((128, 128), (128, 64), (64, 64), (64, 128))
+#: flex_attention (BLOCK_M, BLOCK_N) tried; env CROSSMAE_BENCH_FLEX_BLOCKS="128x128,64x64"
+FLEX_BLOCKS = ((128, 128), (128, 64), (64, 64))
+
+
+def flex_blocks() -> tuple[tuple[int, int], ...]:
+    env = os.environ.get("CROSSMAE_BENCH_FLEX_BLOCKS", "")
+    if not env:
+        return FLEX_BLOCKS
+    return tuple((int(a), int(b)) for a, b in (p.split("x") for p in env.split(",") if p))
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -492,7 +500,7 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
             from torch.nn.attention.flex_attention import flex_attention
 
             compiled_flex = torch.compile(flex_attention, dynamic=False)
-            for bm, bn in FLEX_BLOCKS:
+            for bm, bn in flex_blocks():
                 opts = {"BLOCK_M": bm, "BLOCK_N": bn}
 
                 def flex(opts: dict[str, int] = opts) -> torch.Tensor:
@@ -603,6 +611,18 @@ def capture_step(
     return graph.replay
 
 
+GRAPH_MODES = ("eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled")
+
+
+def graph_modes() -> tuple[str, ...]:
+    """Modes of section 8 (env CROSSMAE_BENCH_GRAPH_MODES, comma-separated)."""
+    env = [m for m in os.environ.get("CROSSMAE_BENCH_GRAPH_MODES", "").split(",") if m]
+    bad = [m for m in env if m not in GRAPH_MODES]
+    if bad:
+        raise ValueError(f"CROSSMAE_BENCH_GRAPH_MODES: unknown {bad}; choose from {GRAPH_MODES}")
+    return tuple(env) or GRAPH_MODES
+
+
 def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
     """The whole training step in CUDA graphs (issue 11 item 3): image model (predict 0.25
     + WFM, B=256) and water model (B=8, half missing river flow), each as eager, compiled,
@@ -639,7 +659,7 @@ def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
 
         workloads.append(("water b=8 half_missing", water))
     for wname, build in workloads:
-        for mode in ("eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled"):
+        for mode in graph_modes():
             torch._dynamo.reset()
             torch.manual_seed(0)
             model, loss_of = build()

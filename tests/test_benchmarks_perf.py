@@ -111,7 +111,7 @@ def test_reference_section_times_both_sides_per_config(
 
 
 def test_reference_arguments_are_checked(bench: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="models_cross.py"):
+    with pytest.raises(ValueError, match=r"models_cross\.py"):
         bench.main(["--cpu", "--reference", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench.main(["--cpu", "--only", "reference"])  # no --reference
@@ -179,3 +179,15 @@ def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     )
     assert summary["step_ms"] > 0 and summary["device_ms"] > 0
     assert md.count("| `") == 3
+
+
+def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bench.flex_blocks() == bench.FLEX_BLOCKS
+    monkeypatch.setenv("CROSSMAE_BENCH_FLEX_BLOCKS", "64x32,128x128")
+    assert bench.flex_blocks() == ((64, 32), (128, 128))
+    assert bench.graph_modes() == bench.GRAPH_MODES
+    monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "eager,graph-compiled")
+    assert bench.graph_modes() == ("eager", "graph-compiled")
+    monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "turbo")
+    with pytest.raises(ValueError, match="turbo"):
+        bench.graph_modes()
