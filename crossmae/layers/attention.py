@@ -95,8 +95,10 @@ def _attend(
     if key_padding_mask is None:
         if not fused or (plan is not None and plan.kernel == "manual"):
             return _manual_attention(q, k, v, None, dropout_p)
-        with backend.sdpa_context(plan.sdpa_backends if plan is not None else None):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        if plan is not None and plan.sdpa_backends:
+            with backend.sdpa_context(plan.sdpa_backends):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     # Rows with no real key attend to every (finite, zeroed) key and are zeroed afterwards:
     # no fully masked softmax row ever exists, whatever kernel or torch version runs.
     empty = key_padding_mask.all(dim=-1)  # [b]
@@ -127,9 +129,11 @@ def _attend(
     attend = attend[:, None, None, :]  # [b 1 1 m]
     if kernel == "manual":
         out = _manual_attention(q, k, v, attend, dropout_p)
-    else:
-        with backend.sdpa_context(plan.sdpa_backends if plan is not None else None):
+    elif plan is not None and plan.sdpa_backends:
+        with backend.sdpa_context(plan.sdpa_backends):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
     return out.masked_fill(empty[:, None, None, None], 0.0)
 
 

@@ -26,7 +26,7 @@ there, at each forward. Kernels are imported on first use, never at ``import cro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -53,6 +53,8 @@ PLAN_KERNELS = ("sdpa", "sdpa_mask", "varlen", "flex", "dense", "manual")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 _LAYOUTS = ("padded", "packed")
 _HALF = (torch.float16, torch.bfloat16)
+# sdpa_kernel(..., set_priority=True) exists from torch 2.6 (read once: traceable constant)
+_SDPA_PRIORITY = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
 
 
 @dataclass(frozen=True)
@@ -314,13 +316,11 @@ def restore_order(
     return x, features
 
 
-@contextlib.contextmanager
-def sdpa_context(backends: Optional[tuple[str, ...]]) -> Iterator[None]:
-    """Restrict SDPA to ``backends`` (names from `SDPA_BACKENDS`) inside the block; no-op
-    for None. ``torch.nn.attention.sdpa_kernel`` with ``set_priority`` where it exists."""
+def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractContextManager[Any]:
+    """A context restricting SDPA to ``backends`` (names from `SDPA_BACKENDS`, in order of
+    priority where torch supports it), or a no-op context for None / ``()``."""
     if not backends:
-        yield
-        return
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {
@@ -330,10 +330,6 @@ def sdpa_context(backends: Optional[tuple[str, ...]]) -> Iterator[None]:
         "math": SDPBackend.MATH,
     }
     chosen = [names[b] for b in backends]
-    kwargs: dict[str, Any] = {}
-    try:
-        ctx = sdpa_kernel(chosen, set_priority=True, **kwargs)
-    except TypeError:  # torch without set_priority
-        ctx = sdpa_kernel(chosen)
-    with ctx:
-        yield
+    if _SDPA_PRIORITY:
+        return sdpa_kernel(chosen, set_priority=True)
+    return sdpa_kernel(chosen)

@@ -356,3 +356,35 @@ def test_masked_rule_with_sdpa_backends_runs() -> None:
     pad = torch.tensor([[False, False, True, True, True], [True] * 5])
     with torch.no_grad():
         torch.testing.assert_close(attn(x, ctx, pad, plan=plan), attn(x, ctx, pad))
+
+
+def test_cuda_decisions_trace_as_one_graph() -> None:
+    """The CUDA branches of the policy (lazy availability checks, the reordered plan, the
+    SDPA backend context) trace without a graph break, so a compiled stack decides inside
+    its graph."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        plan = backend.decide("cuda", BF16, 64, padded=True, varlen_ok=None)
+        packed = backend.decide("cuda", F32, 64, padded=True, layout="packed")
+        with backend.sdpa_context(("math",)):
+            y = torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        with backend.sdpa_context(None):
+            y = y + 1
+        if plan.reordered().trailing and packed.kernel in ("flex", "dense"):
+            return y * 2
+        return y
+
+    x = torch.randn(1, 2, 4, 8)
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, f(x))
+
+
+def test_plan_with_sdpa_backends_compiles_fullgraph() -> None:
+    attn = cm.CrossAttention(16, num_heads=2).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, True, True, True], [True] * 5])
+    plan = AttentionPlan("sdpa_mask", sdpa_backends=("math",))
+    with torch.no_grad():
+        ref = attn(x, ctx, pad)
+        out = torch.compile(attn, fullgraph=True, backend="eager")(x, ctx, pad, plan=plan)
+    torch.testing.assert_close(out, ref)
