@@ -23,8 +23,16 @@ from ._config import (
     set_padded_attention_kernel,
     use_fused_attn,
 )
-from .decoders import CrossMAEDecoder, MAEDecoder
-from .encoders import EncoderOutput, FiLM, TransformerEncoder
+from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos
+from .encoders import (
+    EncoderOutput,
+    FiLM,
+    FiLMProjection,
+    PostNormBlock,
+    PostNormTransformerEncoder,
+    TransformerEncoder,
+    visible_patch_mean,
+)
 from .layers import (
     Attention,
     Block,
@@ -45,7 +53,13 @@ from .layers import (
     unpack_tokens,
 )
 from .layers.backend import AttentionPlan, KernelRule, kernel_table, set_kernel_table
-from .losses import MaskedMSELoss, masked_mse_loss, norm_pix_target, weighted_sum_losses
+from .losses import (
+    MaskedMSELoss,
+    masked_mse_loss,
+    norm_pix_target,
+    token_valid_mask_from_pixels,
+    weighted_sum_losses,
+)
 from .masking import (
     MaskSplit,
     channel_masking,
@@ -115,6 +129,7 @@ __all__ = [
     "EncoderConfig",
     "EncoderOutput",
     "FiLM",
+    "FiLMProjection",
     "ImageCrossMAE",
     "ImageCrossMAEConfig",
     "ImageCrossMAEOutput",
@@ -129,8 +144,11 @@ __all__ = [
     "OfficialLoadReport",
     "PackedTokens",
     "PatchEmbed",
+    "PostNormBlock",
+    "PostNormTransformerEncoder",
     "RasterTokenizer",
     "SeriesTokenizer",
+    "SpatioTemporalQueryPos",
     "StackedLayerNorm",
     "StaticToken",
     "TransformerEncoder",
@@ -179,11 +197,13 @@ __all__ = [
     "sincos_pos_embed_2d_from_coords",
     "tail_masking",
     "time_step_masking",
+    "token_valid_mask_from_pixels",
     "tube_masking",
     "unpack_tokens",
     "unpatchify",
     "use_fused_attn",
     "valid_patches_from_mask",
+    "visible_patch_mean",
     "water_mae_small",
     "weighted_sum_losses",
 ]

@@ -18,7 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import generator, seeds
 
-from crossmae.losses import MaskedMSELoss, masked_mse_loss, norm_pix_target, weighted_sum_losses
+from crossmae import RasterTokenizer, SeriesTokenizer, gather_tokens
+from crossmae.losses import (
+    MaskedMSELoss,
+    masked_mse_loss,
+    norm_pix_target,
+    token_valid_mask_from_pixels,
+    weighted_sum_losses,
+)
 
 Reduction = Literal["mean", "none", "sum"]
 REDUCTION_NAMES: tuple[Reduction, ...] = ("mean", "none", "sum")
@@ -397,3 +404,201 @@ def test_weighted_sum_losses() -> None:
         weighted_sum_losses({"flow": a}, {"flow": "1"})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="'flow'"):
         weighted_sum_losses({"flow": a}, {"flow": float("nan")})
+
+
+# ----------------------------------------------------------------------------- per-value average
+
+
+def ref_loss_value(pb: Problem, *, reduction: Reduction = "mean") -> torch.Tensor:
+    """Slow reference of ``average="value"``: each scored value counts once in its sample."""
+    scored = pb.scored()
+    b, p, d = pb.pred.shape
+    per_sample, nonempty = [], 0
+    for i in range(b):
+        total, count = 0.0, 0
+        for j in range(p):
+            for k in range(d):
+                if not bool(scored[i, j, k]):
+                    continue
+                e = (float(pb.pred[i, j, k]) - float(pb.target[i, j, k])) ** 2
+                if pb.weight is not None and pb.weight.ndim == 2:
+                    e *= float(pb.weight[i, j])
+                total += e
+                count += 1
+        loss = total / count if count else 0.0
+        if count:
+            nonempty += 1
+            if pb.weight is not None and pb.weight.ndim == 1:
+                loss *= float(pb.weight[i])
+        per_sample.append(loss)
+    out = torch.tensor(per_sample, dtype=torch.float64)
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return out.sum()
+    return out.sum() / max(nonempty, 1)
+
+
+@given(problems(), REDUCTIONS, seeds())
+def test_value_average_matches_reference_and_ignores_garbage(
+    pb: Problem, reduction: Reduction, seed: int
+) -> None:
+    out = masked_mse_loss(pb.pred, pb.target, **pb.kwargs(), reduction=reduction, average="value")
+    torch.testing.assert_close(out, ref_loss_value(pb, reduction=reduction))
+    module = MaskedMSELoss(reduction=reduction, average="value")
+    torch.testing.assert_close(module(pb.pred, pb.target, **pb.kwargs()), out)
+    # NaN/inf written at padded or invalid positions leaves loss and gradients unchanged
+    unscored = ~pb.scored()
+    pred = poison(pb.pred, unscored, seed).requires_grad_(True)
+    target = poison(pb.target, unscored, seed + 1)
+    bad = masked_mse_loss(pred, target, **pb.kwargs(), reduction=reduction, average="value")
+    torch.testing.assert_close(bad, out, rtol=0, atol=0)
+    bad.sum().backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+    assert (pred.grad[unscored] == 0).all()
+
+
+def test_series_loss_per_real_site_hand_computed() -> None:
+    """Two series tokens of group_size 4: a full one and a half-padded one (2 real sites)."""
+    pred = torch.zeros(1, 2, 4, dtype=torch.float64)
+    target = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, float("nan"), float("nan")]]])
+    target = target.double()
+    valid = torch.tensor([[[True] * 4, [True, True, False, False]]])
+    per_site = masked_mse_loss(pred, target, valid_mask=valid, average="value")
+    per_token = masked_mse_loss(pred, target, valid_mask=valid)
+    # per real site: (4 * 1 + 2 * 9) / 6; per token: (1 + 9) / 2
+    torch.testing.assert_close(per_site, torch.tensor(22.0 / 6.0, dtype=torch.float64))
+    torch.testing.assert_close(per_token, torch.tensor(5.0, dtype=torch.float64))
+    compiled = torch.compile(masked_mse_loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(pred, target, valid_mask=valid, average="value"), per_site)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = masked_mse_loss(pred.float(), target.bfloat16(), valid_mask=valid, average="value")
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), per_site)
+
+
+def test_bad_average() -> None:
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="average must be one of"):
+        masked_mse_loss(x, x, average="site")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="average must be one of"):
+        MaskedMSELoss(average="tokens")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- pixel land masks
+
+
+def _ref_pixel_mask(
+    pix: torch.Tensor, ph: int, pw: int, ids: torch.Tensor, index: torch.Tensor, c: int
+) -> torch.Tensor:
+    """Loop reference of `token_valid_mask_from_pixels`."""
+    gw = pix.shape[-1] // pw
+    b, p = ids.shape
+    out = torch.zeros(b, p, ph * pw * c, dtype=torch.bool)
+    per_step = index.numel()
+    for i in range(b):
+        for j in range(p):
+            t, slot = divmod(int(ids[i, j]), per_step)
+            patch = int(index[slot])
+            row, col = divmod(patch, gw)
+            if pix.ndim == 2:
+                m = pix
+            elif pix.ndim == 3:
+                m = pix[i]
+            else:
+                m = pix[i, t]
+            block = m[row * ph : (row + 1) * ph, col * pw : (col + 1) * pw]
+            vals = [bool(block[a, q]) for a in range(ph) for q in range(pw) for _ in range(c)]
+            out[i, j] = torch.tensor(vals)
+    return out
+
+
+@given(
+    seed=seeds(),
+    rank=st.sampled_from([2, 3, 4]),
+    use_index=st.booleans(),
+    c=st.integers(1, 2),
+)
+def test_token_valid_mask_from_pixels_matches_reference(
+    seed: int, rank: int, use_index: bool, c: int
+) -> None:
+    g = generator(seed)
+    b, t, ph, pw, gh, gw = 2, 3, 2, 3, 3, 2
+    shape = {2: (gh * ph, gw * pw), 3: (b, gh * ph, gw * pw), 4: (b, t, gh * ph, gw * pw)}[rank]
+    pix = torch.rand(shape, generator=g) < 0.6
+    index = torch.tensor([0, 2, 3, 5]) if use_index else torch.arange(gh * gw)
+    ids = torch.randint(0, t * index.numel(), (b, 5), generator=g)
+    out = token_valid_mask_from_pixels(
+        pix, (ph, pw), ids, patch_index=index if use_index else None, in_chans=c
+    )
+    assert out.dtype == torch.bool and out.shape == (b, 5, ph * pw * c)
+    torch.testing.assert_close(out, _ref_pixel_mask(pix, ph, pw, ids, index, c), rtol=0, atol=0)
+
+
+def test_token_valid_mask_from_pixels_agrees_with_raster_tokenizer() -> None:
+    """The land-mask part of RasterTokenizer.targets' validity, for the predicted tokens."""
+    g = generator(3)
+    land = torch.rand(8, 6, generator=g) < 0.7
+    tok = RasterTokenizer(8, 2, (8, 6), valid_mask=land)
+    x = torch.randn(2, 3, 8, 6, generator=g)
+    _, target_valid = tok.targets(x)
+    ids = torch.randint(0, tok.num_tokens(3), (2, 4), generator=g)
+    expected = gather_tokens(target_valid, ids)
+    got = token_valid_mask_from_pixels(land, 2, ids, patch_index=tok.valid_patch_index)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    compiled = torch.compile(token_valid_mask_from_pixels, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(land, 2, ids, patch_index=tok.valid_patch_index), got)
+    # with a raster loss: NaN over the sea (invalid pixels) leaves it unchanged
+    pred = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
+    target = gather_tokens(tok.targets(x)[0], ids).double()
+    loss = masked_mse_loss(pred, target, valid_mask=got)
+    sea = torch.where(got, target, torch.full_like(target, float("nan")))
+    torch.testing.assert_close(masked_mse_loss(pred, sea, valid_mask=got), loss, rtol=0, atol=0)
+
+
+def test_token_valid_mask_from_pixels_bad_arguments() -> None:
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    land = torch.ones(4, 6, dtype=torch.bool)
+    with pytest.raises(TypeError, match="pixel_valid_mask must have dtype"):
+        token_valid_mask_from_pixels(land.float(), 2, ids)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        token_valid_mask_from_pixels(land, 4, ids)
+    with pytest.raises(ValueError, match="but ids has batch 2"):
+        token_valid_mask_from_pixels(torch.ones(3, 4, 6, dtype=torch.bool), 2, ids)
+    with pytest.raises(TypeError, match="ids must be an int64"):
+        token_valid_mask_from_pixels(land, 2, ids.float())
+    with pytest.raises(TypeError, match="patch_size must be an int or a pair"):
+        token_valid_mask_from_pixels(land, [2, 2], ids)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pixel_valid_mask must be"):
+        token_valid_mask_from_pixels(torch.ones(6, dtype=torch.bool), 2, ids)
+
+
+def test_series_loss_per_real_site_with_series_tokenizer() -> None:
+    """With SeriesTokenizer's targets, average='value' is the mean over real (site, step)."""
+    g = generator(5)
+    s, t, group = 7, 3, 4  # 2 site groups, the last with 3 real sites and 1 fill-up site
+    tok = SeriesTokenizer(8, s, group_size=group)
+    x = torch.randn(2, s, t, generator=g, dtype=torch.float64)
+    target_full, valid_full = tok.targets(x)  # [b, t * 2, 4], time-major tokens
+    ids = torch.tensor([[0, 1, 5], [3, 4, 0]])
+    pad = torch.tensor([[False, False, False], [False, False, True]])
+    target, valid = gather_tokens(target_full, ids), gather_tokens(valid_full, ids)
+    pred = torch.randn(2, 3, group, generator=g, dtype=torch.float64)
+    loss = masked_mse_loss(pred, target, padding_mask=pad, valid_mask=valid, reduction="none")
+    per_site = masked_mse_loss(
+        pred, target, padding_mask=pad, valid_mask=valid, reduction="none", average="value"
+    )
+    expected = []
+    for i in range(2):
+        errs = []
+        for j in range(3):
+            if pad[i, j]:
+                continue
+            step, patch = divmod(int(ids[i, j]), 2)
+            for slot in range(group):
+                site = patch * group + slot
+                if site < s:
+                    errs.append((float(pred[i, j, slot]) - float(x[i, site, step])) ** 2)
+        expected.append(sum(errs) / len(errs))
+    torch.testing.assert_close(per_site, torch.tensor(expected, dtype=torch.float64))
+    assert not torch.allclose(loss, per_site)  # the half-filled group weighs differently

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .cross import CrossMAEDecoder
 from .mae import MAEDecoder
+from .query_pos import SpatioTemporalQueryPos
 
-__all__ = ["CrossMAEDecoder", "MAEDecoder"]
+__all__ = ["CrossMAEDecoder", "MAEDecoder", "SpatioTemporalQueryPos"]

@@ -59,6 +59,7 @@ class _QueryEmbeddings(nn.Module):
     pos_embed: Optional[nn.Parameter]
     modality_embed: Optional[nn.Parameter]
     mask_token: nn.Parameter
+    query_pos: Optional[nn.Module]
 
     def _init_queries(
         self,
@@ -66,16 +67,51 @@ class _QueryEmbeddings(nn.Module):
         pos_embed: Union[str, Tensor, None],
         num_tokens: Optional[int],
         modality_embed: bool,
+        query_pos: Optional[nn.Module] = None,
     ) -> None:
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
+        if query_pos is not None:
+            if not isinstance(query_pos, nn.Module):
+                raise TypeError(
+                    f"query_pos must be an nn.Module mapping ids [b, p] to [b, p, {dim}], "
+                    f"got {type(query_pos).__name__}"
+                )
+            if pos_embed is not None:
+                given = repr(pos_embed) if isinstance(pos_embed, str) else "a tensor"
+                raise ValueError(
+                    f"query_pos replaces the position table: pass pos_embed=None with it "
+                    f"(got pos_embed={given})"
+                )
+            qdim = getattr(query_pos, "dim", dim)
+            if qdim != dim:
+                raise ValueError(f"query_pos.dim is {qdim} but the decoder's dim is {dim}")
+        self.query_pos = query_pos
         fixed, learned = build_pos_table(pos_embed, num_tokens, dim)
         self.pos_embed = learned
         self.register_buffer("pos_table", fixed, persistent=False)
         self.modality_embed = nn.Parameter(torch.zeros(dim)) if modality_embed else None
 
+    @staticmethod
+    def _query_positions(query_pos: nn.Module, ids: Tensor, dim: int) -> Tensor:
+        """``query_pos(ids)``, checked to be float ``[b, p, dim]`` (metadata only)."""
+        out = query_pos(ids)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(
+                f"query_pos must return a float tensor [b, p, c], got {type(out).__name__}"
+                + (f" of dtype {out.dtype}" if isinstance(out, Tensor) else "")
+            )
+        if tuple(out.shape) != (*ids.shape, dim):
+            raise ValueError(
+                f"query_pos returned shape {tuple(out.shape)} for ids of shape "
+                f"{tuple(ids.shape)}; it must return [b, p, {dim}]"
+            )
+        return out
+
     def _position_table(self, pos: Optional[Tensor]) -> Tensor:
         """``pos`` if given, else the learned or fixed table; ValueError when there is none."""
+        if pos is not None and self.query_pos is not None:
+            raise ValueError("pos was given but this decoder takes its positions from query_pos")
         if pos is not None:
             table = check_float_tensor("pos", pos)
             if table.ndim not in (2, 3):
@@ -123,9 +159,16 @@ class CrossMAEDecoder(_QueryEmbeddings):
         num_feature_maps: number ``k`` of encoder feature maps to mix (enables WFM), or None.
         num_tokens: length ``n`` of the full sequence (needed for ``pos_embed="learned"``).
         pos_embed: ``"learned"``, a fixed ``[n, c]`` table (e.g. `sincos_pos_embed_2d`), or
-            None (then pass ``pos`` to ``forward``).
+            None (then pass ``pos`` to ``forward``, or give ``query_pos``).
         modality_embed: add a learned ``[c]`` vector to every query.
         fused_attn: see `CrossAttention`.
+        drop: dropout after every attention projection and inside every MLP (training
+            only).
+        attn_drop: dropout on the attention weights (training only).
+        query_pos: a query-position module (see `crossmae.decoders.query_pos`): an
+            ``nn.Module`` mapping int64 ids ``[b, p]`` to ``[b, p, c]``, e.g.
+            `SpatioTemporalQueryPos`; then queries are ``mask_token + query_pos(ids_predict)
+            (+ modality embedding)``. Needs ``pos_embed=None``; None (default): the table.
 
     Shapes:
         ``forward(context, ids_predict [b, p], *, context_padding_mask [b, m] | None,
@@ -157,6 +200,9 @@ class CrossMAEDecoder(_QueryEmbeddings):
         pos_embed: Union[str, Tensor, None] = "learned",
         modality_embed: bool = False,
         fused_attn: Optional[bool] = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        query_pos: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
@@ -165,7 +211,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
         check_int("out_dim", out_dim, minimum=1)
         if num_feature_maps is not None:
             check_int("num_feature_maps", num_feature_maps, minimum=1)
-        self._init_queries(dim, pos_embed, num_tokens, modality_embed)
+        self._init_queries(dim, pos_embed, num_tokens, modality_embed, query_pos)
         self.num_feature_maps = num_feature_maps
         self.wfm: Optional[WeightedFeatureMaps] = None
         self.dec_norms: Optional[StackedLayerNorm] = None
@@ -181,6 +227,8 @@ class CrossMAEDecoder(_QueryEmbeddings):
                 mlp_ratio,
                 self_attn=self_attn,
                 qkv_bias=qkv_bias,
+                drop=drop,
+                attn_drop=attn_drop,
                 drop_path=r,
                 norm_layer=norm_layer,
                 fused_attn=fused_attn,
@@ -191,8 +239,23 @@ class CrossMAEDecoder(_QueryEmbeddings):
         self.head = nn.Linear(dim, out_dim)
 
     def queries(self, ids_predict: Tensor, pos: Optional[Tensor] = None) -> Tensor:
-        """Build the queries ``[b, p, c]`` for the tokens at ``ids_predict``."""
+        """Build the queries ``[b, p, c]`` for the tokens at ``ids_predict``.
+
+        Args:
+            ids_predict: int64 ``[b, p]`` token ids (padded slots hold a valid id, e.g. 0).
+            pos: optional ``[n, c]`` or ``[b, n, c]`` position table (only without
+                ``query_pos`` and when the decoder has no table of its own).
+
+        Returns:
+            ``mask_token + positions(ids_predict) (+ modality_embed)``, ``[b, p, c]``.
+        """
         ids = check_index_tensor("ids_predict", ids_predict)
+        if self.query_pos is not None:
+            if pos is not None:
+                raise ValueError("pos was given but this decoder takes positions from query_pos")
+            qp = self._query_positions(self.query_pos, ids, self.dim)
+            q = qp.to(self.mask_token.dtype) + self.mask_token
+            return q if self.modality_embed is None else q + self.modality_embed
         table = self._position_table(pos)
         if table.shape[-1] != self.dim or (table.ndim == 3 and table.shape[0] != ids.shape[0]):
             raise ValueError(
@@ -247,9 +310,27 @@ class CrossMAEDecoder(_QueryEmbeddings):
         pos: Optional[Tensor] = None,
         context_padding_is_trailing: Optional[bool] = None,
     ) -> Tensor:
-        """Predict the tokens at ``ids_predict [b, p]`` from ``context`` (``[b, m, e]``, or
-        ``[k, b, m, e]`` with WFM; ``context_padding_mask [b, m]`` True = padding) →
-        ``[b, p, o]`` (see the class docs)."""
+        """Predict the tokens at ``ids_predict`` from the visible encoder tokens.
+
+        Args:
+            context: float ``[b, m, e]`` encoder tokens (no WFM) or ``[k, b, m, e]`` stacked
+                feature maps (WFM), in the decoder's dtype (any float dtype under autocast).
+            ids_predict: int64 ``[b, p]`` ids of the tokens to reconstruct (padded slots hold
+                a valid id, e.g. 0).
+            context_padding_mask: optional bool ``[b, m]``, **True = padding** (never a
+                key; NaN stored there never reaches an output). A sample with no real key
+                still gets finite predictions (from its queries alone).
+            query_padding_mask: optional bool ``[b, p]``, **True = padding** query slot
+                (its output is finite and meaningless; it is never a key of the optional
+                self-attention among queries).
+            pos: optional position table ``[n, c]`` or ``[b, n, c]`` (any float dtype), only
+                for a decoder built with ``pos_embed=None`` and no ``query_pos``.
+            context_padding_is_trailing: deprecated and ignored (FutureWarning): the
+                attention backend decides the key layout once per forward.
+
+        Returns:
+            ``[b, p, o]`` predictions.
+        """
         if context_padding_is_trailing is not None:
             warn_trailing("context_padding_is_trailing")
         raw = self._check_context(context)

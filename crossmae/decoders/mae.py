@@ -39,9 +39,16 @@ class MAEDecoder(_QueryEmbeddings):
         qkv_bias: bias on qkv.
         drop_path: stochastic depth, linear from 0 to this value.
         norm_layer: norm constructor.
-        pos_embed: ``"learned"``, a fixed ``[n, c]`` table, or None (pass ``pos``).
+        pos_embed: ``"learned"``, a fixed ``[n, c]`` table, or None (pass ``pos``, or give
+            ``query_pos``).
         modality_embed: add a learned ``[c]`` vector to every token.
         fused_attn: see `Attention`.
+        drop: dropout after every attention projection and inside every MLP (training
+            only).
+        attn_drop: dropout on the attention weights (training only).
+        query_pos: a query-position module (see `crossmae.decoders.query_pos`) mapping int64
+            ids ``[b, n]`` to ``[b, n, c]``; it gives the positions of all ``n`` tokens
+            (ids ``0..n-1``). Needs ``pos_embed=None``; None (default): the table.
 
     Shapes:
         ``forward(context [b, m, e], ids_keep [b, m], ids_predict [b, p], *,
@@ -70,6 +77,9 @@ class MAEDecoder(_QueryEmbeddings):
         pos_embed: Union[str, Tensor, None] = "learned",
         modality_embed: bool = False,
         fused_attn: Optional[bool] = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        query_pos: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.context_dim = check_int("context_dim", context_dim, minimum=1)
@@ -78,7 +88,7 @@ class MAEDecoder(_QueryEmbeddings):
         check_int("out_dim", out_dim, minimum=1)
         self.num_tokens = check_int("num_tokens", num_tokens, minimum=0)
         self.embed = nn.Linear(context_dim, dim)
-        self._init_queries(dim, pos_embed, num_tokens, modality_embed)
+        self._init_queries(dim, pos_embed, num_tokens, modality_embed, query_pos)
         rates = drop_path_schedule(drop_path, depth)
         self.blocks = nn.ModuleList(
             Block(
@@ -86,6 +96,8 @@ class MAEDecoder(_QueryEmbeddings):
                 num_heads,
                 mlp_ratio,
                 qkv_bias=qkv_bias,
+                drop=drop,
+                attn_drop=attn_drop,
                 drop_path=r,
                 norm_layer=norm_layer,
                 fused_attn=fused_attn,
@@ -106,6 +118,26 @@ class MAEDecoder(_QueryEmbeddings):
         padding_mask: Optional[Tensor] = None,
         pos: Optional[Tensor] = None,
     ) -> Tensor:
+        """Decode the full sequence (visible tokens among mask tokens), return ``ids_predict``'s.
+
+        Args:
+            context: float ``[b, m, e]`` visible encoder tokens, in the decoder's dtype (any
+                float dtype under autocast).
+            ids_keep: int64 ``[b, m]`` token ids of the visible tokens (distinct in each
+                row; padded slots hold a valid id, e.g. 0).
+            ids_predict: int64 ``[b, p]`` ids of the tokens to return.
+            context_padding_mask: optional bool ``[b, m]``, **True = padding** visible slot
+                (never scattered: NaN stored there never reaches an output).
+            query_padding_mask: optional bool ``[b, p]``, **True = padding** (checked; those
+                outputs are finite and meaningless).
+            padding_mask: optional bool ``[b, n]``, **True = padding** in the full sequence
+                (never a key).
+            pos: optional ``[n, c]`` or ``[b, n, c]`` table, only for a decoder built with
+                ``pos_embed=None`` and no ``query_pos``.
+
+        Returns:
+            ``[b, p, o]`` predictions at ``ids_predict``.
+        """
         ctx = check_float_tensor("context", context)
         if ctx.ndim != 3 or ctx.shape[-1] != self.context_dim:
             raise ValueError(
@@ -132,7 +164,13 @@ class MAEDecoder(_QueryEmbeddings):
             "query_padding_mask", query_padding_mask, ids_predict.shape, "ids_predict"
         )
         pad = check_padding_mask("padding_mask", padding_mask, (b, n), "(b, num_tokens)")
-        table = self._position_table(pos)
+        if self.query_pos is not None:
+            if pos is not None:
+                raise ValueError("pos was given but this decoder takes positions from query_pos")
+            all_ids = torch.arange(n, device=ctx.device).expand(b, n)
+            table = self._query_positions(self.query_pos, all_ids, self.dim)
+        else:
+            table = self._position_table(pos)
         if (table.ndim == 2 and tuple(table.shape) != (n, self.dim)) or (
             table.ndim == 3 and tuple(table.shape) != (b, n, self.dim)
         ):

@@ -408,3 +408,27 @@ def test_water_model_on_the_varlen_route_same_loss(monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(
             out.sample_losses[name], ref.sample_losses[name], atol=1e-4, rtol=1e-5
         )
+
+
+def test_postnorm_encoder_on_the_varlen_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-norm encoder plans once too: forced onto the varlen route (reordered once,
+    taps restored) it gives the explicit-softmax results on real tokens."""
+    from crossmae.encoders import PostNormTransformerEncoder
+
+    g = generator(4)
+    enc = PostNormTransformerEncoder(32, 2, 2).eval()
+    ref = PostNormTransformerEncoder(32, 2, 2, fused_attn=False).eval()
+    ref.load_state_dict(enc.state_dict())
+    x = torch.randn(3, 9, 32, generator=g)
+    pad = torch.rand(3, 9, generator=g) < 0.4
+    pad[0, 0] = True
+    pad[2] = True
+    with torch.no_grad():
+        want = ref(x, pad, return_layers="all", include_input=True)
+        calls = _force(monkeypatch, "varlen")
+        got = enc(x, pad, return_layers="all", include_input=True)
+    assert calls, "the varlen route was not taken"
+    real = ~pad
+    torch.testing.assert_close(got.tokens[real], want.tokens[real], atol=1e-5, rtol=1e-5)
+    assert got.features is not None and want.features is not None
+    torch.testing.assert_close(got.features[:, real], want.features[:, real], atol=1e-5, rtol=1e-5)
