@@ -174,3 +174,16 @@ def test_the_recorder_sees_syncs(record_syncs: Callable[[Callable[[], Any]], lis
     assert record_syncs(lambda: t.nonzero())
     assert record_syncs(lambda: t[t > 0])
     assert not record_syncs(lambda: t.masked_fill(t > 0, 0.0).sum())
+
+
+def test_image_forward_traces_as_one_graph_given_noise() -> None:
+    """With the masking noise drawn outside (dynamo cannot trace an explicit
+    `torch.Generator`), the whole image forward is one graph: no graph break."""
+    model = tiny_model().train()
+    x = images(2)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    out = compiled(x, noise=noise)
+    ref = model(x, noise=noise)
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()
