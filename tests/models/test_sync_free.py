@@ -67,6 +67,10 @@ class SyncRecorder(TorchDispatchMode):
 def record_syncs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[[Callable[[], Any]], list[str]]]:
+    # Import dynamo before `is_compiling` is patched: it registers torch's functions by
+    # identity on import, and a later torch.compile in the session must see the real one.
+    import torch._dynamo
+
     hits: list[str] = []
     armed = [False]
     for meth in HOST_READS:
