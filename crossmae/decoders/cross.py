@@ -332,7 +332,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
             ``[b, p, o]`` predictions.
         """
         if context_padding_is_trailing is not None:
-            warn_trailing("context_padding_is_trailing")
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         raw = self._check_context(context)
         ids = check_index_tensor("ids_predict", ids_predict)
         b, m = raw.shape[-3], raw.shape[-2]

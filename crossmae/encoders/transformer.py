@@ -232,7 +232,7 @@ class TransformerEncoder(nn.Module):
         """Encode ``tokens [b, n, c]`` (``padding_mask [b, n]`` True = padding); see the
         class docs for every argument and `EncoderOutput` for the result."""
         if padding_is_trailing is not None:
-            warn_trailing("padding_is_trailing")
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         x = check_float_tensor("tokens", tokens, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(

@@ -59,8 +59,11 @@ def select_padded_kernel(q: Tensor, dropout_p: float) -> str:
     return "sdpa" if plan.kernel == "sdpa_mask" else plan.kernel
 
 
-def warn_trailing(name: str) -> None:
-    """The FutureWarning of the deprecated ``*_padding_is_trailing`` keywords."""
+def warn_trailing(name: str, value: object) -> None:
+    """The deprecated ``*_padding_is_trailing`` keywords: a real bool (TypeError otherwise,
+    as every flag) and a FutureWarning; the value is ignored."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
     warnings.warn(
         f"{name} is deprecated and ignored: the attention backend (crossmae.layers.backend) "
         "decides the token layout once per stack; it will be removed in 0.3",
@@ -415,7 +418,7 @@ class Attention(nn.Module):
         """Self-attention of ``x [b, n, c]``; ``padding_mask [b, n]`` True = padding
         (ignored as keys) → ``[b, n, c]`` (see the class docs)."""
         if padding_is_trailing is not None:
-            warn_trailing("padding_is_trailing")
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype)
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
@@ -532,7 +535,7 @@ class CrossAttention(nn.Module):
         """Cross-attention of ``x [b, n, c]`` over ``context [b, m, context_dim]``;
         ``context_padding_mask [b, m]`` True = padding → ``[b, n, c]`` (see the class docs)."""
         if context_padding_is_trailing is not None:
-            warn_trailing("context_padding_is_trailing")
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)

@@ -91,7 +91,7 @@ class Block(nn.Module):
         """``x [b, n, c]``, ``padding_mask [b, n]`` True = padding → ``[b, n, c]`` (see the
         class docs)."""
         if padding_is_trailing is not None:
-            warn_trailing("padding_is_trailing")
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype)
         if padding_mask is not None:
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
@@ -207,9 +207,9 @@ class CrossAttentionBlock(nn.Module):
         """Queries ``x [b, n, c]`` over ``context [b, m, context_dim]``; both padding masks
         True = padding → ``[b, n, c]`` (see the class docs)."""
         if context_padding_is_trailing is not None:
-            warn_trailing("context_padding_is_trailing")
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         if query_padding_is_trailing is not None:
-            warn_trailing("query_padding_is_trailing")
+            warn_trailing("query_padding_is_trailing", query_padding_is_trailing)
         # Every argument is checked before any work (the attention modules check again:
         # metadata only, so that costs nothing).
         x, context, _ = _check_cross_inputs(self.cross_attn, x, context, context_padding_mask)

@@ -432,3 +432,11 @@ def test_postnorm_encoder_on_the_varlen_route(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(got.tokens[real], want.tokens[real], atol=1e-5, rtol=1e-5)
     assert got.features is not None and want.features is not None
     torch.testing.assert_close(got.features[:, real], want.features[:, real], atol=1e-5, rtol=1e-5)
+
+
+def test_deprecated_trailing_flags_still_refuse_non_bools() -> None:
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(TypeError, match="padding_is_trailing must be a bool"):
+        cm.Attention(16, 2)(x, padding_is_trailing=1)
+    with pytest.raises(TypeError, match="context_padding_is_trailing must be a bool"):
+        cm.CrossAttention(16, num_heads=2)(x, x, context_padding_is_trailing="yes")
