@@ -28,6 +28,44 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
 
 
+def _decoder_stack_check(
+    dev: torch.device, ctx: torch.Tensor, pad: torch.Tensor, kernels: list[str]
+) -> list[str]:
+    """The decoder stack's plan (keys reordered once for varlen, none in float32) against
+    the explicit softmax, in bf16 autocast per kernel and in float32 (SDPA with a mask)."""
+    from crossmae.decoders import CrossMAEDecoder
+    from crossmae.layers import backend
+
+    torch.manual_seed(1)
+    n = 64
+    dec = CrossMAEDecoder(64, 64, 2, 4, 8, num_tokens=n, self_attn=True).to(dev)
+    ref = CrossMAEDecoder(64, 64, 2, 4, 8, num_tokens=n, self_attn=True, fused_attn=False)
+    ref = ref.to(dev)
+    ref.load_state_dict(dec.state_dict())
+    ids = torch.randint(0, n, (ctx.shape[0], 40), device=dev)
+    with torch.no_grad():
+        want = ref(ctx, ids, context_padding_mask=pad)
+    failures = []
+    fp32 = backend.plan_for(ctx, 16, padding_mask=pad)
+    ok = fp32.kernel == "sdpa_mask" and not fp32.reorder
+    print(f"| float32 plan on CUDA | {fp32} | {'ok' if ok else 'WRONG'} |")
+    if not ok:
+        failures.append("fp32-plan")
+    for kernel, amp in [(k, True) for k in kernels] + [("auto", False)]:
+        cm.set_padded_attention_kernel(kernel)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            got = dec(ctx, ids, context_padding_mask=pad).float()
+        err = float((got - want).abs().max())
+        tag = f"{kernel} {'bf16' if amp else 'fp32'}"
+        print(
+            f"| decoder stack | {tag} | max err {err:.2e} | finite {bool(got.isfinite().all())} |"
+        )
+        if not (got.isfinite().all() and err < (FWD_TOL if amp else 1e-4)):
+            failures.append(f"decoder/{tag}")
+    cm.set_padded_attention_kernel("auto")
+    return failures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing checked")
@@ -97,6 +135,7 @@ def main() -> int:
             if not (finite and e_tok < FWD_TOL and e_out < FWD_TOL and worst < GRAD_TOL):
                 failures.append(f"{kernel}/{layout}")
     cm.set_padded_attention_kernel("auto")
+    failures += _decoder_stack_check(dev, x0.nan_to_num(0.0), pad, kernels)
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
     return 1 if failures else 0
 

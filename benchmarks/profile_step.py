@@ -1,66 +1,218 @@
-"""Profile one training step (decoder-only or water model) and print the top kernels/ops."""
+"""Profile full training steps and write, per workload, the top kernels and the GPU-busy
+share of the step (profiler self device time / step time) as a markdown table.
+
+    python benchmarks/profile_step.py image water --compile --out $OUT/profiles
+    python benchmarks/profile_step.py decoder                # eager, prints the tables
+
+Workloads: ``image`` (CrossMAE ViT-B/16, B=256, predict 0.25 + WFM over 12 blocks and the
+input, fused AdamW), ``water`` (the water model, B=8, half the batch without river flow,
+AdamW), ``decoder`` (CrossMAE decoder only, ViT-B widths, B=256, predict 0.25). All under
+bf16 autocast. ``--cpu`` runs tiny versions on the CPU (for the tests: the tables then
+show CPU time, not device time).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from crossmae.decoders import CrossMAEDecoder
+WORKLOADS = ("image", "water", "decoder")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decoder", "water"])
-    ap.add_argument("--rows", type=int, default=30)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    if args.what == "decoder":
-        b, n = 256, 196
-        ctx = torch.randn(b, 50, 768, device=dev, requires_grad=True)
-        ids = torch.rand(b, n, device=dev).argsort(1)[:, :49].sort(1).values
-        dec = CrossMAEDecoder(768, 512, 8, 16, 768, num_tokens=n).to(dev)
+def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
+    """A zero-argument training step of workload ``what``."""
+    from crossmae.decoders import CrossMAEDecoder
 
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = dec(ctx, ids)
-            out.float().square().mean().backward()
-    else:
-        from crossmae.models.water import water_mae_small
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    fused = dev.type == "cuda"
+    if what == "decoder":
+        b, n, e, c, depth, heads = (
+            (256, 196, 768, 512, 8, 16) if not small else (4, 16, 32, 16, 2, 2)
+        )
+        ctx = torch.randn(b, 1 + n // 4, e, device=dev, requires_grad=True)
+        ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
+        model: torch.nn.Module = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
-        model = water_mae_small().to(dev)
-        b = 8
-        inputs = {
-            k: torch.randn(b, 30, 290, 180, device=dev)
-            for k in ("precipitation", "soil_moisture", "temperature")
-        }
-        inputs["evaporation"] = torch.randn(b, 604, 30, device=dev)
-        inputs["river_flow"] = torch.randn(b, 604, 30, device=dev)
-        static = torch.randn(b, 604, 11, device=dev)
+        def loss_fn(f: Any) -> torch.Tensor:
+            return f(ctx, ids).float().square().mean()  # type: ignore[no-any-return]
+
+    elif what == "image":
+        from crossmae.models.factories import crossmae_vit_base
+
+        extra: dict[str, Any] = {}
+        b, size = 256, 224
+        if small:
+            b, size = 2, 32
+            extra = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                         decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=2)  # fmt: skip
+        model = crossmae_vit_base(
+            img_size=size, predict_ratio=0.25, use_weighted_fm=True, use_input=True, **extra
+        ).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        imgs = torch.randn(b, 3, size, size, device=dev)
         g = torch.Generator(device=dev).manual_seed(0)
 
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(inputs, static=static, generator=g)
-            out.loss.backward()
+        def loss_fn(f: Any) -> torch.Tensor:
+            return f(imgs, generator=g).loss  # type: ignore[no-any-return]
 
-    for _ in range(3):
+    elif what == "water":
+        from crossmae.models.water import water_mae_small
+
+        kw: dict[str, Any] = {}
+        b, t, hw, sites = 8, 30, (290, 180), 604
+        if small:
+            kw = dict(num_steps=3, image_size=(40, 30), num_land_patches=6, num_sites=12,
+                      group_size=4, embed_dim=32, num_heads=4, decoder_dim=16,
+                      decoder_num_heads=4, decoder_depth=1, raster_depth=1, series_depth=1)  # fmt: skip
+            b, t, hw, sites = 2, 3, (40, 30), 12
+        model = water_mae_small(**kw).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        inputs = {
+            k: torch.randn(b, t, *hw, device=dev)
+            for k in ("precipitation", "soil_moisture", "temperature")
+        }
+        inputs["evaporation"] = torch.randn(b, sites, t, device=dev)
+        flow = torch.randn(b, sites, t, device=dev)
+        flow[: b // 2] = float("nan")
+        inputs["river_flow"] = flow
+        static = torch.randn(b, sites, 11, device=dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def loss_fn(f: Any) -> torch.Tensor:
+            return f(inputs, static=static, generator=g).loss  # type: ignore[no-any-return]
+
+    else:
+        raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
+    return _step(model, opt, loss_fn, amp)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, amp: Any) -> Any:
+    holder: dict[str, Any] = {"f": model}
+
+    def step() -> None:
+        with amp:
+            loss = loss_fn(holder["f"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.holder = holder  # type: ignore[attr-defined]
+    return step
+
+
+def _self_device_us(evt: Any) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def _kernel_times(prof: Any, dev: torch.device, steps: int) -> list[tuple[str, float]]:
+    """``(name, ms per step)`` of every device kernel, largest first (CUDA: kernel events
+    only, user annotations mirrored on the GPU timeline excluded, so nothing counts twice;
+    CPU: self CPU time of the ops)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    if dev.type == "cuda":
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+                continue
+            if e.name.startswith("ProfilerStep"):
+                continue
+            totals[e.name] = totals.get(e.name, 0.0) + _self_device_us(e)
+    else:
+        for avg in prof.key_averages():
+            totals[avg.key] = float(avg.self_cpu_time_total)
+    out = [(k, us / 1e3 / steps) for k, us in totals.items() if us > 0]
+    out.sort(key=lambda k: -k[1])
+    return out
+
+
+def profile_workload(
+    what: str, dev: torch.device, *, small: bool, compile_: bool, steps: int = 5, rows: int = 15
+) -> tuple[str, dict[str, float]]:
+    """Profile ``steps`` steps of ``what``; returns the markdown and a summary dict
+    (``step_ms``, ``device_ms`` per step, ``busy_share``)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    step = build(what, dev, small)
+    if compile_:
+        step.holder["f"] = torch.compile(step.holder["f"])  # type: ignore[attr-defined]
+    for _ in range(4 if compile_ else 3):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    times = []
+    for _ in range(steps):  # step time without the profiler's overhead
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    step_ms = statistics.median(times)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
             step()
-        torch.cuda.synchronize()
-    print(
-        prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60
-        )
+        sync()
+    kernels = _kernel_times(prof, dev, steps)
+    device_ms = sum(ms for _, ms in kernels)
+    busy = device_ms / step_ms if step_ms > 0 else float("nan")
+    mode = "compiled" if compile_ else "eager"
+    unit = "device" if dev.type == "cuda" else "CPU (no device: not a GPU-busy share)"
+    lines = [
+        f"### {what} ({mode}, {dev.type})",
+        "",
+        f"step {step_ms:.2f} ms (median of {steps}, no profiler); profiler self {unit} time "
+        f"{device_ms:.2f} ms per step; **busy share {busy:.0%}**",
+        "",
+        "| kernel | ms / step | share of step |",
+        "| --- | ---: | ---: |",
+    ]
+    for key, ms in kernels[:rows]:
+        name = key.replace("|", "/")
+        name = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{name}` | {ms:.3f} | {ms / step_ms:.1%} |")
+    lines.append("")
+    return "\n".join(lines), {"step_ms": step_ms, "device_ms": device_ms, "busy_share": busy}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(
-        prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)
-    )
+    ap.add_argument("what", nargs="+", choices=WORKLOADS)
+    ap.add_argument("--rows", type=int, default=15, help="top kernels per table")
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--eager-too", action="store_true", help="with --compile: eager as well")
+    ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
+    ap.add_argument("--out", default="", help="write profiles.md (and print) here")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
+    parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}\n"]
+    for what in args.what:
+        for comp in modes:
+            md, _ = profile_workload(
+                what, dev, small=dev.type == "cpu", compile_=comp, steps=args.steps, rows=args.rows
+            )
+            print(md, flush=True)
+            parts.append(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profiles.md"), "w") as f:
+            f.write("\n".join(parts))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -25,6 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/reference.py
 
 import crossmae as cm
 from crossmae.decoders import CrossMAEDecoder, MAEDecoder
@@ -420,6 +423,357 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
         record("kernels", name, **row)
 
 
+# --------------------------------------------------------------------------- 7. small heads
+#: (name, queries, keys, head dim) at the water model's shapes (B=8, 8 heads)
+SMALLHEAD_SHAPES = (("fusion self-attn", 7892, 7892, 32), ("decoder cross-attn", 1110, 7892, 16))
+#: flex_attention (BLOCK_M, BLOCK_N) tried; env CROSSMAE_BENCH_FLEX_BLOCKS="128x128,64x64"
+FLEX_BLOCKS = ((128, 128), (128, 64), (64, 64))
+
+
+def flex_blocks() -> tuple[tuple[int, int], ...]:
+    env = os.environ.get("CROSSMAE_BENCH_FLEX_BLOCKS", "")
+    if not env:
+        return FLEX_BLOCKS
+    return tuple((int(a), int(b)) for a, b in (p.split("x") for p in env.split(",") if p))
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def f() -> None:
+        fn().float().sum().backward()
+
+    return f
+
+
+def _try_bench(fn: Callable[[], None], dev: torch.device) -> Any:
+    try:
+        return bench(fn, dev, warmup=3, iters=10)
+    except Exception as e:  # a backend refusing the shape is a result, not a failure
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
+    """Flash, cuDNN, memory-efficient, varlen and flex (block sizes) at the water model's
+    attention shapes, fwd+bwd; the fastest per shape as `KernelRule` lines; and the five
+    decoders' cross-attention over the same keys fused into one call (heads or batch)."""
+    from crossmae.layers import _flex, _varlen, backend
+
+    log("\n## 7. small-head attention at the water model's shapes (fwd+bwd)")
+    cuda = dev.type == "cuda"
+    b, h, div = (8, 8, 1) if not small else (2, 2, 64)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sdpa = ("flash", "cudnn", "efficient") if cuda else ("math",)
+    suggestions: list[str] = []
+    for name, nq, nk, d in SMALLHEAD_SHAPES:
+        nq, nk = max(nq // div, 8), max(nk // div, 8)
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (
+            torch.randn(b, h, n, d, generator=g).to(dev, dtype).requires_grad_()
+            for n in (nq, nk, nk)
+        )
+        lengths = torch.randint(nk // 2, nk + 1, (b,), generator=g)
+        lengths[0] = 0  # one sample without any key
+        kpad = cm.lengths_to_padding_mask(lengths.to(dev), nk)
+        kpad = kpad[:, torch.randperm(nk, generator=g).to(dev)]  # scattered padding
+        qpad = kpad if nq == nk else None
+        empty = kpad.all(1)
+        att = (~kpad | empty[:, None])[:, None, None, :]
+        label = f"{name} {nq}x{nk} d={d} b={b} h={h}"
+        unmasked: dict[str, Any] = {}
+        padded: dict[str, Any] = {}
+        for be in sdpa:
+
+            def plain(be: str = be) -> torch.Tensor:
+                with backend.sdpa_context((be,)):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            def masked(be: str = be) -> torch.Tensor:
+                with backend.sdpa_context((be,)):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=att)
+
+            unmasked[be] = _try_bench(_fwd_bwd(plain), dev)
+            padded[f"sdpa_mask[{be}]"] = _try_bench(_fwd_bwd(masked), dev)
+        if cuda and _varlen.varlen_available():
+            padded["varlen"] = _try_bench(
+                _fwd_bwd(lambda: _varlen.varlen_attend(q, k, v, kpad, qpad)), dev
+            )
+        if cuda and _flex.can_use_flex(q, 0.0):
+            from torch.nn.attention.flex_attention import flex_attention
+
+            compiled_flex = torch.compile(flex_attention, dynamic=False)
+            for bm, bn in flex_blocks():
+                opts = {"BLOCK_M": bm, "BLOCK_N": bn}
+
+                def flex(opts: dict[str, int] = opts) -> torch.Tensor:
+                    def kern(*a: Any, **kw: Any) -> torch.Tensor:
+                        return compiled_flex(*a, kernel_options=opts, **kw)  # type: ignore[no-any-return]
+
+                    return _flex.flex_attend(q, k, v, kpad, kernel=kern)
+
+                padded[f"flex[{bm}x{bn}]"] = _try_bench(_fwd_bwd(flex), dev)
+        for be, ms in unmasked.items():
+            record("smallhead", f"{label} unmasked sdpa[{be}]", ms=ms)
+        for kname, ms in padded.items():
+            record("smallhead", f"{label} padded {kname}", ms=ms)
+        best_u = _fastest(unmasked)
+        best_p = _fastest(padded)
+        if best_u:
+            suggestions.append(
+                f"KernelRule(head_dim={d}, padded=False, sdpa_backends=({best_u!r},))"
+            )
+        if best_p:
+            kernel = best_p.split("[")[0]
+            extra = ""
+            if kernel == "sdpa_mask":
+                extra = f", sdpa_backends=({best_p.split('[')[1].rstrip(']')!r},)"
+            suggestions.append(
+                f"KernelRule(kernel={kernel!r}, head_dim={d}, min_keys={nk}, padded=True{extra})"
+            )
+        _fusion_rows(dev, label, q, k, v, kpad, att, cuda and _varlen.varlen_available())
+    for line in suggestions:
+        log(f"  suggested rule: {line}")
+
+
+def _fastest(times: dict[str, Any]) -> Optional[str]:
+    ok = {k: v for k, v in times.items() if isinstance(v, float)}
+    return min(ok, key=lambda k: ok[k]) if ok else None
+
+
+def _fusion_rows(
+    dev: torch.device,
+    label: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kpad: torch.Tensor,
+    att: torch.Tensor,
+    varlen: bool,
+) -> None:
+    """Five decoders' attention over the same keys (own projections, so own k/v): five
+    calls, or one call with the five stacked along heads or along the batch."""
+    from crossmae.layers import _varlen
+
+    if q.shape[2] == k.shape[2]:
+        return  # self-attention: nothing to fuse
+    qs = [q.detach().clone().requires_grad_() for _ in range(5)]
+    ks = [k.detach().clone().requires_grad_() for _ in range(5)]
+    vs = [v.detach().clone().requires_grad_() for _ in range(5)]
+
+    def five(fn: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: torch.stack([fn(a, b_, c, kpad, att) for a, b_, c in zip(qs, ks, vs)])
+
+    def heads(fn: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: fn(torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1), kpad, att)
+
+    def batch(fn: Callable[..., torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: fn(
+            torch.cat(qs, 0), torch.cat(ks, 0), torch.cat(vs, 0), kpad.repeat(5, 1),
+            att.repeat(5, 1, 1, 1),
+        )  # fmt: skip
+
+    kinds: dict[str, Callable[..., torch.Tensor]] = {
+        "sdpa unmasked": lambda a, b_, c, p, m: F.scaled_dot_product_attention(a, b_, c),
+        "sdpa_mask": lambda a, b_, c, p, m: F.scaled_dot_product_attention(a, b_, c, attn_mask=m),
+    }
+    if varlen:
+        kinds["varlen"] = lambda a, b_, c, p, m: _varlen.varlen_attend(a, b_, c, p)
+    for kname, fn in kinds.items():
+        row = {
+            "five_calls_ms": _try_bench(_fwd_bwd(five(fn)), dev),
+            "fused_heads_ms": _try_bench(_fwd_bwd(heads(fn)), dev),
+            "fused_batch_ms": _try_bench(_fwd_bwd(batch(fn)), dev),
+        }
+        record("smallhead", f"{label} x5 decoders {kname}", **row)
+
+
+# --------------------------------------------------------------------------- 8. CUDA graphs
+def capture_step(
+    step: Callable[[], None],
+    before_capture: Callable[[], None],
+    generators: tuple[torch.Generator, ...] = (),
+) -> Callable[[], None]:
+    """Capture ``step`` (forward, backward, optimizer step: static tensors, no host sync)
+    in one CUDA graph and return its replay (warm-up on a side stream first, as the
+    PyTorch docs prescribe). ``before_capture`` runs right before the capture (e.g.
+    ``opt.zero_grad(set_to_none=True)`` so the captured backward writes fresh grads)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            before_capture()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    before_capture()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+GRAPH_MODES = ("eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled")
+
+
+def graph_modes() -> tuple[str, ...]:
+    """Modes of section 8 (env CROSSMAE_BENCH_GRAPH_MODES, comma-separated)."""
+    env = [m for m in os.environ.get("CROSSMAE_BENCH_GRAPH_MODES", "").split(",") if m]
+    bad = [m for m in env if m not in GRAPH_MODES]
+    if bad:
+        raise ValueError(f"CROSSMAE_BENCH_GRAPH_MODES: unknown {bad}; choose from {GRAPH_MODES}")
+    return tuple(env) or GRAPH_MODES
+
+
+def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
+    """The whole training step in CUDA graphs (issue 11 item 3): image model (predict 0.25
+    + WFM, B=256) and water model (B=8, half missing river flow), each as eager, compiled,
+    ``torch.compile(mode="reduce-overhead")`` and one captured CUDA graph of the whole step
+    (eager or compiled forward; AdamW ``capturable=True, fused=True``; masks drawn from a
+    device generator inside the graph)."""
+    if dev.type != "cuda":
+        log("\n## 8. CUDA graphs: GPU only (the CPU test checks the step is sync-free)")
+        return
+    from crossmae.models import grouped_masking_fn
+    from crossmae.models.factories import crossmae_vit_base
+    from crossmae.models.water import water_mae_small
+
+    log("\n## 8. whole training step in CUDA graphs (bf16 autocast, fused AdamW)")
+    amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, cache_enabled=False)
+    wanted = os.environ.get("CROSSMAE_BENCH_GRAPH", "image,water").split(",")
+    workloads: list[tuple[str, Callable[[], tuple[torch.nn.Module, Callable[..., Any]]]]] = []
+    if "image" in wanted:
+        imgs = torch.randn(256, 3, 224, 224, device=dev)
+
+        def image() -> tuple[torch.nn.Module, Callable[..., Any]]:
+            m = crossmae_vit_base(predict_ratio=0.25, use_weighted_fm=True, use_input=True)
+            return m, lambda f, g: f(imgs, generator=g).loss
+
+        workloads.append(("image predict0.25+wfm b=256", image))
+    if "water" in wanted:
+        inputs, static = water_batch(dev, 8, 30, (290, 180), 604, half_missing=True)
+
+        def water() -> tuple[torch.nn.Module, Callable[..., Any]]:
+            m = water_mae_small()
+            for mod in m.modalities.values():  # host-known split widths: no sync, static
+                mod.masking = grouped_masking_fn(0.39, static_shape=True)
+            return m, lambda f, g: f(inputs, static=static, generator=g).loss
+
+        workloads.append(("water b=8 half_missing", water))
+    for wname, build in workloads:
+        for mode in graph_modes():
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model, loss_of = build()
+            model = model.to(dev).train()
+            graph = mode.startswith("graph")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
+            if mode in ("compiled", "graph-compiled"):
+                fwd: Any = torch.compile(model)
+            elif mode == "reduce-overhead":
+                fwd = torch.compile(model, mode="reduce-overhead")
+            else:
+                fwd = model
+            gen = torch.Generator(device=dev).manual_seed(0)
+            bad = torch.zeros((), dtype=torch.int64, device=dev)
+
+            def step(fwd: Any = fwd, opt: Any = opt, loss_of: Any = loss_of) -> None:
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with amp():
+                    loss = loss_of(fwd, gen)
+                loss.backward()
+                bad.add_((~torch.isfinite(loss.detach())).long())
+                opt.step()
+                if not graph:
+                    opt.zero_grad(set_to_none=True)
+
+            try:
+                with peak_memory(dev) as mem:
+                    run = step
+                    if graph:
+                        run = capture_step(
+                            step, lambda opt=opt: opt.zero_grad(set_to_none=True), (gen,)
+                        )
+                    bad.zero_()
+                    ms = bench(run, dev, warmup=3, iters=10)
+                record("cudagraph", f"{wname} {mode}", ms=ms, nonfinite_steps=int(bad), **mem)
+            except Exception as e:
+                log(traceback.format_exc(limit=6))
+                record("cudagraph", f"{wname} {mode}", ms=f"error: {type(e).__name__}: {e}"[:160])
+            torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- 6. reference
+REFERENCE_DIR: Optional[str] = None
+
+
+def _image_extra(small: bool) -> dict[str, Any]:
+    if not small:
+        return {}
+    return dict(
+        embed_dim=96, depth=2, num_heads=4, decoder_embed_dim=64, decoder_num_heads=4,
+        decoder_depth=2,
+    )  # fmt: skip
+
+
+def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
+    """crossmae and the reference CrossMAE/MAE code (``--reference DIR``) in one process:
+    the three image configurations of issue 11, eager and compiled, bf16 autocast, fused
+    AdamW, B=256 ViT-B/16, ``torch._dynamo.reset()`` before every model."""
+    import reference as ref
+
+    from crossmae.models.factories import crossmae_vit_base
+
+    if REFERENCE_DIR is None:
+        raise ValueError("section 'reference' needs --reference DIR")
+    modules = ref.load_reference(REFERENCE_DIR)
+    log("\n## 6. side by side with the reference code (same process, bf16, fused AdamW)")
+    b = 256 if not small else 2
+    size = 224 if not small else 64
+    imgs = torch.randn(b, 3, size, size, device=dev)
+    fused = dev.type == "cuda"
+    wanted = [c for c in args_image_configs().split(",") if c]
+    for compiled in [False, True] if compile_ else [False]:
+        tag = "compiled" if compiled else "eager"
+        for cfg in ref.IMAGE_CONFIGS:
+            if wanted and not any(w in cfg.name for w in wanted):
+                continue
+            times: dict[str, float] = {}
+            for side in ("crossmae", "reference"):
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                if side == "crossmae":
+                    model = crossmae_vit_base(img_size=size, **cfg.crossmae, **_image_extra(small))
+                else:
+                    model = ref.build_reference(modules, cfg)
+                model = model.to(dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+                fwd = torch.compile(model) if compiled else model
+                if side == "crossmae":
+                    gen = torch.Generator(device=dev).manual_seed(0)
+
+                    def step() -> None:
+                        with autocast(dev, True):
+                            out = fwd(imgs, generator=gen)
+                        out.loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+
+                else:
+                    step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
+                with peak_memory(dev) as mem:
+                    times[side] = bench(step, dev, warmup=4 if compiled else 3, iters=10)
+                record("reference", f"{tag} {cfg.name} {side}", ms=times[side], **mem)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            record(
+                "reference",
+                f"{tag} {cfg.name} ratio",
+                speedup_crossmae=times["reference"] / times["crossmae"],
+            )
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- 5. op counts
 _VIEW_OPS = {
     "view", "_unsafe_view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
@@ -494,6 +848,9 @@ SECTIONS = {
     "water": section_water,
     "image": section_image,
     "ops": section_ops,
+    "reference": section_reference,
+    "smallhead": section_smallhead,
+    "cudagraph": section_cudagraph,
 }
 
 
@@ -505,12 +862,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     ap.add_argument("--json", default="", help="also write the rows as JSON here")
+    ap.add_argument(
+        "--reference",
+        default="",
+        metavar="DIR",
+        help="folder with the reference CrossMAE code (models_cross.py, ...): adds section "
+        "'reference' (crossmae vs the reference in this process)",
+    )
+    ap.add_argument("--markdown", default="", help="also write the rows as a markdown table here")
     args = ap.parse_args(argv)
+    global REFERENCE_DIR
+    if args.reference:
+        import reference as ref
+
+        REFERENCE_DIR = ref.check_reference_dir(args.reference)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     small = dev.type == "cpu"
-    names = [s for s in args.only.split(",") if s] or (
-        ["decoder", "image", "varlen", "ops"] if small else list(SECTIONS)
+    default = (
+        ["decoder", "image", "varlen", "ops"]
+        if small
+        else [n for n in SECTIONS if n != "reference"]
     )
+    names = [s for s in args.only.split(",") if s] or default
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        ap.error(f"--only: unknown sections {unknown}; choose from {','.join(SECTIONS)}")
+    if REFERENCE_DIR is not None and "reference" not in names:
+        names.append("reference")
+    if "reference" in names and REFERENCE_DIR is None:
+        ap.error("section 'reference' needs --reference DIR")
     torch.backends.cuda.matmul.allow_tf32 = True
     log(
         f"# crossmae benchmarks  torch {torch.__version__}  device "
@@ -526,7 +906,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(rows_markdown(ROWS))
     return 1 if failures else 0
+
+
+def rows_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as one markdown table per section (columns: the union of their keys)."""
+    out: list[str] = []
+    for section in dict.fromkeys(r["section"] for r in rows):
+        sub = [r for r in rows if r["section"] == section]
+        keys = list(dict.fromkeys(k for r in sub for k in r if k not in ("section", "name")))
+        out.append(f"### {section}\n")
+        out.append("| case | " + " | ".join(keys) + " |")
+        out.append("| --- |" + " ---: |" * len(keys))
+        for r in sub:
+            cells = [_fmt(r[k]) if k in r else "" for k in keys]
+            out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

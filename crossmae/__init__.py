@@ -8,6 +8,14 @@ sequence. See the docs' Conventions page.
 
 from __future__ import annotations
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # Without NumPy, torch's import warns "Failed to initialize NumPy"; a top-level
+    # `import torch` never shows it, but a first import from inside a package (here) would.
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch as _torch  # noqa: F401
+
 from ._config import (
     PADDED_ATTENTION_KERNELS,
     padded_attention_kernel,
@@ -44,6 +52,7 @@ from .layers import (
     sincos_pos_embed_2d_from_coords,
     unpack_tokens,
 )
+from .layers.backend import AttentionPlan, KernelRule, kernel_table, set_kernel_table
 from .losses import (
     MaskedMSELoss,
     masked_mse_loss,
@@ -114,6 +123,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PADDED_ATTENTION_KERNELS",
     "Attention",
+    "AttentionPlan",
     "Block",
     "CrossAttention",
     "CrossAttentionBlock",
@@ -128,6 +138,7 @@ __all__ = [
     "ImageCrossMAE",
     "ImageCrossMAEConfig",
     "ImageCrossMAEOutput",
+    "KernelRule",
     "MAEDecoder",
     "MaskSplit",
     "MaskedMSELoss",
@@ -170,6 +181,7 @@ __all__ = [
     "drop_path",
     "gather_tokens",
     "grouped_random_masking",
+    "kernel_table",
     "lengths_to_padding_mask",
     "load_official_crossmae_state_dict",
     "mask_missing_samples",
@@ -188,6 +200,7 @@ __all__ = [
     "raster_position_embedding",
     "scatter_tokens",
     "set_fused_attn",
+    "set_kernel_table",
     "set_padded_attention_kernel",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",

@@ -8,7 +8,7 @@ Mask polarity: ``context_padding_mask`` / ``query_padding_mask`` True = padding 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -22,8 +22,8 @@ from .._checks import (
     check_optional_bool,
     check_padding_mask,
 )
-from ..layers import _varlen
-from ..layers._varlen import real_first_permutation, take_tokens
+from ..layers import backend
+from ..layers.attention import warn_trailing
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.drop import drop_path_schedule
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
@@ -197,13 +197,14 @@ class CrossMAEDecoder(_QueryEmbeddings):
 
     Shapes:
         ``forward(context, ids_predict [b, p], *, context_padding_mask [b, m] | None,
-        query_padding_mask [b, p] | None, pos [n, c] | [b, n, c] | None,
-        context_padding_is_trailing=False) -> [b, p, o]``
+        query_padding_mask [b, p] | None, pos [n, c] | [b, n, c] | None) -> [b, p, o]``
         where ``context`` is ``[b, m, e]`` (no WFM) or ``[k, b, m, e]`` (WFM).
         Outputs at padded query slots are finite and meaningless. A sample with no real
         context token still gets finite predictions (from the queries alone). ``context``
         must have the decoder's dtype (any float dtype under autocast); ``pos`` may be any
-        float dtype (it is cast).
+        float dtype (it is cast). The attention kernel and key layout are decided once per
+        forward (`crossmae.layers.backend`); ``context_padding_is_trailing`` is deprecated
+        and ignored.
     """
 
     def __init__(
@@ -336,7 +337,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
         context_padding_mask: Optional[Tensor] = None,
         query_padding_mask: Optional[Tensor] = None,
         pos: Optional[Tensor] = None,
-        context_padding_is_trailing: bool = False,
+        context_padding_is_trailing: Optional[bool] = None,
     ) -> Tensor:
         """Predict the tokens at ``ids_predict`` from the visible encoder tokens.
 
@@ -353,11 +354,14 @@ class CrossMAEDecoder(_QueryEmbeddings):
                 self-attention among queries).
             pos: optional position table ``[n, c]`` or ``[b, n, c]`` (any float dtype), only
                 for a decoder built with ``pos_embed=None`` and no ``query_pos``.
+            context_padding_is_trailing: deprecated and ignored (FutureWarning): the
+                attention backend decides the key layout once per forward.
 
         Returns:
             ``[b, p, o]`` predictions.
         """
-        check_bool("context_padding_is_trailing", context_padding_is_trailing)
+        if context_padding_is_trailing is not None:
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         raw = self._check_context(context)
         ids = check_index_tensor("ids_predict", ids_predict)
         b, m = raw.shape[-3], raw.shape[-2]
@@ -376,17 +380,34 @@ class CrossMAEDecoder(_QueryEmbeddings):
         # cast it once here instead.
         if torch.is_autocast_enabled(ctx.device.type):
             ctx = ctx.to(torch.get_autocast_dtype(ctx.device.type))
-        trailing = context_padding_is_trailing
+        first = cast(CrossAttentionBlock, self.blocks[0])
+        plan = backend.plan_for(
+            x,
+            first.cross_attn.head_dim,
+            padding_mask=cpad,
+            dropout_p=first.cross_attn.attn_drop if self.training else 0.0,
+            fused=first.cross_attn.fused_attn,
+            keys=m,
+        )
+        query_plan = None
+        if first.has_self_attn:
+            query_plan = backend.plan_for(
+                x,
+                first.self_attn.head_dim,
+                padding_mask=qpad,
+                dropout_p=first.self_attn.attn_drop if self.training else 0.0,
+                fused=first.self_attn.fused_attn,
+            )
         if cpad is not None:
             ctx = ctx.masked_fill(cpad[..., None], 0.0)  # once for every layer
-            if _varlen.prefer_trailing_padding(ctx) and not trailing:
+            if plan.reorder:
                 # Key order is irrelevant to attention: move padding to the end of every row
                 # once, so the packed CUDA path needs no per-layer reordering copy.
-                perm = real_first_permutation(cpad)
-                ctx = take_tokens(ctx, perm, ctx.ndim - 2)
+                perm = backend.real_first_permutation(cpad)
+                ctx = backend.reorder_tokens(ctx, perm, ctx.ndim - 2)
                 cpad = torch.gather(cpad, 1, perm)
-                trailing = True
+                plan = plan.reordered()
         for j, blk in enumerate(self.blocks):
             layer_ctx = ctx[j] if ctx.ndim == 4 else ctx
-            x = blk(x, layer_ctx, cpad, qpad, context_padding_is_trailing=trailing)
+            x = blk(x, layer_ctx, cpad, qpad, plan=plan, query_plan=query_plan)
         return self.head(self.norm(x))

@@ -11,7 +11,7 @@ conditioning width. Mask polarity: ``padding_mask`` True = padding slot.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from .._checks import (
     check_optional_bool,
     check_padding_mask,
 )
+from ..layers import backend
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
 from .film import FiLMProjection
@@ -113,6 +114,7 @@ class PostNormBlock(nn.Module):
         *,
         gamma: Optional[Tensor] = None,
         beta: Optional[Tensor] = None,
+        plan: Optional[backend.AttentionPlan] = None,
     ) -> Tensor:
         """One post-norm layer, optionally FiLM-modulated after each norm.
 
@@ -125,6 +127,7 @@ class PostNormBlock(nn.Module):
                 sample with no real token gets finite outputs and gradients.
             gamma: optional float ``[b, c]`` FiLM scale (with ``beta``).
             beta: optional float ``[b, c]`` FiLM shift (with ``gamma``).
+            plan: the stack's `AttentionPlan` (decided once per encoder forward), or None.
 
         Returns:
             ``[b, n, c]``.
@@ -147,7 +150,7 @@ class PostNormBlock(nn.Module):
                     )
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        x = self.norm1(x + self.attn(x, pad))
+        x = self.norm1(x + self.attn(x, pad, plan=plan))
         if gamma is not None and beta is not None:
             g, s = gamma[:, None], beta[:, None]
             x = torch.addcmul(s, g, x)
@@ -314,14 +317,26 @@ class PostNormTransformerEncoder(nn.Module):
             t = self.norm(t) if self.norm_features else t
             return t if tap_dtype is None else t.to(tap_dtype)
 
+        plan, perm, block_pad = backend.AttentionPlan("sdpa"), None, pad
+        if len(self.blocks):
+            attn = cast(PostNormBlock, self.blocks[0]).attn
+            drop = attn.attn_drop if self.training else 0.0
+            plan = backend.plan_for(
+                x, attn.head_dim, padding_mask=pad, dropout_p=drop, fused=attn.fused_attn
+            )
+        if pad is not None and plan.reorder:  # packed kernel: padding to the end, once
+            x, block_pad, perm = backend.trailing_order(x, pad)
+            plan = plan.reordered()
         feats: list[Tensor] = [tap(x)] if include_input else []
         for i, blk in enumerate(self.blocks):
             if self.films is not None and cond is not None:
                 gamma, beta = self.films[i](cond)
-                x = blk(x, pad, gamma=gamma, beta=beta)
+                x = blk(x, block_pad, gamma=gamma, beta=beta, plan=plan)
             else:
-                x = blk(x, pad)
+                x = blk(x, block_pad, plan=plan)
             if i in taps:
                 feats.append(tap(x))
         features = torch.stack(feats, dim=0) if feats else None
+        if perm is not None:
+            x, features = backend.restore_order(perm, x, features)
         return EncoderOutput(self.norm(x), pad, features)

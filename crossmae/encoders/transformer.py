@@ -21,8 +21,8 @@ from .._checks import (
     check_padding_mask,
     check_probability,
 )
-from ..layers import _varlen
-from ..layers._varlen import inverse_permutation, real_first_permutation, take_tokens
+from ..layers import backend
+from ..layers.attention import warn_trailing
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
 from ..layers.packing import PackedTokens, packed_segment_ids
@@ -175,8 +175,9 @@ class TransformerEncoder(nn.Module):
 
     Shapes:
         ``forward(tokens [b, n, c], padding_mask [b, n] | None, *, cond [b, a] | None,
-        return_layers=None | "all" | int | ints, include_input=False,
-        padding_is_trailing=False) -> EncoderOutput``.
+        return_layers=None | "all" | int | ints, include_input=False) -> EncoderOutput``
+        (``padding_is_trailing`` is deprecated and ignored: the attention backend decides
+        the layout once per forward, see `crossmae.layers.backend`).
         ``padding_mask`` True = padding: padded tokens never act as keys, their outputs are
         finite and meaningless, and samples with no real token produce finite outputs.
     """
@@ -236,10 +237,13 @@ class TransformerEncoder(nn.Module):
         cond: Optional[Tensor] = None,
         return_layers: LayerSelection = None,
         include_input: bool = False,
-        padding_is_trailing: bool = False,
+        padding_is_trailing: Optional[bool] = None,
     ) -> EncoderOutput:
+        """Encode ``tokens [b, n, c]`` (``padding_mask [b, n]`` True = padding); see the
+        class docs for every argument and `EncoderOutput` for the result."""
+        if padding_is_trailing is not None:
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         check_bool("include_input", include_input)
-        check_bool("padding_is_trailing", padding_is_trailing)
         x = check_float_tensor("tokens", tokens, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(
@@ -261,15 +265,14 @@ class TransformerEncoder(nn.Module):
         taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        # On CUDA the packed attention path wants padding at the end of every row: reorder
-        # once here (attention is permutation-equivariant) instead of in every layer.
+        plan = self._plan(x, pad, "padded")
         perm: Optional[Tensor] = None
         block_pad = pad
-        if pad is not None and _varlen.prefer_trailing_padding(x) and not padding_is_trailing:
-            perm = real_first_permutation(pad)
-            x = take_tokens(x, perm, 1)
-            block_pad = torch.gather(pad, 1, perm)
-        trailing = padding_is_trailing or perm is not None
+        if pad is not None and plan.reorder:
+            # The packed kernel wants padding at the end of every row: reorder once here
+            # (attention is permutation-equivariant), not in every layer.
+            x, block_pad, perm = backend.trailing_order(x, pad)
+            plan = plan.reordered()
         # Feature taps are consumed by a matmul (WeightedFeatureMaps): under autocast keep them
         # in the autocast dtype, which halves the traffic of stacking them.
         tap_dtype: Optional[torch.dtype] = None
@@ -281,18 +284,29 @@ class TransformerEncoder(nn.Module):
 
         feats: list[Tensor] = [tap(x)] if include_input else []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, block_pad, padding_is_trailing=trailing)
+            x = blk(x, block_pad, plan=plan)
             if self.films is not None:
                 x = self.films[i](x, cond)
             if i in taps:
                 feats.append(tap(x))
         features = torch.stack(feats, dim=0) if feats else None
         if perm is not None:
-            inv = inverse_permutation(perm)
-            x = take_tokens(x, inv, 1)
-            if features is not None:
-                features = take_tokens(features, inv, 2)
+            x, features = backend.restore_order(perm, x, features)
         return EncoderOutput(self.norm(x), pad, features)
+
+    def _plan(self, x: Tensor, pad: Optional[Tensor], layout: str) -> backend.AttentionPlan:
+        """The attention plan of this forward (decided once for every block)."""
+        if not len(self.blocks):
+            return backend.AttentionPlan("sdpa")
+        attn = cast(Block, self.blocks[0]).attn
+        return backend.plan_for(
+            x,
+            attn.head_dim,
+            padding_mask=pad,
+            layout=layout,
+            dropout_p=attn.attn_drop if self.training else 0.0,
+            fused=attn.fused_attn,
+        )
 
     def forward_packed(
         self,
@@ -336,8 +350,9 @@ class TransformerEncoder(nn.Module):
             raise ValueError("include_input=True needs return_layers")
         taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
         feats: list[Tensor] = [x] if include_input else []
+        plan = self._plan(x, None, "packed")
         for i, blk in enumerate(self.blocks):
-            x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen)
+            x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen, plan=plan)
             if self.films is not None and row_cond is not None:
                 x = self.films[i](x, row_cond)
             if i in taps:

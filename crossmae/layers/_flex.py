@@ -19,6 +19,7 @@ on first use; inside a compiled model the call is traced into the model's graph.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from typing import Any, Callable, Optional
 
@@ -33,45 +34,64 @@ BLOCK = 128  # flex_attention's default block size (query and key)
 FlexFn = Callable[..., Tensor]
 
 
-def _load_flex() -> tuple[Optional[FlexFn], Any]:
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    except ImportError:  # torch < 2.5
-        return None, None
-    return flex_attention, BlockMask
-
-
-_FLEX, _BLOCK_MASK = _load_flex()
-_HAS_SEQ_LENGTHS = _BLOCK_MASK is not None and (
-    "seq_lengths" in inspect.signature(_BLOCK_MASK.from_kv_blocks).parameters
-)
+# ``flex_attention`` and ``BlockMask``, imported on first use (importing them pulls in
+# ``torch._dynamo``, which ``import crossmae`` must not pay).
+_LOADED = False
+_FLEX: Optional[FlexFn] = None
+_BLOCK_MASK: Any = None
+_HAS_SEQ_LENGTHS = False
 _COMPILED: Optional[FlexFn] = None
 
 
+def _load() -> None:
+    global _LOADED, _FLEX, _BLOCK_MASK, _HAS_SEQ_LENGTHS
+    if _LOADED:
+        return
+    _LOADED = True
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError:  # torch < 2.5
+        return
+    _FLEX, _BLOCK_MASK = flex_attention, BlockMask
+    _HAS_SEQ_LENGTHS = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
 def flex_available() -> bool:
-    """Whether this torch build ships ``torch.nn.attention.flex_attention``."""
-    return _FLEX is not None
+    """Whether this torch build ships ``torch.nn.attention.flex_attention`` (checked without
+    importing it)."""
+    if _LOADED:
+        return _FLEX is not None
+    try:
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def can_use_flex(q: Tensor, dropout_p: float) -> bool:
-    """Whether the compiled flex kernel can serve this call: CUDA, floating point, no
-    attention dropout, head dim a power of two in [16, 256] (what every torch >= 2.5
-    flex kernel accepts)."""
-    d = q.shape[-1]
+def supports(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
+    """Whether the compiled flex kernel can serve a call with these properties: CUDA,
+    floating point, no attention dropout, head dim a power of two in [16, 256] (what every
+    torch >= 2.5 flex kernel accepts)."""
+    d = head_dim
     return (
-        _FLEX is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
         and dropout_p == 0.0
         and 16 <= d <= 256
         and d & (d - 1) == 0
+        and flex_available()
     )
+
+
+def can_use_flex(q: Tensor, dropout_p: float) -> bool:
+    """Whether the compiled flex kernel can serve this call (see `supports`)."""
+    return supports("cuda" if q.is_cuda else q.device.type, q.dtype, q.shape[-1], dropout_p)
 
 
 def compiled_flex() -> FlexFn:
     """The process-wide ``torch.compile``-d ``flex_attention`` (built on first use); while
     ``torch.compile`` traces a model, the plain function (the model's compile covers it)."""
     global _COMPILED
+    _load()
     if _FLEX is None:
         raise RuntimeError("flex_attention is not available in this torch build (torch < 2.5)")
     if torch.compiler.is_compiling():
@@ -95,6 +115,7 @@ def _block_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _from_blocks(full: Tensor, partial: Tensor, mask_mod: Any, n: int, m: int) -> Any:
+    _load()
     if _BLOCK_MASK is None:
         raise RuntimeError("flex_attention is not available in this torch build (torch < 2.5)")
     kv_num, kv_idx = _block_lists(partial)

@@ -14,6 +14,7 @@ CUDA-graph-friendly), and padded keys cost nothing to real queries.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Optional
 
 import torch
@@ -25,37 +26,58 @@ __all__: list[str] = []
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
 
 
-def _load_varlen() -> Optional[VarlenFn]:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
-        return None
-    return varlen_attn  # type: ignore[return-value]
+_UNLOADED: object = object()
+# The kernel, imported on first use: importing ``torch.nn.attention.varlen`` pulls in
+# ``torch._dynamo`` (about a second, and torch's NumPy warning where NumPy is missing), which
+# ``import crossmae`` must not pay. Tests replace this attribute with a reference kernel.
+_VARLEN: object = _UNLOADED
 
 
-_VARLEN: Optional[VarlenFn] = _load_varlen()
+def _kernel() -> Optional[VarlenFn]:
+    """``torch.nn.attention.varlen.varlen_attn`` (imported on first call), None when missing."""
+    global _VARLEN
+    if _VARLEN is _UNLOADED:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.10
+            _VARLEN = None
+        else:
+            _VARLEN = varlen_attn
+    return _VARLEN  # type: ignore[return-value]
 
 
 def varlen_available() -> bool:
-    """Whether this torch build ships ``torch.nn.attention.varlen.varlen_attn``."""
-    return _VARLEN is not None
+    """Whether this torch build ships ``torch.nn.attention.varlen.varlen_attn`` (checked
+    without importing it unless a kernel was already loaded or injected)."""
+    if _VARLEN is not _UNLOADED:
+        return _VARLEN is not None
+    try:
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def can_use_varlen(q: Tensor, dropout_p: float) -> bool:
-    """Whether the packed kernel can serve this call (CUDA, half precision, flash head dims)."""
+def supports(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
+    """Whether the packed kernel can serve a call with these properties (CUDA, half
+    precision, no attention dropout, flash head dims: a multiple of 8 up to 256)."""
     return (
-        _VARLEN is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
+        device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
         and dropout_p == 0.0
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and varlen_available()
     )
 
 
+def can_use_varlen(q: Tensor, dropout_p: float) -> bool:
+    """Whether the packed kernel can serve this call (see `supports`)."""
+    return supports(q.device.type, q.dtype, q.shape[-1], dropout_p)
+
+
 def prefer_trailing_padding(x: Tensor) -> bool:
-    """Whether reordering tokens so padding is trailing pays off for ``x`` (CUDA only: the
-    packed kernel exists there; elsewhere the boolean mask needs no reordering)."""
+    """Deprecated helper of 0.1 (CUDA = reorder); the stacks now ask `crossmae.layers.backend`
+    (reorder only when the packed kernel is the plan)."""
     return x.is_cuda
 
 
@@ -113,7 +135,7 @@ def varlen_attend(
     finite (callers zero them). Rows of samples with no real key are left for the caller to
     zero. ``kernel`` replaces the varlen function (used by the CPU tests with a reference).
     """
-    fn = kernel if kernel is not None else _VARLEN
+    fn = kernel if kernel is not None else _kernel()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
     b, n = q.shape[0], q.shape[2]

@@ -18,6 +18,7 @@ Guarantees (tested in ``tests/layers/test_attention.py``):
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -38,7 +39,7 @@ from .._checks import (
     check_tensor,
 )
 from .._config import padded_attention_kernel, use_fused_attn
-from . import _varlen
+from . import _varlen, backend
 from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
 
@@ -46,15 +47,31 @@ __all__ = ["Attention", "CrossAttention", "packed_attention", "padded_attention"
 
 
 def select_padded_kernel(q: Tensor, dropout_p: float) -> str:
-    """Which fused kernel serves attention with padding for ``q`` (see
-    `set_padded_attention_kernel`): ``"varlen"``, ``"flex"`` or ``"sdpa"``."""
-    choice = padded_attention_kernel()
-    if choice in ("auto", "varlen") and can_use_varlen(q, dropout_p):
-        return "varlen"
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if (choice == "flex" or (choice == "auto" and half)) and can_use_flex(q, dropout_p):
-        return "flex"
-    return "sdpa"
+    """Which fused kernel serves one attention call with padding for ``q`` when no stack
+    handed a plan: ``"varlen"``, ``"flex"`` or ``"sdpa"`` (`backend.decide`'s policy)."""
+    plan = backend.decide(
+        q.device.type,
+        q.dtype,
+        q.shape[-1],
+        padded=True,
+        dropout_p=dropout_p,
+        varlen_ok=can_use_varlen(q, dropout_p),
+        flex_ok=can_use_flex(q, dropout_p),
+    )
+    return "sdpa" if plan.kernel == "sdpa_mask" else plan.kernel
+
+
+def warn_trailing(name: str, value: object) -> None:
+    """The deprecated ``*_padding_is_trailing`` keywords: a real bool (TypeError otherwise,
+    as every flag) and a FutureWarning; the value is ignored."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    warnings.warn(
+        f"{name} is deprecated and ignored: the attention backend (crossmae.layers.backend) "
+        "decides the token layout once per stack; it will be removed in 0.3",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def _attend(
@@ -66,29 +83,39 @@ def _attend(
     dropout_p: float,
     fused: bool,
     query_padding_mask: Optional[Tensor] = None,
-    keys_sorted: bool = False,
-    queries_sorted: bool = False,
+    plan: Optional[backend.AttentionPlan] = None,
 ) -> Tensor:
     """Attention of ``q [b h n d]`` over ``k, v [b h m d]`` whose padded keys are finite.
 
-    The one place where crossmae's polarity (True = padding) becomes a kernel's. Dispatch:
-    no padding → SDPA without a mask (flash/cuDNN can run); padding on CUDA in half
-    precision → packed variable-length attention (`_varlen`), else ``flex_attention`` with a
-    block-sparse mask (`_flex`): padding never computed against real tokens and no dense
-    mask (see `select_padded_kernel`); otherwise SDPA with a boolean mask, or the explicit
-    softmax path when ``fused`` is False. ``query_padding_mask`` (self-attention)
-    only lets the packed path skip padded queries; results are the same either way.
-    ``keys_sorted``/``queries_sorted``: padding is known to be trailing in every row, which
-    saves the packed path a reordering copy (ignored elsewhere).
+    The one place where crossmae's polarity (True = padding) becomes a kernel's. The kernel
+    is ``plan.kernel`` when a stack handed its `AttentionPlan` (decided once per stack
+    forward, see `crossmae.layers.backend`), else `select_padded_kernel` for this call:
+    no padding → SDPA without a mask (flash/cuDNN can run); padding → packed
+    variable-length attention (`_varlen`), ``flex_attention`` with a block-sparse mask
+    (`_flex`), or SDPA with a boolean ``[b, 1, 1, m]`` mask; the explicit softmax path when
+    ``fused`` is False. ``query_padding_mask`` (self-attention) only lets the packed path
+    skip padded queries; results are the same either way. ``plan.trailing``: padding is
+    trailing in every row, which saves the packed path a reordering copy.
     """
     if key_padding_mask is None:
-        if fused:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return _manual_attention(q, k, v, None, dropout_p)
+        if not fused or (plan is not None and plan.kernel == "manual"):
+            return _manual_attention(q, k, v, None, dropout_p)
+        if plan is not None and plan.sdpa_backends:
+            with backend.sdpa_context(plan.sdpa_backends):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     # Rows with no real key attend to every (finite, zeroed) key and are zeroed afterwards:
     # no fully masked softmax row ever exists, whatever kernel or torch version runs.
     empty = key_padding_mask.all(dim=-1)  # [b]
-    kernel = select_padded_kernel(q, dropout_p) if fused else "manual"
+    if not fused:
+        kernel = "manual"
+    elif plan is not None:
+        kernel = plan.kernel
+        if kernel in ("sdpa", "dense") or (kernel in ("varlen", "flex") and dropout_p > 0.0):
+            kernel = "sdpa_mask"  # a plan made for other inputs: the always-valid choice
+    else:
+        kernel = select_padded_kernel(q, dropout_p)
+    trailing = plan is not None and plan.trailing
     if kernel == "flex":
         out = flex_attend(q, k, v, key_padding_mask)
         return out.masked_fill(empty[:, None, None, None], 0.0)
@@ -99,16 +126,19 @@ def _attend(
             v,
             key_padding_mask,
             query_padding_mask,
-            keys_sorted=keys_sorted,
-            queries_sorted=queries_sorted,
+            keys_sorted=trailing,
+            queries_sorted=trailing,
         )
         return out.masked_fill(empty[:, None, None, None], 0.0)
     attend = ~key_padding_mask | empty[:, None]  # [b m], True = attend (SDPA polarity)
     attend = attend[:, None, None, :]  # [b 1 1 m]
-    if fused:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
-    else:
+    if kernel == "manual":
         out = _manual_attention(q, k, v, attend, dropout_p)
+    elif plan is not None and plan.sdpa_backends:
+        with backend.sdpa_context(plan.sdpa_backends):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout_p)
     return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
@@ -215,22 +245,39 @@ def packed_attention(
     _check_packed_qkv(q, k, v)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
     check_int("max_seqlen", max_seqlen, minimum=1)
-    use_fused = use_fused_attn() if fused is None else fused
-    kernel = select_padded_kernel(q, 0.0) if use_fused else "manual"
-    if kernel == "varlen" and _varlen._VARLEN is not None:
-        cu32 = cu_seqlens.to(torch.int32)  # the kernel's index dtype (no-op for int32)
-        return _varlen._VARLEN(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
+    kernel = (
+        select_padded_kernel(q, 0.0) if (use_fused_attn() if fused is None else fused) else "manual"
+    )
+    if kernel == "sdpa":
+        # No dense [t, t] mask where flex can serve (CUDA, float32 included), as in
+        # `backend.decide` for the packed layout.
+        flex = padded_attention_kernel() != "sdpa" and can_use_flex(q, 0.0)
+        kernel = "flex" if flex else "dense"
+    return _packed_attend(q, k, v, cu_seqlens, max_seqlen, kernel)
+
+
+def _packed_attend(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, kernel: str
+) -> Tensor:
+    """`packed_attention` with the kernel decided (``"varlen"``, ``"flex"``, ``"dense"``
+    or ``"manual"``); inputs already checked."""
+    if kernel == "varlen":
+        fn = _varlen._kernel()
+        if fn is not None:
+            cu32 = cu_seqlens.to(torch.int32)  # the kernel's index dtype (no-op for int32)
+            return fn(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
     if kernel == "flex":
         return flex_packed(q, k, v, cu_seqlens)
+    # Block-diagonal [t, t] mask: only where neither packed kernel exists (off-CUDA).
     t = q.shape[0]
     rows = torch.arange(t, device=q.device, dtype=cu_seqlens.dtype)
     seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
     attend = (seg[:, None] == seg[None, :])[None, None]  # [1 1 t t], True = attend
     qh, kh, vh = (rearrange(a, "t h d -> 1 h t d") for a in (q, k, v))
-    if use_fused:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend)
-    else:
+    if kernel == "manual":
         out = _manual_attention(qh, kh, vh, attend, 0.0)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend)
     return rearrange(out, "1 h t d -> t h d")
 
 
@@ -336,9 +383,10 @@ class Attention(nn.Module):
     Shapes:
         ``forward(x [b, n, c], padding_mask [b, n] | None) -> [b, n, c]``;
         ``padding_mask`` True = padding: such tokens are ignored as keys, and their own
-        outputs are finite but meaningless. ``padding_is_trailing=True`` promises that every
-        row's padding comes after its real tokens (as in `MaskSplit` ids), which lets the CUDA
-        packed path skip a reordering copy; a wrong promise gives wrong results.
+        outputs are finite but meaningless. ``plan``: the `AttentionPlan` a stack decided
+        for this forward (`crossmae.layers.backend.plan_for`); None decides for this call.
+        ``padding_is_trailing`` is deprecated and ignored (FutureWarning): the layout is the
+        plan's.
     """
 
     def __init__(
@@ -370,9 +418,13 @@ class Attention(nn.Module):
         x: Tensor,
         padding_mask: Optional[Tensor] = None,
         *,
-        padding_is_trailing: bool = False,
+        padding_is_trailing: Optional[bool] = None,
+        plan: Optional[backend.AttentionPlan] = None,
     ) -> Tensor:
-        check_bool("padding_is_trailing", padding_is_trailing)
+        """Self-attention of ``x [b, n, c]``; ``padding_mask [b, n]`` True = padding
+        (ignored as keys) → ``[b, n, c]`` (see the class docs)."""
+        if padding_is_trailing is not None:
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype)
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
@@ -388,24 +440,35 @@ class Attention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
             query_padding_mask=pad,
-            keys_sorted=padding_is_trailing,
-            queries_sorted=padding_is_trailing,
+            plan=plan,
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))
 
-    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward_packed(
+        self,
+        x: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        *,
+        plan: Optional[backend.AttentionPlan] = None,
+    ) -> Tensor:
         """Self-attention within the segments of a packed layout (see `pack_tokens`).
 
         ``x [t, c]`` packed rows, ``cu_seqlens`` int32 segment boundaries, ``max_seqlen`` an
         upper bound of the segment lengths → ``[t, c]``. Attention dropout is not applied on
-        this path.
+        this path. ``plan``: a packed-layout `AttentionPlan` from the stack, or None.
         """
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype, ndim=2)
         q, k, v = rearrange(
             self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads
         ).unbind(0)
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
+        if plan is None:
+            out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
+        else:
+            cu = _check_cu_seqlens(cu_seqlens, q)
+            kernel = plan.kernel if self.fused_attn else "manual"
+            out = _packed_attend(q, k, v, cu, max_seqlen, kernel)
         return self.proj_drop(self.proj(rearrange(out, "t h d -> t (h d)")))
 
     def extra_repr(self) -> str:
@@ -436,8 +499,8 @@ class CrossAttention(nn.Module):
         ``forward(x [b, n, c], context [b, m, context_dim], context_padding_mask [b, m] | None)
         -> [b, n, c]``; ``context_padding_mask`` True = padding (ignored as a key). A sample
         with no real context token gets exactly 0 from the attention (then ``proj``'s bias).
-        ``context_padding_is_trailing=True`` promises every row's padding comes after its real
-        tokens (saves the CUDA packed path a reordering copy).
+        ``plan``: the `AttentionPlan` a stack decided (None: decided for this call);
+        ``context_padding_is_trailing`` is deprecated and ignored (FutureWarning).
     """
 
     def __init__(
@@ -474,9 +537,13 @@ class CrossAttention(nn.Module):
         context: Tensor,
         context_padding_mask: Optional[Tensor] = None,
         *,
-        context_padding_is_trailing: bool = False,
+        context_padding_is_trailing: Optional[bool] = None,
+        plan: Optional[backend.AttentionPlan] = None,
     ) -> Tensor:
-        check_bool("context_padding_is_trailing", context_padding_is_trailing)
+        """Cross-attention of ``x [b, n, c]`` over ``context [b, m, context_dim]``;
+        ``context_padding_mask [b, m]`` True = padding → ``[b, n, c]`` (see the class docs)."""
+        if context_padding_is_trailing is not None:
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)
@@ -491,7 +558,7 @@ class CrossAttention(nn.Module):
             pad,
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
-            keys_sorted=context_padding_is_trailing,
+            plan=plan,
         )
         out = rearrange(out, "b h n d -> b n (h d)")
         return self.proj_drop(self.proj(out))

@@ -18,7 +18,8 @@ from .._checks import (
     check_probability,
     check_ratio,
 )
-from .attention import Attention, CrossAttention, _check_cross_inputs, _check_tokens
+from .attention import Attention, CrossAttention, _check_cross_inputs, _check_tokens, warn_trailing
+from .backend import AttentionPlan
 from .drop import DropPath
 from .mlp import Mlp
 
@@ -48,8 +49,9 @@ class Block(nn.Module):
         fused_attn: see `Attention`.
 
     Shapes:
-        ``forward(x [b, n, c], padding_mask [b, n] | None, *, padding_is_trailing=False)
-        -> [b, n, c]``; True = padding (see `Attention` for ``padding_is_trailing``).
+        ``forward(x [b, n, c], padding_mask [b, n] | None, *, plan=None) -> [b, n, c]``;
+        True = padding; ``plan`` is the stack's `AttentionPlan` (see `Attention`;
+        ``padding_is_trailing`` is deprecated and ignored).
         Padded tokens are zeroed on entry, so their outputs are finite (and meaningless) and
         never influence real tokens.
     """
@@ -91,22 +93,34 @@ class Block(nn.Module):
         x: Tensor,
         padding_mask: Optional[Tensor] = None,
         *,
-        padding_is_trailing: bool = False,
+        padding_is_trailing: Optional[bool] = None,
+        plan: Optional[AttentionPlan] = None,
     ) -> Tensor:
-        check_bool("padding_is_trailing", padding_is_trailing)
+        """``x [b, n, c]``, ``padding_mask [b, n]`` True = padding → ``[b, n, c]`` (see the
+        class docs)."""
+        if padding_is_trailing is not None:
+            warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype)
         if padding_mask is not None:
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(padding_mask[..., None], 0.0)
-        attn = self.attn(self.norm1(x), padding_mask, padding_is_trailing=padding_is_trailing)
+        attn = self.attn(self.norm1(x), padding_mask, plan=plan)
         x = x + self.drop_path1(attn)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
-    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward_packed(
+        self,
+        x: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        *,
+        plan: Optional[AttentionPlan] = None,
+    ) -> Tensor:
         """The same block over a packed layout ``x [t, c]`` (see `pack_tokens`); stochastic
-        depth is per row here, not per sample."""
+        depth is per row here, not per sample. ``plan``: the stack's packed-layout plan."""
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype, ndim=2)
-        x = x + self.drop_path1(self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen))
+        attn = self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen, plan=plan)
+        x = x + self.drop_path1(attn)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -136,7 +150,9 @@ class CrossAttentionBlock(nn.Module):
         query_padding_mask [b, n] | None) -> [b, n, c]``. Both masks: True = padding.
         ``query_padding_mask`` only matters for the self-attention among queries (padded
         queries are never keys there); padded queries are zeroed on entry so their outputs
-        are finite.
+        are finite. ``plan`` / ``query_plan``: the stack's `AttentionPlan` for the
+        cross-attention / the self-attention among queries (None: decided per call); the
+        ``*_padding_is_trailing`` keywords are deprecated and ignored.
     """
 
     def __init__(
@@ -194,27 +210,29 @@ class CrossAttentionBlock(nn.Module):
         context_padding_mask: Optional[Tensor] = None,
         query_padding_mask: Optional[Tensor] = None,
         *,
-        context_padding_is_trailing: bool = False,
-        query_padding_is_trailing: bool = False,
+        context_padding_is_trailing: Optional[bool] = None,
+        query_padding_is_trailing: Optional[bool] = None,
+        plan: Optional[AttentionPlan] = None,
+        query_plan: Optional[AttentionPlan] = None,
     ) -> Tensor:
-        # Every argument is checked before any work (the attention modules check again:
-        # metadata only, so that costs nothing).
-        check_bool("context_padding_is_trailing", context_padding_is_trailing)
-        check_bool("query_padding_is_trailing", query_padding_is_trailing)
+        """Queries ``x [b, n, c]`` over ``context [b, m, context_dim]``; both padding masks
+        True = padding → ``[b, n, c]`` (see the class docs)."""
+        if context_padding_is_trailing is not None:
+            warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
+        if query_padding_is_trailing is not None:
+            warn_trailing("query_padding_is_trailing", query_padding_is_trailing)
         x, context, _ = _check_cross_inputs(self.cross_attn, x, context, context_padding_mask)
         if query_padding_mask is not None:
             check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(query_padding_mask[..., None], 0.0)
         if self.has_self_attn:
-            sa = self.self_attn(
-                self.norm0(x), query_padding_mask, padding_is_trailing=query_padding_is_trailing
-            )
+            sa = self.self_attn(self.norm0(x), query_padding_mask, plan=query_plan)
             x = x + self.drop_path0(sa)
         ca = self.cross_attn(
             self.norm1(x),
             context,
             context_padding_mask,
-            context_padding_is_trailing=context_padding_is_trailing,
+            plan=plan,
         )
         x = x + self.drop_path1(ca)
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -211,6 +211,7 @@ def grouped_random_masking(
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     device: Optional[Device] = None,
+    static_shape: bool = False,
 ) -> MaskSplit:
     """Exact-count random masking within every (sample, time step) group.
 
@@ -233,6 +234,11 @@ def grouped_random_masking(
         noise: float ``[b, n]`` ordering scores (small = keep), ranked within each step.
         generator: RNG for the default uniform noise.
         device: device of the result (default: that of ``padding_mask``/``noise``, else CPU).
+        static_shape: with ``padding_mask``, size ``k``/``p`` by the largest counts any
+            padding can give (computed on the host from ``l`` and the ratios) instead of the
+            batch's largest counts: no host sync and the same shapes every step (CUDA
+            graphs); the extra slots are padding. Without ``padding_mask`` shapes are
+            always static.
 
     Returns:
         `MaskSplit` over ``n`` tokens; ids in ascending (time-major) token order.
@@ -256,6 +262,12 @@ def grouped_random_masking(
     widths = None
     if pad is None:
         keep_l, pred_l = _py_counts(l_, mr, pr)
+        widths = (t * keep_l, t * pred_l)
+    elif static_shape:
+        # Counts for u real locations of a step, u <= l: keep is monotone in u, predict is
+        # not quite (floors), so take the maximum over every u.
+        keep_l = _py_counts(l_, mr, pr)[0]
+        pred_l = max(_py_counts(u, mr, pr)[1] for u in range(l_ + 1))
         widths = (t * keep_l, t * pred_l)
     return _build_split(
         rearrange(vis, "b t l -> b (t l)"), rearrange(pred, "b t l -> b (t l)"), widths
@@ -596,9 +608,10 @@ def mask_missing_samples(split: SplitLike, missing: Tensor) -> MaskSplit:
 
     A sample flagged in ``missing`` keeps no visible token and predicts none (there is no
     data to reconstruct); the other samples are returned unchanged (flags act per sample,
-    never through a batch-level reduction). Slot order is preserved; trailing columns that
-    became padding in every sample are trimmed so ``k``/``p`` stay the largest counts (one
-    host sync).
+    never through a batch-level reduction). Slot order is preserved. Off-GPU (outside
+    ``torch.compile``), trailing columns that became padding in every sample are trimmed so
+    ``k``/``p`` stay the largest counts; on CUDA and while compiling the widths are kept
+    (trimming would need a host sync and change shapes from step to step).
 
     Args:
         split: a `MaskSplit` over ``n`` tokens, or a pair ``(visible_mask [b, n],
@@ -626,7 +639,9 @@ def _drop_rows(sp: MaskSplit, gone: Tensor) -> MaskSplit:
     ids_pred = sp.ids_predict.masked_fill(pred_pad, 0)
     vis = sp.visible_mask & ~gone[:, None]
     pred = sp.predict_mask & ~gone[:, None]
-    # Trim the columns that are now padding in every row (one host sync).
+    if vis.is_cuda or torch.compiler.is_compiling():
+        return MaskSplit(ids_keep, keep_pad, ids_pred, pred_pad, vis, pred)  # static, no sync
+    # Trim the columns that are now padding in every row (free off-GPU).
     wk, wp = (int(w) for w in torch.stack((_used_width(keep_pad), _used_width(pred_pad))).tolist())
     ids_keep, keep_pad = ids_keep[:, :wk], keep_pad[:, :wk]
     ids_pred, pred_pad = ids_pred[:, :wp], pred_pad[:, :wp]

@@ -165,9 +165,12 @@ def visible_site_mean(group_size: int) -> CondFn:
     return fn
 
 
-def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None) -> MaskingFn:
+def grouped_masking_fn(
+    mask_ratio: float, predict_ratio: Optional[float] = None, *, static_shape: bool = False
+) -> MaskingFn:
     """Masking function: exact-count random masking per (sample, time step), see
-    `grouped_random_masking`. Tokens must be time-major (``n = t * l``)."""
+    `grouped_random_masking` (``static_shape``: split widths fixed on the host, no sync).
+    Tokens must be time-major (``n = t * l``)."""
 
     def fn(
         padding_mask: Tensor,
@@ -187,6 +190,7 @@ def grouped_masking_fn(mask_ratio: float, predict_ratio: Optional[float] = None)
             padding_mask=None if never_padded else padding_mask,
             generator=generator,
             device=padding_mask.device,
+            static_shape=static_shape,
         )
 
     return fn

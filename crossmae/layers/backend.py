@@ -1,0 +1,335 @@
+"""The attention backend: one decision per stack forward, handed to the blocks as a plan.
+
+Legend: ``b`` batch, ``h`` heads, ``n`` query slots, ``m`` key slots, ``d`` head dim,
+``t`` packed rows. Mask polarity: ``*_padding_mask`` True = padding.
+
+Every attention call of crossmae runs one of these kernels (`AttentionPlan.kernel`):
+
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` without a mask (no padding; flash/cuDNN);
+* ``"sdpa_mask"``: SDPA with a boolean ``[b, 1, 1, m]`` key mask (padding; never dense);
+* ``"varlen"``: ``torch.nn.attention.varlen`` over packed segments (CUDA, half precision);
+  it needs padding at the end of every row, so a stack planned for it reorders its tokens
+  once (`AttentionPlan.reorder`) and tells its blocks (`AttentionPlan.trailing`);
+* ``"flex"``: ``flex_attention`` with a block-sparse mask built from the padding (CUDA);
+* ``"dense"``: packed rows only, SDPA with a block-diagonal ``[t, t]`` mask: off-CUDA only,
+  where neither packed kernel exists;
+* ``"manual"``: the explicit softmax path (``fused_attn=False``; float64 gradcheck).
+
+`decide` is the pure policy (device type, dtype, head dim, padding, layout, dropout and the
+kernel table, all plain values, so it is tested on any machine); `plan_for` reads those
+values from a tensor once per stack forward (the dtype under autocast is the autocast
+dtype: that is what the attention kernels see). The process-wide kernel choice
+(`set_padded_attention_kernel`) and the per-shape table (`set_kernel_table`) are read
+there, at each forward. Kernels are imported on first use, never at ``import crossmae``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .._config import padded_attention_kernel, use_fused_attn
+from . import _flex, _varlen
+
+__all__ = [
+    "SDPA_BACKENDS",
+    "AttentionPlan",
+    "KernelRule",
+    "decide",
+    "kernel_table",
+    "plan_for",
+    "sdpa_context",
+    "set_kernel_table",
+]
+
+PLAN_KERNELS = ("sdpa", "sdpa_mask", "varlen", "flex", "dense", "manual")
+#: SDPA backends a `KernelRule` may list for unmasked calls (names of
+#: ``torch.nn.attention.SDPBackend``, lower case).
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+_LAYOUTS = ("padded", "packed")
+_HALF = (torch.float16, torch.bfloat16)
+# sdpa_kernel(..., set_priority=True) exists from torch 2.6 (read once: traceable constant)
+_SDPA_PRIORITY = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How a stack's attention runs (see the module docs for the kernel names).
+
+    Fields:
+        kernel: one of ``"sdpa"``, ``"sdpa_mask"``, ``"varlen"``, ``"flex"``, ``"dense"``,
+            ``"manual"``.
+        reorder: the stack should move padding to the end of every row once before its
+            blocks (only for ``"varlen"`` over a padded layout).
+        trailing: padding is known to be at the end of every row (set by the stack after it
+            reordered, via `reordered`); the blocks then skip their own reordering copy.
+        sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
+            call to, in order (from the kernel table), or None for PyTorch's own choice.
+    """
+
+    kernel: str
+    reorder: bool = False
+    trailing: bool = False
+    sdpa_backends: Optional[tuple[str, ...]] = None
+
+    def reordered(self) -> AttentionPlan:
+        """This plan after the stack moved padding to the end of every row."""
+        return replace(self, reorder=False, trailing=True)
+
+
+@dataclass(frozen=True)
+class KernelRule:
+    """One row of the per-shape kernel table (`set_kernel_table`); None matches anything.
+
+    Fields:
+        kernel: for padded calls, ``"varlen"``, ``"flex"`` or ``"sdpa_mask"`` (used where the
+            kernel can serve the call, else the default policy applies); None keeps the
+            default policy.
+        head_dim: match calls of this head dim ``d``.
+        min_keys: match calls with at least this many key slots ``m``.
+        max_keys: match calls with at most this many key slots ``m``.
+        padded: match only padded (True) or only unpadded (False) calls.
+        sdpa_backends: the SDPA backends to use, in order (from `SDPA_BACKENDS`), e.g.
+            ``("cudnn", "flash")``: for unpadded calls, and for padded ones with
+            ``kernel="sdpa_mask"``.
+    """
+
+    kernel: Optional[str] = None
+    head_dim: Optional[int] = None
+    min_keys: Optional[int] = None
+    max_keys: Optional[int] = None
+    padded: Optional[bool] = None
+    sdpa_backends: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.kernel is not None and self.kernel not in ("varlen", "flex", "sdpa_mask"):
+            raise ValueError(
+                f"KernelRule kernel must be 'varlen', 'flex', 'sdpa_mask' or None, got "
+                f"{self.kernel!r}"
+            )
+        for name in ("head_dim", "min_keys", "max_keys"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"KernelRule {name} must be an int >= 1 or None, got {v!r}")
+        if self.padded is not None and not isinstance(self.padded, bool):
+            raise TypeError(f"KernelRule padded must be a bool or None, got {self.padded!r}")
+        if self.sdpa_backends is not None:
+            if isinstance(self.sdpa_backends, str) or not all(
+                b in SDPA_BACKENDS for b in self.sdpa_backends
+            ):
+                raise ValueError(
+                    f"KernelRule sdpa_backends must be a tuple of {SDPA_BACKENDS}, got "
+                    f"{self.sdpa_backends!r}"
+                )
+            object.__setattr__(self, "sdpa_backends", tuple(self.sdpa_backends))
+
+    def matches(self, head_dim: int, keys: Optional[int], padded: bool) -> bool:
+        """Whether this rule applies to a call (``keys`` None: unknown, range rules skip)."""
+        if self.head_dim is not None and head_dim != self.head_dim:
+            return False
+        if self.padded is not None and padded != self.padded:
+            return False
+        if self.min_keys is not None and (keys is None or keys < self.min_keys):
+            return False
+        return not (self.max_keys is not None and (keys is None or keys > self.max_keys))
+
+
+# The default table is empty: PyTorch's SDPA choice and the policy below. The benchmark
+# section ``smallhead`` (benchmarks/run.py) prints the rules its measurements support.
+_TABLE: tuple[KernelRule, ...] = ()
+
+
+def set_kernel_table(rules: Sequence[KernelRule]) -> None:
+    """Replace the per-shape kernel table, process-wide (read at every stack forward).
+
+    The first rule that matches a call decides (``kernel`` for padded calls,
+    ``sdpa_backends`` for unpadded ones); pass ``()`` to restore the default policy.
+
+    Raises:
+        TypeError: ``rules`` is not a sequence of `KernelRule`.
+    """
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError(f"rules must be a sequence of KernelRule, got {type(rules).__name__}")
+    for r in rules:
+        if not isinstance(r, KernelRule):
+            raise TypeError(f"rules must hold KernelRule objects, got {type(r).__name__}")
+    global _TABLE
+    _TABLE = tuple(rules)
+
+
+def kernel_table() -> tuple[KernelRule, ...]:
+    """The current per-shape kernel table (see `set_kernel_table`)."""
+    return _TABLE
+
+
+def _lookup(head_dim: int, keys: Optional[int], padded: bool) -> Optional[KernelRule]:
+    for rule in _TABLE:
+        if rule.matches(head_dim, keys, padded):
+            return rule
+    return None
+
+
+def decide(
+    device_type: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    padded: bool,
+    layout: str = "padded",
+    dropout_p: float = 0.0,
+    fused: bool = True,
+    keys: Optional[int] = None,
+    choice: Optional[str] = None,
+    varlen_ok: Optional[bool] = None,
+    flex_ok: Optional[bool] = None,
+) -> AttentionPlan:
+    """The attention policy, from plain values (no tensor needed).
+
+    Args:
+        device_type: ``"cuda"``, ``"cpu"``, ...
+        dtype: the dtype the attention kernel sees (the autocast dtype under autocast).
+        head_dim: ``d``.
+        padded: whether the keys carry padding (ignored for ``layout="packed"``).
+        layout: ``"padded"`` (``[b, h, n, d]`` with a key padding mask) or ``"packed"``
+            (``[t, h, d]`` rows in segments, see `pack_tokens`).
+        dropout_p: attention dropout of the call (the packed kernels take none).
+        fused: False selects the explicit softmax path.
+        keys: key slots ``m`` (for range rules of the kernel table), or None.
+        choice: the kernel choice (default: `padded_attention_kernel`).
+        varlen_ok / flex_ok: whether those kernels can serve the call (default: asked of
+            ``_varlen.supports`` / ``_flex.supports``).
+
+    Returns:
+        The `AttentionPlan`. On CUDA in float32 the padded layout gets ``"sdpa_mask"``
+        (no reordering); the packed layout gets ``"flex"``, never a dense ``[t, t]`` mask.
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if not fused:
+        return AttentionPlan("manual")
+    if choice is None:
+        choice = padded_attention_kernel()
+    if varlen_ok is None:
+        varlen_ok = _varlen.supports(device_type, dtype, head_dim, dropout_p)
+    if flex_ok is None:
+        flex_ok = _flex.supports(device_type, dtype, head_dim, dropout_p)
+    if layout == "packed":
+        if choice in ("auto", "varlen") and varlen_ok:
+            return AttentionPlan("varlen")
+        if choice != "sdpa" and flex_ok:
+            return AttentionPlan("flex")
+        return AttentionPlan("dense")
+    if not padded:
+        rule = _lookup(head_dim, keys, False) if device_type == "cuda" else None
+        return AttentionPlan("sdpa", sdpa_backends=rule.sdpa_backends if rule else None)
+    rule = _lookup(head_dim, keys, True) if device_type == "cuda" else None
+    if rule is not None and rule.kernel is not None and choice == "auto":
+        ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}[rule.kernel]
+        if ok:
+            backends = rule.sdpa_backends if rule.kernel == "sdpa_mask" else None
+            return AttentionPlan(
+                rule.kernel, reorder=rule.kernel == "varlen", sdpa_backends=backends
+            )
+    if choice in ("auto", "varlen") and varlen_ok:
+        return AttentionPlan("varlen", reorder=True)
+    half = dtype in _HALF
+    if (choice == "flex" or (choice == "auto" and half)) and flex_ok:
+        return AttentionPlan("flex")
+    return AttentionPlan("sdpa_mask")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention kernels see for activations ``x``: the autocast dtype while
+    autocast is on for ``x``'s device (and ``x`` is floating point), else ``x.dtype``."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def plan_for(
+    x: Tensor,
+    head_dim: int,
+    *,
+    padding_mask: Optional[Tensor] = None,
+    layout: str = "padded",
+    dropout_p: float = 0.0,
+    fused: Optional[bool] = None,
+    keys: Optional[int] = None,
+) -> AttentionPlan:
+    """`decide` for the activations ``x`` of a stack (metadata only, no sync).
+
+    Args:
+        x: the stack's input (its device and compute dtype are read).
+        head_dim: ``d`` of the stack's attention.
+        padding_mask: the key padding mask (True = padding) or None.
+        layout: ``"padded"`` or ``"packed"``.
+        dropout_p: attention dropout while training (0 in eval).
+        fused: see `set_fused_attn` (default: the process-wide switch).
+        keys: key slots ``m`` (default: ``x.shape[-2]`` for the padded layout).
+    """
+    if keys is None and layout == "padded" and x.ndim >= 2:
+        keys = x.shape[-2]
+    return decide(
+        x.device.type,
+        compute_dtype(x),
+        head_dim,
+        padded=padding_mask is not None,
+        layout=layout,
+        dropout_p=dropout_p,
+        fused=use_fused_attn() if fused is None else fused,
+        keys=keys,
+    )
+
+
+def trailing_order(x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Move the padding of every row of ``x [b, n, ...]`` (mask ``[b, n]``, True = padding)
+    to its end, stably: returns ``(x, padding_mask, perm)`` reordered, ``perm [b, n]``
+    int64 (undo with `restore_order`). Attention is permutation-equivariant over keys."""
+    perm = _varlen.real_first_permutation(padding_mask)
+    return _varlen.take_tokens(x, perm, 1), torch.gather(padding_mask, 1, perm), perm
+
+
+def real_first_permutation(padding_mask: Tensor) -> Tensor:
+    """Per-row stable permutation ``[b, n]`` putting real slots (False) first."""
+    return _varlen.real_first_permutation(padding_mask)
+
+
+def reorder_tokens(x: Tensor, perm: Tensor, dim: int) -> Tensor:
+    """``x`` reordered along token dim ``dim`` by ``perm [b, n]`` (batch at ``dim - 1``)."""
+    return _varlen.take_tokens(x, perm, dim)
+
+
+def restore_order(
+    perm: Tensor, x: Tensor, features: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Undo `trailing_order` on ``x [b, n, c]`` and ``features [k, b, n, c]``."""
+    inv = _varlen.inverse_permutation(perm)
+    x = _varlen.take_tokens(x, inv, 1)
+    if features is not None:
+        features = _varlen.take_tokens(features, inv, 2)
+    return x, features
+
+
+def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractContextManager[Any]:
+    """A context restricting SDPA to ``backends`` (names from `SDPA_BACKENDS`, in order of
+    priority where torch supports it), or a no-op context for None / ``()``."""
+    if not backends:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    chosen = [names[b] for b in backends]
+    if _SDPA_PRIORITY:
+        return sdpa_kernel(chosen, set_priority=True)
+    return sdpa_kernel(chosen)

@@ -1,0 +1,442 @@
+"""The attention backend (crossmae.layers.backend): the policy table, the per-shape kernel
+table, the plan handed from a stack to its blocks, and every kernel path on the CPU.
+
+The CUDA kernels do not run here: the decision is tested from plain values (fake device
+type and dtype), and the varlen / flex routes run on the CPU through a reference segment
+kernel and the eager ``flex_attention`` (the same logic around the kernel as on CUDA).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import crossmae as cm
+from crossmae.decoders import CrossMAEDecoder
+from crossmae.encoders import TransformerEncoder
+from crossmae.layers import _flex, _varlen, backend
+from crossmae.layers.backend import AttentionPlan, KernelRule, decide
+from tests.layers.test_varlen import reference_varlen
+from tests.strategies import generator
+
+BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Iterator[None]:
+    yield
+    backend.set_kernel_table(())
+    cm.set_padded_attention_kernel("auto")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "d", "padded", "layout", "kernel", "reorder"),
+    [
+        ("cuda", BF16, 64, True, "padded", "varlen", True),
+        ("cuda", F16, 32, True, "padded", "varlen", True),
+        ("cuda", BF16, 16, True, "padded", "varlen", True),
+        ("cuda", BF16, 24, True, "padded", "varlen", True),  # a multiple of 8: flash head dim
+        ("cuda", F32, 64, True, "padded", "sdpa_mask", False),  # the fix: no reordering in fp32
+        ("cuda", F64, 64, True, "padded", "sdpa_mask", False),
+        ("cuda", BF16, 12, True, "padded", "sdpa_mask", False),  # neither kernel takes d=12
+        ("cuda", BF16, 512, True, "padded", "sdpa_mask", False),
+        ("cuda", BF16, 64, False, "padded", "sdpa", False),
+        ("cuda", F32, 64, False, "padded", "sdpa", False),
+        ("cpu", BF16, 64, True, "padded", "sdpa_mask", False),
+        ("cpu", F32, 64, False, "padded", "sdpa", False),
+        ("cpu", F64, 8, True, "padded", "sdpa_mask", False),
+        ("cuda", BF16, 64, True, "packed", "varlen", False),
+        ("cuda", F32, 64, True, "packed", "flex", False),  # the fix: no dense [t, t] mask
+        ("cuda", BF16, 12, True, "packed", "dense", False),
+        ("cpu", BF16, 64, True, "packed", "dense", False),
+        ("cpu", F32, 64, True, "packed", "dense", False),
+    ],
+)
+def test_policy_table(
+    device: str, dtype: torch.dtype, d: int, padded: bool, layout: str, kernel: str, reorder: bool
+) -> None:
+    if (kernel == "varlen" and not _varlen.varlen_available()) or (
+        kernel == "flex" and not _flex.flex_available()
+    ):
+        pytest.skip("this torch build lacks the kernel")
+    plan = decide(device, dtype, d, padded=padded, layout=layout)
+    assert plan.kernel == kernel
+    assert plan.reorder is reorder
+    assert not plan.trailing
+    assert plan.reordered().trailing and not plan.reordered().reorder
+
+
+def test_policy_choice_dropout_and_unfused() -> None:
+    assert decide("cuda", BF16, 64, padded=True, fused=False).kernel == "manual"
+    assert decide("cuda", BF16, 64, padded=False, fused=False).kernel == "manual"
+    # attention dropout: neither packed kernel takes it
+    assert decide("cuda", BF16, 64, padded=True, dropout_p=0.1).kernel == "sdpa_mask"
+    assert decide("cuda", BF16, 64, padded=True, choice="sdpa").kernel == "sdpa_mask"
+    flex = decide("cuda", BF16, 64, padded=True, choice="flex", flex_ok=True)
+    assert (flex.kernel, flex.reorder) == ("flex", False)
+    assert decide("cuda", F32, 64, padded=True, choice="flex", flex_ok=True).kernel == "flex"
+    no_varlen = decide("cuda", BF16, 64, padded=True, varlen_ok=False, flex_ok=True)
+    assert no_varlen.kernel == "flex"
+    assert decide("cuda", F32, 64, padded=True, varlen_ok=False, flex_ok=True).kernel == (
+        "sdpa_mask"  # float32: no compile behind the user's back on the padded layout
+    )
+    packed = decide("cuda", BF16, 64, padded=True, layout="packed", choice="sdpa")
+    assert packed.kernel == "dense"
+    with pytest.raises(ValueError, match="layout"):
+        decide("cuda", BF16, 64, padded=True, layout="ragged")
+
+
+def test_varlen_missing_falls_back_to_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_varlen, "varlen_available", lambda: False)
+    monkeypatch.setattr(_flex, "flex_available", lambda: True)
+    assert decide("cuda", BF16, 64, padded=True).kernel == "flex"
+    assert decide("cuda", BF16, 64, padded=True, layout="packed").kernel == "flex"
+
+
+def test_kernel_table_rules() -> None:
+    backend.set_kernel_table(
+        [
+            KernelRule(kernel="sdpa_mask", head_dim=16, min_keys=4096),
+            KernelRule(sdpa_backends=("cudnn", "flash"), head_dim=32, padded=False),
+            KernelRule(kernel="flex", head_dim=128),
+        ]
+    )
+    assert len(backend.kernel_table()) == 3
+    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True}
+    assert decide("cuda", BF16, 16, padded=True, keys=7892, **kw).kernel == "sdpa_mask"
+    assert decide("cuda", BF16, 16, padded=True, keys=100, **kw).kernel == "varlen"
+    assert decide("cuda", BF16, 16, padded=True, **kw).kernel == "varlen"  # keys unknown
+    plan = decide("cuda", BF16, 32, padded=False, **kw)
+    assert (plan.kernel, plan.sdpa_backends) == ("sdpa", ("cudnn", "flash"))
+    assert decide("cuda", BF16, 32, padded=True, **kw).kernel == "varlen"
+    assert decide("cuda", BF16, 128, padded=True, **kw).kernel == "flex"
+    # a rule's kernel that cannot serve the call, an explicit choice, and the CPU: default
+    assert decide("cuda", BF16, 128, padded=True, varlen_ok=True, flex_ok=False).kernel == (
+        "varlen"
+    )
+    assert decide("cuda", BF16, 128, padded=True, choice="sdpa", **kw).kernel == "sdpa_mask"
+    assert decide("cpu", BF16, 32, padded=False, **kw).sdpa_backends is None
+    backend.set_kernel_table(())
+    assert decide("cuda", BF16, 16, padded=True, keys=7892, **kw).kernel == "varlen"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"kernel": "math"}, ValueError),
+        ({"head_dim": 0}, ValueError),
+        ({"min_keys": True}, ValueError),
+        ({"padded": 1}, TypeError),
+        ({"sdpa_backends": "flash"}, ValueError),
+        ({"sdpa_backends": ("fast",)}, ValueError),
+    ],
+)
+def test_kernel_rule_rejects_bad_fields(kwargs: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        KernelRule(**kwargs)
+
+
+def test_set_kernel_table_rejects_non_rules() -> None:
+    with pytest.raises(TypeError, match="KernelRule"):
+        backend.set_kernel_table([{"kernel": "flex"}])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="sequence"):
+        backend.set_kernel_table("flex")  # type: ignore[arg-type]
+
+
+def test_compute_dtype_follows_autocast() -> None:
+    x = torch.zeros(2, 3)
+    assert backend.compute_dtype(x) == F32
+    with torch.autocast("cpu", dtype=BF16):
+        assert backend.compute_dtype(x) == BF16
+        plan = backend.plan_for(x, 8, padding_mask=torch.zeros(2, 2, dtype=torch.bool))
+    assert plan.kernel == "sdpa_mask"
+
+
+def test_sdpa_backends_from_the_table_run_on_cpu() -> None:
+    """A plan restricting SDPA to the math backend gives the default result."""
+    g = generator(1)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    from crossmae.layers.attention import _attend
+
+    out = _attend(
+        q,
+        k,
+        v,
+        None,
+        dropout_p=0.0,
+        fused=True,
+        plan=AttentionPlan("sdpa", sdpa_backends=("math",)),
+    )
+    torch.testing.assert_close(out, ref)
+
+
+# ---- every path of a stack on the CPU ------------------------------------------------------
+
+
+def _force(monkeypatch: pytest.MonkeyPatch, route: str) -> list[int]:
+    """Route every stack's plan onto ``route`` on the CPU; returns a call counter."""
+    calls: list[int] = []
+    if route == "varlen":
+
+        def kernel(*args: Any) -> torch.Tensor:
+            calls.append(1)
+            return reference_varlen(*args)
+
+        monkeypatch.setattr(_varlen, "supports", lambda *a: True)
+        monkeypatch.setattr(_varlen, "_VARLEN", kernel)
+    elif route == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def fkernel(*args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(1)
+            return flex_attention(*args, **kwargs)
+
+        monkeypatch.setattr(_flex, "supports", lambda *a: True)
+        monkeypatch.setattr(_flex, "compiled_flex", lambda: fkernel)
+        cm.set_padded_attention_kernel("flex")
+    return calls
+
+
+@pytest.mark.parametrize("route", ["sdpa_mask", "varlen", "flex"])
+@pytest.mark.parametrize("wfm", [False, True])
+def test_encoder_and_decoder_paths_agree_with_explicit_softmax(
+    monkeypatch: pytest.MonkeyPatch, route: str, wfm: bool
+) -> None:
+    """Each kernel route, planned once per stack (the varlen route reorders once), gives the
+    explicit-softmax results on real tokens, with NaN stored in padded slots."""
+    g = generator(7)
+    enc = TransformerEncoder(32, 2, 2).eval()
+    dec = CrossMAEDecoder(
+        32, 16, 2, 1, 5, num_tokens=9, self_attn=True, num_feature_maps=3 if wfm else None
+    ).eval()
+    enc_ref = TransformerEncoder(32, 2, 2, fused_attn=False).eval()
+    enc_ref.load_state_dict(enc.state_dict())
+    dec_ref = CrossMAEDecoder(
+        32,
+        16,
+        2,
+        1,
+        5,
+        num_tokens=9,
+        self_attn=True,
+        num_feature_maps=3 if wfm else None,
+        fused_attn=False,
+    ).eval()
+    dec_ref.load_state_dict(dec.state_dict())
+    x = torch.randn(3, 9, 32, generator=g)
+    pad = torch.rand(3, 9, generator=g) < 0.4
+    pad[0, 0] = True  # padding before real tokens: the reorder must handle it
+    pad[2] = True
+    x[pad] = float("nan")
+    ids = torch.randint(0, 9, (3, 4), generator=g)
+    qpad = torch.tensor([[False] * 4, [False, True, False, True], [True] * 4])
+    with torch.no_grad():
+        ref = enc_ref(x, pad, return_layers="all", include_input=True)
+        ctx_ref = ref.features if wfm else ref.tokens
+        pred_ref = dec_ref(ctx_ref, ids, context_padding_mask=pad, query_padding_mask=qpad)
+        calls = _force(monkeypatch, route)
+        out = enc(x, pad, return_layers="all", include_input=True)
+        ctx = out.features if wfm else out.tokens
+        pred = dec(ctx, ids, context_padding_mask=pad, query_padding_mask=qpad)
+    if route != "sdpa_mask":
+        assert calls, f"the {route} route was not taken"
+    real = ~pad
+    torch.testing.assert_close(out.tokens[real], ref.tokens[real], atol=1e-5, rtol=1e-5)
+    assert out.features is not None and ref.features is not None
+    torch.testing.assert_close(out.features[:, real], ref.features[:, real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred[~qpad], pred_ref[~qpad], atol=1e-5, rtol=1e-5)
+    assert pred.isfinite().all()
+
+
+@pytest.mark.parametrize("route", ["dense", "varlen", "flex"])
+def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    g = generator(3)
+    enc = TransformerEncoder(32, 2, 2).eval()
+    x = torch.randn(3, 7, 32, generator=g)
+    pad = torch.tensor([[False] * 7, [False] * 3 + [True] * 4, [True] * 7])
+    packed = cm.pack_tokens(x, pad, 16)
+    with torch.no_grad():
+        ref = enc(x, pad)
+        calls = _force(monkeypatch, route)
+        plan = backend.plan_for(packed.tokens, 16, layout="packed")
+        assert plan.kernel == route
+        out = enc.forward_packed(packed)
+    if route != "dense":
+        assert calls, f"the {route} route was not taken"
+    tokens = cm.unpack_tokens(out.tokens, packed, 3)
+    torch.testing.assert_close(tokens[~pad], ref.tokens[~pad], atol=1e-5, rtol=1e-5)
+
+
+def test_stack_decides_once_and_reorders_only_for_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One plan per stack forward; the token reordering happens only when the plan asks."""
+    decisions: list[AttentionPlan] = []
+    real_decide = backend.decide
+
+    def counting(*a: Any, **k: Any) -> AttentionPlan:
+        plan = real_decide(*a, **k)
+        decisions.append(plan)
+        return plan
+
+    def no_reorder(*a: Any, **k: Any) -> Any:
+        raise AssertionError("tokens were reordered for a plan that does not need it")
+
+    monkeypatch.setattr(backend, "decide", counting)
+    monkeypatch.setattr(backend, "trailing_order", no_reorder)
+    monkeypatch.setattr(backend, "real_first_permutation", no_reorder)
+    enc = TransformerEncoder(16, 3, 2).eval()
+    dec = CrossMAEDecoder(16, 8, 3, 2, 5, num_tokens=6).eval()
+    x = torch.randn(2, 6, 16)
+    pad = torch.tensor([[False] * 6, [True, False, False, True, False, True]])
+    with torch.no_grad():
+        out = enc(x, pad)
+        assert len(decisions) == 1 and decisions[0].kernel == "sdpa_mask"
+        dec(out.tokens, torch.zeros(2, 3, dtype=torch.long), context_padding_mask=pad)
+    assert len(decisions) == 2
+
+
+def test_plan_mismatch_falls_back_to_a_valid_kernel() -> None:
+    """A plan made for unpadded inputs, used with padding, still masks the padding."""
+    attn = cm.CrossAttention(16, num_heads=2).eval()
+    x = torch.randn(2, 3, 16)
+    ctx = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, True, True, True], [True] * 5])
+    with torch.no_grad():
+        ref = attn(x, ctx, pad)
+        out = attn(x, ctx, pad, plan=AttentionPlan("sdpa"))
+    torch.testing.assert_close(out, ref)
+
+
+# ---- deprecated promise flags --------------------------------------------------------------
+
+
+def test_trailing_flags_are_deprecated_and_ignored() -> None:
+    g = generator(2)
+    x = torch.randn(2, 5, 16, generator=g)
+    ctx = torch.randn(2, 6, 16, generator=g)
+    pad = torch.tensor([[False] * 5, [True, False, True, False, True]])
+    cpad = torch.tensor([[False] * 6, [True, False, True, False, True, True]])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    attn = cm.Attention(16, 2).eval()
+    block = cm.Block(16, 2).eval()
+    cross = cm.CrossAttention(16, num_heads=2).eval()
+    cblock = cm.CrossAttentionBlock(16, num_heads=2, self_attn=True).eval()
+    enc = TransformerEncoder(16, 1, 2).eval()
+    dec = CrossMAEDecoder(16, 16, 1, 2, 4, num_tokens=6).eval()
+    cases = [
+        (lambda **k: attn(x, pad, **k), "padding_is_trailing"),
+        (lambda **k: block(x, pad, **k), "padding_is_trailing"),
+        (lambda **k: cross(x, ctx, cpad, **k), "context_padding_is_trailing"),
+        (lambda **k: cblock(x, ctx, cpad, pad, **k), "context_padding_is_trailing"),
+        (lambda **k: cblock(x, ctx, cpad, pad, **k), "query_padding_is_trailing"),
+        (lambda **k: enc(x, pad, **k).tokens, "padding_is_trailing"),
+        (lambda **k: dec(ctx, ids, context_padding_mask=cpad, **k), "context_padding_is_trailing"),
+    ]
+    with torch.no_grad():
+        for call, flag in cases:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                ref = call()  # no warning without the flag
+            for value in (False, True):
+                with pytest.warns(FutureWarning, match=flag):
+                    out = call(**{flag: value})
+                torch.testing.assert_close(out, ref)  # a false promise changes nothing
+
+
+def test_masked_rule_with_sdpa_backends_runs() -> None:
+    backend.set_kernel_table([KernelRule(kernel="sdpa_mask", head_dim=8, sdpa_backends=("math",))])
+    plan = decide("cuda", BF16, 8, padded=True, varlen_ok=True, flex_ok=True)
+    assert (plan.kernel, plan.sdpa_backends, plan.reorder) == ("sdpa_mask", ("math",), False)
+    attn = cm.CrossAttention(16, num_heads=2).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, True, True, True], [True] * 5])
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, ctx, pad, plan=plan), attn(x, ctx, pad))
+
+
+def test_cuda_decisions_trace_as_one_graph() -> None:
+    """The CUDA branches of the policy (lazy availability checks, the reordered plan, the
+    SDPA backend context) trace without a graph break, so a compiled stack decides inside
+    its graph."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        plan = backend.decide("cuda", BF16, 64, padded=True, varlen_ok=None)
+        packed = backend.decide("cuda", F32, 64, padded=True, layout="packed")
+        with backend.sdpa_context(("math",)):
+            y = torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        with backend.sdpa_context(None):
+            y = y + 1
+        if plan.reordered().trailing and packed.kernel in ("flex", "dense"):
+            return y * 2
+        return y
+
+    x = torch.randn(1, 2, 4, 8)
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, f(x))
+
+
+def test_plan_with_sdpa_backends_compiles_fullgraph() -> None:
+    attn = cm.CrossAttention(16, num_heads=2).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, True, True, True], [True] * 5])
+    plan = AttentionPlan("sdpa_mask", sdpa_backends=("math",))
+    with torch.no_grad():
+        ref = attn(x, ctx, pad)
+        out = torch.compile(attn, fullgraph=True, backend="eager")(x, ctx, pad, plan=plan)
+    torch.testing.assert_close(out, ref)
+
+
+def test_water_model_on_the_varlen_route_same_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The water model's CUDA route (each stack planned once, keys reordered once per
+    decoder for the packed kernel) forced on the CPU gives the default route's losses."""
+    from tests.strategies import tiny_water_batch, tiny_water_model
+
+    torch.manual_seed(0)
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(11))
+    with torch.no_grad():
+        ref = model(inputs, static=static, generator=generator(5))
+        calls = _force(monkeypatch, "varlen")
+        out = model(inputs, static=static, generator=generator(5))
+    assert calls, "the varlen route was not taken"
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-5)
+    for name in model.names:
+        torch.testing.assert_close(
+            out.sample_losses[name], ref.sample_losses[name], atol=1e-4, rtol=1e-5
+        )
+
+
+def test_postnorm_encoder_on_the_varlen_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-norm encoder plans once too: forced onto the varlen route (reordered once,
+    taps restored) it gives the explicit-softmax results on real tokens."""
+    from crossmae.encoders import PostNormTransformerEncoder
+
+    g = generator(4)
+    enc = PostNormTransformerEncoder(32, 2, 2).eval()
+    ref = PostNormTransformerEncoder(32, 2, 2, fused_attn=False).eval()
+    ref.load_state_dict(enc.state_dict())
+    x = torch.randn(3, 9, 32, generator=g)
+    pad = torch.rand(3, 9, generator=g) < 0.4
+    pad[0, 0] = True
+    pad[2] = True
+    with torch.no_grad():
+        want = ref(x, pad, return_layers="all", include_input=True)
+        calls = _force(monkeypatch, "varlen")
+        got = enc(x, pad, return_layers="all", include_input=True)
+    assert calls, "the varlen route was not taken"
+    real = ~pad
+    torch.testing.assert_close(got.tokens[real], want.tokens[real], atol=1e-5, rtol=1e-5)
+    assert got.features is not None and want.features is not None
+    torch.testing.assert_close(got.features[:, real], want.features[:, real], atol=1e-5, rtol=1e-5)
+
+
+def test_deprecated_trailing_flags_still_refuse_non_bools() -> None:
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(TypeError, match="padding_is_trailing must be a bool"):
+        cm.Attention(16, 2)(x, padding_is_trailing=1)
+    with pytest.raises(TypeError, match="context_padding_is_trailing must be a bool"):
+        cm.CrossAttention(16, num_heads=2)(x, x, context_padding_is_trailing="yes")

@@ -1,0 +1,193 @@
+"""The speed-work benchmark code paths on the CPU: ``--reference DIR`` (with a fake
+reference module: the real one needs timm), the small-head section, the markdown output,
+and the step profiles. Timings are never asserted; rows, ratios and tables are."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+import types
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_MODELS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn as nn
+    from transformer_utils import Tiny
+
+    BUILT = []
+
+    def mae_vit_base_patch16_dec512d8b(**kwargs):
+        BUILT.append((__name__, kwargs))
+        return Tiny()
+    """
+)
+FAKE_UTILS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn as nn
+
+    CALLS = []
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, imgs, mask_ratio=0.75, kept_mask_ratio=None):
+            CALLS.append((mask_ratio, kept_mask_ratio))
+            return self.lin(imgs.mean(dim=(2, 3))).square().mean()
+    """
+)
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    module = _load("_crossmae_bench_perf", ROOT / "benchmarks" / "run.py")
+    monkeypatch.setattr(module, "ROWS", [])
+    timed = module.bench
+    monkeypatch.setattr(module, "bench", lambda fn, dev, **kw: timed(fn, dev, warmup=1, iters=1))
+    return module
+
+
+@pytest.fixture
+def fake_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ref = tmp_path / "CrossMAE"
+    (ref / "util").mkdir(parents=True)
+    (ref / "models_cross.py").write_text(FAKE_MODELS)
+    (ref / "models_mae.py").write_text(FAKE_MODELS)
+    (ref / "transformer_utils.py").write_text(FAKE_UTILS)
+    (ref / "util" / "pos_embed.py").write_text("")
+    for name in ("models_cross", "models_mae", "transformer_utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return ref
+
+
+def test_reference_section_times_both_sides_per_config(
+    bench: ModuleType, fake_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset()))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--cpu", "--only", "reference", "--reference", str(fake_reference)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in bench.ROWS if r["section"] == "reference"]
+    names = [r["name"] for r in rows]
+    ref = sys.modules["reference"]
+    for cfg in ref.IMAGE_CONFIGS:
+        for side in ("crossmae", "reference", "ratio"):
+            assert f"eager {cfg.name} {side}" in names, names
+    ratios = [r["speedup_crossmae"] for r in rows if r["name"].endswith("ratio")]
+    assert len(ratios) == 3 and all(x > 0 for x in ratios)
+    # the reference was built and called as issue 11's table says
+    utils = sys.modules["transformer_utils"]
+    assert (
+        (0.75, 0.25) in utils.CALLS and (0.75, 0.75) in utils.CALLS and (0.75, None) in utils.CALLS
+    )
+    built = sys.modules["models_cross"].BUILT + sys.modules["models_mae"].BUILT
+    assert ("models_cross", {"weight_fm": True, "use_fm": [-1], "use_input": True}) in built
+    assert ("models_mae", {}) in built
+    assert len(resets) >= 6  # before every model
+
+
+def test_reference_arguments_are_checked(bench: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"models_cross\.py"):
+        bench.main(["--cpu", "--reference", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu", "--only", "reference"])  # no --reference
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu", "--only", "nosuchsection"])
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_reference_shims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old-timm `qk_scale` is dropped, `np.float` restored, float16 autocast redirected."""
+    ref = _load("_crossmae_reference", ROOT / "benchmarks" / "reference.py")
+
+    class Block(torch.nn.Module):
+        def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False) -> None:
+            super().__init__()
+            self.dim = dim
+
+    vit = types.ModuleType("timm.models.vision_transformer")
+    vit.Block = Block  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    monkeypatch.setitem(sys.modules, "timm.models", types.ModuleType("timm.models"))
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", vit)
+    ref.patch_timm_block()
+    blk = vit.Block(8, 2, qkv_bias=True, qk_scale=None)  # type: ignore[attr-defined]
+    assert blk.dim == 8
+    ref.patch_timm_block()  # idempotent
+    assert vit.Block.__mro__[1] is Block  # type: ignore[attr-defined]
+    with ref.reference_autocast(torch.bfloat16):
+        ctx = torch.cuda.amp.autocast()
+        assert ctx.fast_dtype == torch.bfloat16
+    assert torch.cuda.amp.autocast is not None
+
+
+def test_smallhead_section_and_markdown(bench: ModuleType, tmp_path: Path) -> None:
+    md = tmp_path / "rows.md"
+    assert bench.main(["--cpu", "--only", "smallhead,cudagraph", "--markdown", str(md)]) == 0
+    rows = [r for r in bench.ROWS if r["section"] == "smallhead"]
+    assert any("unmasked sdpa[" in r["name"] for r in rows)
+    assert any("padded sdpa_mask[" in r["name"] for r in rows)
+    fused = [r for r in rows if "x5 decoders" in r["name"]]
+    assert fused and all(
+        isinstance(r[k], float) and r[k] > 0
+        for r in fused
+        for k in ("five_calls_ms", "fused_heads_ms", "fused_batch_ms")
+    )
+    text = md.read_text()
+    assert "### smallhead" in text and "| case | ms |" in text
+    assert text.count("\n| ") >= len(rows) + 1
+
+
+def test_profile_tables_on_cpu(tmp_path: Path) -> None:
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    assert (
+        prof.main(
+            ["decoder", "image", "--cpu", "--steps", "1", "--rows", "4", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    text = (tmp_path / "profiles.md").read_text()
+    assert "### decoder (eager, cpu)" in text and "### image (eager, cpu)" in text
+    assert "busy share" in text
+    assert text.count("| `") >= 8  # four kernels per workload
+    md, summary = prof.profile_workload(
+        "water", torch.device("cpu"), small=True, compile_=False, steps=1, rows=3
+    )
+    assert summary["step_ms"] > 0 and summary["device_ms"] > 0
+    assert md.count("| `") == 3
+
+
+def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bench.flex_blocks() == bench.FLEX_BLOCKS
+    monkeypatch.setenv("CROSSMAE_BENCH_FLEX_BLOCKS", "64x32,128x128")
+    assert bench.flex_blocks() == ((64, 32), (128, 128))
+    assert bench.graph_modes() == bench.GRAPH_MODES
+    monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "eager,graph-compiled")
+    assert bench.graph_modes() == ("eager", "graph-compiled")
+    monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "turbo")
+    with pytest.raises(ValueError, match="turbo"):
+        bench.graph_modes()
