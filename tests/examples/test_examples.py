@@ -18,6 +18,8 @@ from types import ModuleType
 import pytest
 import torch
 
+import crossmae as cm
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("sklearn")
@@ -47,6 +49,14 @@ def numbers(line: str) -> list[float]:
     return [float(x) for x in re.findall(_NUM, line)]
 
 
+def assert_table(out: str, decoders: tuple[str, ...]) -> None:
+    """One row per decoder: first, final train, final val loss, ratio, seconds, all finite."""
+    for name in decoders:
+        rows = [line for line in out.splitlines() if line.startswith(f"{name} ")]
+        assert len(rows) == 1, out
+        assert len(numbers(rows[0])) == 5 and all(map(math.isfinite, numbers(rows[0]))), rows
+
+
 @pytest.fixture(autouse=True)
 def _keep_torch_threads() -> Iterator[None]:
     """Examples may set torch's thread count; give other tests theirs back."""
@@ -56,20 +66,54 @@ def _keep_torch_threads() -> Iterator[None]:
 
 
 def test_digits_crossmae(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    results = load_example("digits_crossmae").main(["--quick", "--out-dir", str(tmp_path)])
+    digits = load_example("digits_crossmae")
+    results = digits.main(["--quick", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert_png(tmp_path / "reconstructions.png")
     assert_png(tmp_path / "loss.png")
     assert str(tmp_path / "reconstructions.png") in out
-    # the side-by-side table: one row per decoder, every printed number finite
-    for name in ("CrossMAE", "MAE"):
-        rows = [line for line in out.splitlines() if line.startswith(f"{name} ")]
-        assert len(rows) == 1, out
-        assert len(numbers(rows[0])) == 4 and all(map(math.isfinite, numbers(rows[0])))
-        assert all(math.isfinite(v) for v in results[name].values()), results[name]
+    assert_table(out, ("CrossMAE",))
+    assert set(results) == {"CrossMAE"}
+    assert all(math.isfinite(v) for v in results["CrossMAE"].values()), results
     cross = results["CrossMAE"]
     assert cross["final_train_loss"] < cross["first_loss"]
     assert cross["final_val_loss"] < cross["first_val_loss"]
+    # the printed verdict is the --quick claim, and it holds
+    assert cross["val_over_baseline"] <= digits.QUICK_MAX_RATIO
+    assert f"PASS: CrossMAE validation loss = {cross['val_over_baseline']:.3f} x" in out
+
+
+def test_digits_fails_loudly_when_its_claim_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two steps cannot reach the claim: the script must exit with status 1, not print.
+    (With ``--compare-mae``: the MAE decoder trains too and gets its row in the table.)"""
+    argv = ["--steps", "2", "--compare-mae", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        load_example("digits_crossmae").main(argv)
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert "FAIL: CrossMAE validation loss" in out
+    assert_table(out, ("CrossMAE", "MAE"))
+    assert_png(tmp_path / "reconstructions.png")
+
+
+def test_digits_baseline_is_the_mean_image_on_the_scored_patches() -> None:
+    digits = load_example("digits_crossmae")
+    model = digits.build_image_crossmae(digits.CONFIG)
+    train, val = digits.load_data(torch.device("cpu"))
+    val = val[:32]
+    split = digits.val_split(model, len(val), val.device)
+    assert torch.equal(split.predict_mask, ~split.visible_mask)  # every hidden patch scored
+    hidden = cm.unpatchify(
+        split.predict_mask[..., None].expand(-1, -1, digits.PATCH**2).float(),
+        digits.PATCH,
+        digits.IMG,
+    ).bool()  # [b, 1, H, W]
+    err = (val - train.mean(0)).square()
+    per_sample = (err * hidden).sum((1, 2, 3)) / hidden.sum((1, 2, 3))
+    expected = per_sample.mean().item()
+    assert digits.mean_image_baseline(model, train, val) == pytest.approx(expected, rel=1e-5)
 
 
 def test_digits_validation_loss_is_reproducible(tmp_path: Path) -> None:
