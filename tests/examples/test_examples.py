@@ -1,8 +1,11 @@
 """Every runnable example, at its CI size (``--quick``), in a temporary directory.
 
 Each test imports the example's ``main``, runs it in-process, and checks that it returns,
-wrote its files (non-empty PNGs) and printed finite losses. The whole file takes a few
-seconds per example on 2 CPU cores.
+wrote its files (non-empty PNGs), printed finite losses and that its ``--quick`` claim held
+(the example raises ``SystemExit(1)`` otherwise). The full-size claims (the README's
+numbers) take a minute or more each and are checked by running the examples themselves;
+here a too-short run shows that a failed claim exits with status 1. The whole file takes a
+few seconds per example on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -124,19 +127,46 @@ def test_digits_validation_loss_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_water_multimodal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    losses = load_example("water_multimodal").main(["--quick", "--out-dir", str(tmp_path)])
+    water = load_example("water_multimodal")
+    results = water.main(["--quick", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert_png(tmp_path / "hydrograph.png")
     assert_png(tmp_path / "raster.png")
     modalities = ("precipitation", "soil_moisture", "temperature", "evaporation", "river_flow")
-    assert set(losses) == set(modalities)
-    assert all(math.isfinite(v) for v in losses.values()), losses
-    for name in modalities:  # validation table: start and end loss per modality
+    assert set(results) == {*modalities, "nse_evaporation", "nse_river_flow"}
+    assert all(math.isfinite(v) for v in results.values()), results
+    for name in modalities:  # validation table: start and end loss, NSE for the series
         row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
-        assert len(numbers(row)) == 2 and all(map(math.isfinite, numbers(row))), row
+        expected = 3 if name in water.SERIES else 2
+        assert len(numbers(row)) == expected and all(map(math.isfinite, numbers(row))), row
+    for name in water.SERIES:  # the --quick claim held, and is what was printed
+        assert results[f"nse_{name}"] >= water.QUICK_MIN_NSE[name], results
+    assert out.count("PASS: median NSE") == 1
     # training batches mix samples with and without river flow; every loss stays finite
     train = [numbers(line)[1] for line in out.splitlines() if line.startswith("step ")]
     assert train and all(map(math.isfinite, train)), out
+
+
+def test_water_nse_matches_its_definition() -> None:
+    """NSE per catchment over its scored days; unscored days and other catchments never
+    count; a perfect reconstruction scores 1, the catchment's mean scores 0."""
+    water = load_example("water_multimodal")
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(3, 2, 5, generator=g) * 10  # [b, sites, t]
+    scored = torch.rand(3, 2, 5, generator=g) < 0.6
+    scored[:, :, :2] = True  # at least 2 scored days per catchment
+    rec = obs + torch.randn(3, 2, 5, generator=g)
+    got = water.nse(obs, rec.masked_fill(~scored, 1e6), scored)  # unscored values ignored
+    for s in range(2):
+        o, r = obs[:, s][scored[:, s]], rec[:, s][scored[:, s]]
+        want = 1 - ((r - o) ** 2).sum() / ((o - o.mean()) ** 2).sum()
+        assert got[s].item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(water.nse(obs, obs, scored), torch.ones(2))
+    mean = (obs * scored).sum((0, 2), keepdim=True) / scored.sum((0, 2), keepdim=True)
+    assert torch.allclose(water.nse(obs, mean.expand_as(obs), scored), torch.zeros(2), atol=1e-6)
+    one_day = torch.zeros_like(scored)
+    one_day[0, 0, 0] = True
+    assert water.nse(obs, rec, one_day).isnan().all()  # < 2 scored days: undefined
 
 
 def test_custom_encoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,3 +176,22 @@ def test_custom_encoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert (tmp_path / "custom_encoder_loss.txt").read_text().split() == [str(v) for v in losses]
     printed = [numbers(line)[1] for line in out.splitlines() if line.startswith("step ")]
     assert printed and all(map(math.isfinite, printed)), out
+    assert sum(losses[-5:]) < sum(losses[:5])  # the --quick claim, which it printed
+    assert "PASS: mean loss of the last 5 steps" in out
+
+
+def test_custom_encoder_fails_loudly_when_its_claim_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One step cannot halve the loss: exit status 1."""
+    with pytest.raises(SystemExit) as exc:
+        load_example("custom_encoder").main(["--steps", "1", "--out-dir", str(tmp_path)])
+    assert exc.value.code == 1
+    assert "FAIL: mean loss of the last 1 steps" in capsys.readouterr().out
+
+
+def test_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
+    load_example("quickstart").main()  # raises SystemExit if padding leaked
+    out = capsys.readouterr().out
+    assert "all decoder gradients finite: True" in out
+    assert "loss unchanged with NaN written into every padded slot: True" in out
