@@ -96,7 +96,7 @@ done
 # install: the tests import the installed package, as a distribution's check would).
 "$VPY" -m pip install -qq --no-compile "$UNPACKED[dev,examples]"
 cd "$UNPACKED"
-"$VPY" -c "import crossmae, sys; sys.exit(0 if 'site-packages' in crossmae.__file__ else 'crossmae is not the installed copy: ' + crossmae.__file__)"
+"$VPY" -P -c "import crossmae, sys; sys.exit(0 if 'site-packages' in crossmae.__file__ else 'crossmae is not the installed copy: ' + crossmae.__file__)"
 # `pytest` (not `python -m pytest`): the unpacked tree is not put on sys.path.
 HYPOTHESIS_PROFILE=dev "$WORK/venv/bin/pytest" -q -p no:cacheprovider \
     tests/test_public_api.py tests/test_docs_snippets.py tests/test_losses.py \
