@@ -1,12 +1,13 @@
 """Data-parallel CrossMAE pretraining on random images, under ``torchrun``: DDP or FSDP2.
 
-    torchrun --nproc_per_node=2 examples/ddp_pretrain.py --strategy ddp --steps 3
-    torchrun --nproc_per_node=2 examples/ddp_pretrain.py --strategy fsdp --steps 3
+    torchrun --standalone --nproc_per_node=2 examples/ddp_pretrain.py --strategy ddp --steps 3
+    torchrun --standalone --nproc_per_node=2 examples/ddp_pretrain.py --strategy fsdp --steps 3
 
 Backend gloo on CPU, nccl on CUDA. Every rank builds the same model (same seed), reads its
 own shard of the data (`DistributedSampler`) and draws its own masks (a generator seeded by
 its rank). At the end each rank prints ``rank R: loss=... checksum=...``; the checksums of
-the full parameters must agree across ranks, else the script exits non-zero.
+the full parameters must agree across ranks and the loss must be finite, else the script
+exits non-zero.
 """
 
 from __future__ import annotations
@@ -26,17 +27,37 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from crossmae.models import ImageCrossMAE, ImageCrossMAEConfig, build_image_crossmae
 
 
+class PretrainLoss(nn.Module):
+    """The training objective, ``images [b, C, H, W] -> scalar loss``: what each rank runs.
+
+    The model's own output also carries ``pred``, a view of the decoder head's output. The
+    root module that FSDP2 wraps returns only the loss, a fresh tensor: FSDP2 hooks every
+    output that needs a gradient, and warns about views among them, since an in-place op on
+    a view would bypass the hook (and with it the backward all-gather).
+    """
+
+    def __init__(self, model: ImageCrossMAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        return self.model(images, generator=generator).loss
+
+
 def wrap(model: ImageCrossMAE, strategy: str) -> nn.Module:
+    """``PretrainLoss(model)`` under DDP or FSDP2: ``module(images, generator) -> loss``."""
     if strategy == "ddp":
-        return DistributedDataParallel(model)  # broadcasts rank 0's weights at construction
+        # broadcasts rank 0's weights at construction
+        return DistributedDataParallel(PretrainLoss(model))
     try:
         from torch.distributed.fsdp import fully_shard  # public since torch 2.6
     except ImportError as err:
         raise SystemExit(f"--strategy fsdp needs torch >= 2.6, found {torch.__version__}") from err
     for block in [*model.encoder.blocks, *model.decoder.blocks]:
         fully_shard(block)  # one all-gather / reduce-scatter unit per block
-    fully_shard(model)  # the rest: patch embedding, cls token, decoder norms and head
-    return model  # FSDP2 shards in place: the same module, its parameters now DTensors
+    root = PretrainLoss(model)
+    fully_shard(root)  # the rest: patch embedding, cls token, decoder norms and head
+    return root  # FSDP2 shards in place: the same modules, their parameters now DTensors
 
 
 def checksum(model: nn.Module) -> float:
@@ -71,7 +92,7 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
     for step, (x,) in enumerate(loader):
         if step == args.steps:
             break
-        loss = model(x.to(device), generator=masks).loss
+        loss = model(x.to(device), masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces / FSDP2 reduce-scatters the gradients here
         opt.step()
@@ -85,6 +106,8 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
         dist.barrier()
     if any(not torch.equal(t, ours) for t in every):
         raise SystemExit(f"rank {rank}: parameters differ across ranks: {every}")
+    if not (torch.isfinite(loss) and torch.isfinite(ours).all()):
+        raise SystemExit(f"rank {rank}: non-finite loss {loss.item()} or checksum {ours.item()}")
 
 
 def main() -> None:

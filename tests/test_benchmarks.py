@@ -1,7 +1,10 @@
 """The benchmark suite runs: its CPU variant end to end, and the GPU-only code paths that can
 be driven on the CPU (the compiled water rows, with the eager compile backend).
 
-Timings are never asserted (shared machines are noisy); rows, ratios and counts are.
+Timings are never asserted (shared machines are noisy); rows, ratios and counts are. So that
+the two end-to-end tests stay cheap, every timed row runs one warm-up call and one timed call
+(``bench`` patched), and the water model has one block per stack (same code paths, fewer
+layers to run and to trace).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SHALLOW = dict(raster_depth=1, series_depth=1, fusion_depth=1, decoder_depth=1)
+
+
 @pytest.fixture
 def bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_crossmae_bench", ROOT / "benchmarks" / "run.py")
@@ -29,9 +35,20 @@ def bench() -> ModuleType:
     return module
 
 
+@pytest.fixture
+def quick_bench(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The suite with one warm-up and one timed call per row and a shallow water model."""
+    monkeypatch.setattr(bench, "ROWS", [])
+    timed = bench.bench
+    monkeypatch.setattr(bench, "bench", lambda fn, dev, **kw: timed(fn, dev, warmup=1, iters=1))
+    monkeypatch.setattr(bench, "WATER_SMALL", {**bench.WATER_SMALL, **SHALLOW})
+    return bench
+
+
 def test_cpu_variant_prints_every_section(
-    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    quick_bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    bench = quick_bench
     out = tmp_path / "rows.json"
     threads = torch.get_num_threads()
     try:
@@ -68,15 +85,13 @@ def test_count_ops_splits_forward_backward_and_views(bench: ModuleType) -> None:
 
 
 def test_water_rows_eager_and_compiled(
-    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    quick_bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The compiled water step (masks drawn outside, one graph per forward) runs, its loss
     stays finite with half the samples missing river flow, and non-finite steps are
     counted on the device."""
+    bench = quick_bench
     monkeypatch.setenv("CROSSMAE_BENCH_BACKEND", "eager")
-    monkeypatch.setattr(bench, "ROWS", [])
-    timed = bench.bench
-    monkeypatch.setattr(bench, "bench", lambda fn, dev, **kw: timed(fn, dev, warmup=2, iters=2))
     bench.section_water(torch.device("cpu"), True, compile_=True)
     rows = bench.ROWS
     names = [r["name"] for r in rows]

@@ -35,7 +35,7 @@ LayerSelection = Union[None, str, int, Sequence[int]]
 class EncoderOutput(NamedTuple):
     """What `TransformerEncoder` returns.
 
-    Fields:
+    Attributes:
         tokens: ``[b, n, c]`` output of the last block (after the final norm if enabled).
         padding_mask: bool ``[b, n]`` (True = padding) passed through, or None.
         features: ``[k, b, n, c]`` stacked outputs of the selected layers (raw block

@@ -30,7 +30,7 @@ __all__ = ["PackedTokens", "pack_tokens", "packed_segment_ids", "unpack_tokens"]
 class PackedTokens(NamedTuple):
     """A batch in packed layout.
 
-    Fields:
+    Attributes:
         tokens: ``[t, c]`` real tokens sample after sample, then zero slack rows.
         cu_seqlens: int32 ``[b + 1 + ceil(t / n)]``: ``[0, l_0, l_0 + l_1, ..., sum(l), ...,
             t]``; segment ``i < b`` is sample ``i``, the segments after it split the slack

@@ -31,7 +31,7 @@ __all__ = ["MaskSplit", "mask_split_from_masks", "random_masking"]
 class MaskSplit(NamedTuple):
     """Which tokens each sample keeps (encoder input) and predicts (decoder queries).
 
-    Fields:
+    Attributes:
         ids_keep: int64 ``[b, k]`` token indices the encoder sees, padded with 0.
         keep_padding_mask: bool ``[b, k]``, True = padding slot in ``ids_keep``.
         ids_predict: int64 ``[b, p]`` token indices to reconstruct (ascending), padded with 0.

@@ -52,7 +52,7 @@ Decoder = Union[QueryDecoder, SequenceDecoder]
 class ImageCrossMAEOutput(NamedTuple):
     """What `ImageCrossMAE.forward` returns.
 
-    Fields:
+    Attributes:
         loss: scalar masked MSE over the predicted patches (mean per sample, then over the
             batch; see `crossmae.losses.masked_mse_loss`).
         pred: ``[b, p, o]`` predictions for the patches at ``split.ids_predict`` (in

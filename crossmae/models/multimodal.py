@@ -594,7 +594,7 @@ def _check_bool_mask(name: str, value: object, batch: int) -> Tensor:
 class MultimodalOutput(NamedTuple):
     """What `MultimodalMAE.forward` returns.
 
-    Fields:
+    Attributes:
         loss: scalar, ``sum_m weight_m * losses[m]``.
         losses: per-modality scalar losses.
         sample_losses: per-modality per-sample losses ``[b]`` (0 where nothing is scored).
