@@ -80,6 +80,15 @@ def _check_transformer(
     check_probability(f"{owner}.{prefix}drop_path", drop_path)
 
 
+_PART_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path", "norm_eps")
+
+
+def _check_part_record(owner: str, record: EncoderConfig | DecoderConfig) -> None:
+    """The checks `EncoderConfig` and `DecoderConfig` share (their common fields)."""
+    _check_transformer(owner, **{f: getattr(record, f) for f in _PART_FIELDS})
+    check_optional_bool(f"{owner}.fused_attn", record.fused_attn)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Hyper-parameters of a ViT encoder (`crossmae.encoders.TransformerEncoder`).
@@ -108,18 +117,8 @@ class EncoderConfig:
     fused_attn: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_transformer(
-            "EncoderConfig",
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            drop_path=self.drop_path,
-            norm_eps=self.norm_eps,
-        )
+        _check_part_record("EncoderConfig", self)
         _bool("EncoderConfig", "final_norm", self.final_norm)
-        check_optional_bool("EncoderConfig.fused_attn", self.fused_attn)
 
 
 @dataclass(frozen=True)
@@ -153,19 +152,9 @@ class DecoderConfig:
     fused_attn: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_transformer(
-            "DecoderConfig",
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            drop_path=self.drop_path,
-            norm_eps=self.norm_eps,
-        )
+        _check_part_record("DecoderConfig", self)
         _bool("DecoderConfig", "use_cross_attn", self.use_cross_attn)
         _bool("DecoderConfig", "self_attn", self.self_attn)
-        check_optional_bool("DecoderConfig.fused_attn", self.fused_attn)
 
 
 @dataclass(frozen=True)
