@@ -96,6 +96,19 @@ def check_int(name: str, value: object, minimum: Optional[int] = None) -> int:
     return value
 
 
+def check_int_pair(name: str, value: object, axes: str = "(rows, cols)") -> tuple[int, int]:
+    """An int or a pair of ints, each >= 1, as a pair (``axes`` names the two in the error)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = check_int(name, value, minimum=1)
+        return v, v
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return (
+            check_int(f"{name}[0]", value[0], minimum=1),
+            check_int(f"{name}[1]", value[1], minimum=1),
+        )
+    raise TypeError(f"{name} must be an int or a pair of ints {axes}, got {value!r}")
+
+
 def check_ratio(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")

@@ -9,11 +9,18 @@ the builders in `crossmae.models.factories` consume. Every record validates itse
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .._checks import (
+    check_bool,
+    check_int,
+    check_int_pair,
+    check_optional_bool,
+    check_probability,
+    check_ratio,
+)
 from ..encoders.transformer import resolve_layer_indices
 
 __all__ = ["DecoderConfig", "EncoderConfig", "FeatureLayers", "ImageCrossMAEConfig"]
@@ -23,41 +30,22 @@ FeatureLayers = Union[str, int, tuple[int, ...]]
 IntPair = Union[int, tuple[int, int]]
 
 
+# Field checks: the constructors' own checks (crossmae._checks), under the field's
+# qualified name ("EncoderConfig.embed_dim"), so each rule is written once.
 def _int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"{owner}.{name}", value, minimum=minimum)
 
 
 def _bool(owner: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
+    return check_bool(f"{owner}.{name}", value)
 
 
 def _float(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}.{name} must be a float, got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{owner}.{name} must be finite, got {value!r}")
-    return v
+    return check_ratio(f"{owner}.{name}", value)
 
 
 def _pair(owner: str, name: str, value: object) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        v = _int(owner, name, value)
-        return v, v
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return _int(owner, f"{name}[0]", value[0]), _int(owner, f"{name}[1]", value[1])
-    raise TypeError(f"{owner}.{name} must be an int or a pair of ints (H, W), got {value!r}")
-
-
-def _check_optional_bool(owner: str, name: str, value: object) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{owner}.{name} must be a bool or None, got {value!r}")
+    return check_int_pair(f"{owner}.{name}", value, "(H, W)")
 
 
 def _check_transformer(
@@ -85,14 +73,20 @@ def _check_transformer(
             f"{owner}.{prefix}embed_dim must be a multiple of 4 (2D sin-cos position "
             f"embedding), got {dim}"
         )
-    if _float(owner, "mlp_ratio", mlp_ratio) <= 0:
-        raise ValueError(f"{owner}.mlp_ratio must be > 0, got {mlp_ratio!r}")
+    for name, value in (("mlp_ratio", mlp_ratio), ("norm_eps", norm_eps)):
+        if _float(owner, name, value) <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
     _bool(owner, "qkv_bias", qkv_bias)
-    dp = _float(owner, f"{prefix}drop_path", drop_path)
-    if not 0.0 <= dp < 1.0:
-        raise ValueError(f"{owner}.{prefix}drop_path must be in [0, 1), got {drop_path!r}")
-    if _float(owner, "norm_eps", norm_eps) <= 0:
-        raise ValueError(f"{owner}.norm_eps must be > 0, got {norm_eps!r}")
+    check_probability(f"{owner}.{prefix}drop_path", drop_path)
+
+
+_PART_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "drop_path", "norm_eps")
+
+
+def _check_part_record(owner: str, record: EncoderConfig | DecoderConfig) -> None:
+    """The checks `EncoderConfig` and `DecoderConfig` share (their common fields)."""
+    _check_transformer(owner, **{f: getattr(record, f) for f in _PART_FIELDS})
+    check_optional_bool(f"{owner}.fused_attn", record.fused_attn)
 
 
 @dataclass(frozen=True)
@@ -123,18 +117,8 @@ class EncoderConfig:
     fused_attn: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_transformer(
-            "EncoderConfig",
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            drop_path=self.drop_path,
-            norm_eps=self.norm_eps,
-        )
+        _check_part_record("EncoderConfig", self)
         _bool("EncoderConfig", "final_norm", self.final_norm)
-        _check_optional_bool("EncoderConfig", "fused_attn", self.fused_attn)
 
 
 @dataclass(frozen=True)
@@ -168,19 +152,9 @@ class DecoderConfig:
     fused_attn: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_transformer(
-            "DecoderConfig",
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            drop_path=self.drop_path,
-            norm_eps=self.norm_eps,
-        )
+        _check_part_record("DecoderConfig", self)
         _bool("DecoderConfig", "use_cross_attn", self.use_cross_attn)
         _bool("DecoderConfig", "self_attn", self.self_attn)
-        _check_optional_bool("DecoderConfig", "fused_attn", self.fused_attn)
 
 
 @dataclass(frozen=True)
@@ -285,9 +259,7 @@ class ImageCrossMAEConfig:
             qkv_bias=self.qkv_bias,
             norm_eps=self.norm_eps,
         )
-        mr = _float(owner, "mask_ratio", self.mask_ratio)
-        if not 0.0 <= mr < 1.0:
-            raise ValueError(f"{owner}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        mr = check_probability(f"{owner}.mask_ratio", self.mask_ratio)
         pr = _float(owner, "predict_ratio", self.predict_ratio)
         if not 0.0 < pr <= mr:
             raise ValueError(
@@ -302,7 +274,7 @@ class ImageCrossMAEConfig:
             "use_input",
         ):
             _bool(owner, name, getattr(self, name))
-        _check_optional_bool(owner, "fused_attn", self.fused_attn)
+        check_optional_bool(f"{owner}.fused_attn", self.fused_attn)
         layers = self.fm_layers
         if isinstance(layers, Sequence) and not isinstance(layers, str):
             layers = tuple(layers)

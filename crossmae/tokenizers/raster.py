@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_int, check_ratio, check_tensor
+from .._checks import check_int_pair as _pair
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
 from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
@@ -34,19 +35,6 @@ IntPair = Union[int, tuple[int, int]]
 
 _LAYOUTS = {"bchw": 4, "bthw": 4, "btchw": 5}  # image rank per layout
 _PATCH_RANKS = {"bchw": 3, "bthw": 4, "btchw": 4}  # patch-tensor rank per layout
-
-
-def _pair(name: str, value: object) -> tuple[int, int]:
-    """An int or a pair of ints, each >= 1, as ``(rows, cols)``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        v = check_int(name, value, minimum=1)
-        return v, v
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return (
-            check_int(f"{name}[0]", value[0], minimum=1),
-            check_int(f"{name}[1]", value[1], minimum=1),
-        )
-    raise TypeError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}")
 
 
 def _layout(name: str, layout: Optional[str], ndim: int, default: dict[int, str]) -> str:

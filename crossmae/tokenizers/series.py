@@ -14,7 +14,7 @@ import math
 from typing import Optional
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
@@ -35,6 +35,16 @@ def _check_float(name: str, value: object) -> Tensor:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     return t
+
+
+def _check_group_reduce(value: object) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(
+            f"group_reduce must be None or 'mean', got {value!r} ({type(value).__name__})"
+        )
+    if value not in (None, "mean"):
+        raise ValueError(f"group_reduce must be None or 'mean', got {value!r}")
+    return value
 
 
 def _check_bool_like(name: str, value: Optional[Tensor], shape: tuple[int, ...]) -> None:
@@ -68,8 +78,15 @@ class SeriesTokenizer(_ProjectedTokenizer):
       ``0..t-1``) or nothing (None).
     * ``modality``: one learned vector ``modality_embed [d]`` (``modality_embed=True``).
 
+    With ``group_reduce="mean"`` a token is ``proj(mean) + spatial + time + modality`` instead,
+    where ``mean`` holds, per channel, the mean of the group's *observed* values (0 when the
+    group has none), so ``proj`` is Linear ``c -> d`` (the downstream water model's series
+    tokens: ``Linear(1 -> d)`` of the mean over a patch's real catchments). Padding sites,
+    fill-up sites and missing values are excluded from the mean, not counted as zeros.
+
     A token with no observed value at all is flagged as padding, so a sample whose whole series
-    is missing (e.g. river flow before 1989) contributes zero real tokens.
+    is missing (e.g. river flow before 1989) contributes zero real tokens. `targets` and
+    `layout_to_tokens` do not depend on ``group_reduce``: the targets stay per site.
 
     Args:
         embed_dim: token width ``d`` (even when a sin-cos embedding is used).
@@ -79,7 +96,9 @@ class SeriesTokenizer(_ProjectedTokenizer):
         spatial_embed: ``"learned"`` or ``"sincos"``.
         time_embed: ``"sincos"`` or None.
         modality_embed: add one learned modality vector to every token.
-        bias: bias in ``proj`` (Linear ``2*g*c -> d``).
+        bias: bias in ``proj`` (Linear ``2*g*c -> d``; ``c -> d`` with ``group_reduce="mean"``).
+        group_reduce: None (default: every site's values and missing flags are projected) or
+            ``"mean"`` (the per-channel mean over the group's observed values is projected).
 
     Shapes: ``b`` batch, ``s`` sites, ``t`` steps, ``c`` channels, ``P`` patches, ``d`` width.
     """
@@ -98,6 +117,7 @@ class SeriesTokenizer(_ProjectedTokenizer):
         time_embed: Optional[str] = "sincos",
         modality_embed: bool = False,
         bias: bool = True,
+        group_reduce: Optional[str] = None,
     ) -> None:
         super().__init__()
         d = check_int("embed_dim", embed_dim, minimum=1)
@@ -112,12 +132,14 @@ class SeriesTokenizer(_ProjectedTokenizer):
             raise ValueError(f"embed_dim must be even for sin-cos embeddings, got {d}")
         _check_flag("modality_embed", modality_embed)
         _check_flag("bias", bias)
+        self.group_reduce = _check_group_reduce(group_reduce)
         self.embed_dim = d
         self.num_patches = math.ceil(self.num_sites / self.group_size)
         self.spatial_embed_kind = spatial_embed
         self.time_embed_kind = time_embed
         self.values_per_token = self.group_size * self.in_chans
-        self.proj = nn.Linear(2 * self.values_per_token, d, bias=bias)
+        proj_in = self.in_chans if group_reduce == "mean" else 2 * self.values_per_token
+        self.proj = nn.Linear(proj_in, d, bias=bias)
         self.spatial_pos_embed = (
             nn.Parameter(torch.empty(self.num_patches, d)) if spatial_embed == "learned" else None
         )
@@ -188,6 +210,14 @@ class SeriesTokenizer(_ProjectedTokenizer):
         grouped_observed: Tensor = rearrange(observed, pattern, g=self.group_size)
         return grouped, grouped_observed
 
+    def _group_mean(self, values: Tensor, observed: Tensor) -> Tensor:
+        """Per channel, the mean of a group's observed values (0 when none): ``[b, t, p, c]``
+        from ``values`` (unobserved already 0) and ``observed``, both ``[b, t, p, (g c)]``."""
+        pattern = "b t p (g c) -> b t p c"
+        total: Tensor = reduce(values, pattern, "sum", g=self.group_size)
+        count: Tensor = reduce(observed.to(values.dtype), pattern, "sum", g=self.group_size)
+        return total / count.clamp(min=1)
+
     def _position_4d(self, time_positions: Optional[Tensor], num_steps: int, batch: int) -> Tensor:
         """Spatial + time embedding broadcastable to ``[b, t, p, d]``."""
         pos = self.spatial_embedding()[None, None]
@@ -238,7 +268,10 @@ class SeriesTokenizer(_ProjectedTokenizer):
         values, observed = self._grouped(x, site_padding_mask, missing_mask)
         b, t = values.shape[0], values.shape[1]
         dtype = self.proj.weight.dtype
-        feats = torch.cat([values.to(dtype), (~observed).to(dtype)], dim=-1)
+        if self.group_reduce == "mean":
+            feats = self._group_mean(values, observed).to(dtype)
+        else:
+            feats = torch.cat([values.to(dtype), (~observed).to(dtype)], dim=-1)
         h = self.proj(feats) + self._position_4d(time_positions, t, b)
         if self.modality_embed is not None:
             h = h + self.modality_embed
@@ -336,20 +369,36 @@ class StaticToken(nn.Module):
     sample with zero real sites gets exactly the learned bias (a finite token). Padded sites
     never influence anything, whatever they hold (NaN included).
 
+    With ``missing_flags=False`` there are no indicators: the projection is ``proj(values)``
+    (Linear ``a -> d``, the downstream water model's static token ``Linear(11 -> d)``), and
+    with ``per_site=True`` each attribute is first averaged over the real sites where it is
+    observed (0 when it is observed at none), then projected. A sample with zero real sites
+    again gets exactly the learned bias.
+
     Args:
         num_attributes: ``a``.
         embed_dim: token width ``d``.
         per_site: attributes are ``[b, s, a]`` (averaged over real sites) instead of ``[b, a]``.
+        missing_flags: project the 0/1 missing indicators beside the values (default True).
 
     Shapes: ``b`` batch, ``s`` sites, ``a`` attributes, ``d`` width.
     """
 
-    def __init__(self, num_attributes: int, embed_dim: int, *, per_site: bool = False) -> None:
+    def __init__(
+        self,
+        num_attributes: int,
+        embed_dim: int,
+        *,
+        per_site: bool = False,
+        missing_flags: bool = True,
+    ) -> None:
         super().__init__()
         self.num_attributes = check_int("num_attributes", num_attributes, minimum=1)
         self.embed_dim = check_int("embed_dim", embed_dim, minimum=1)
         self.per_site = _check_flag("per_site", per_site)
-        self.proj = nn.Linear(2 * self.num_attributes, self.embed_dim)
+        self.missing_flags = _check_flag("missing_flags", missing_flags)
+        proj_in = 2 * self.num_attributes if missing_flags else self.num_attributes
+        self.proj = nn.Linear(proj_in, self.embed_dim)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.trunc_normal_(self.proj.bias, std=0.02)
 
@@ -391,6 +440,10 @@ class StaticToken(nn.Module):
         b = x.shape[0]
         dtype = self.proj.weight.dtype
         observed = torch.isfinite(x)
+        if not self.missing_flags:
+            return self._unflagged(x, observed, site_padding_mask), x.new_zeros(
+                b, 1, dtype=torch.bool
+            )
         values = torch.where(observed, x, x.new_zeros(())).to(dtype)
         feats = torch.cat([values, (~observed).to(dtype)], dim=-1)
         if self.per_site:
@@ -405,6 +458,19 @@ class StaticToken(nn.Module):
         else:
             token = self.proj(feats)
         return token[:, None, :], torch.zeros(b, 1, dtype=torch.bool, device=x.device)
+
+    def _unflagged(
+        self, x: Tensor, observed: Tensor, site_padding_mask: Optional[Tensor]
+    ) -> Tensor:
+        """``proj(values)`` without missing flags: ``[b, 1, d]``; per site, each attribute is
+        first averaged over the real sites where it is observed (0 where none)."""
+        if self.per_site and site_padding_mask is not None:
+            observed = observed & ~site_padding_mask[..., None]
+        values = torch.where(observed, x, x.new_zeros(()))
+        if self.per_site:
+            count = observed.sum(dim=1).clamp(min=1).to(values.dtype)
+            values = values.sum(dim=1) / count  # [b a]
+        return self.proj(values.to(self.proj.weight.dtype))[:, None, :]
 
 
 def append_tokens(

@@ -8,10 +8,9 @@ Every choice on that list is a part or a composite option here:
 * series FiLM ``x = γ·LN(x + f(x)) + β`` with ``Tanh(Linear(11 → 2d))`` per layer from the
   **raw** static attributes averaged over the sample's visible patches (``cond_dim=11`` and
   ``Modality(cond_fn=visible_site_mean(8))``);
-* series tokens: the mean of a patch's real catchments → ``Linear(1 → d)``, and a static
-  token ``Linear(11 → d)``: the user's own tokenizer and static token below, which crossmae
-  accepts through the `Tokenizer` protocol (crossmae's `SeriesTokenizer` projects the 8
-  values plus their missing flags instead, ``Linear(16 → d)``);
+* series tokens: the mean of a patch's real catchments → ``Linear(1 → d)``
+  (``SeriesTokenizer(group_reduce="mean")``), and a static token ``Linear(11 → d)`` of the
+  attributes averaged over the real catchments (``StaticToken(missing_flags=False)``);
 * learned spatial embedding per patch + sin-cos of the step + a modality embedding; decoder
   queries from an injected module (`SpatioTemporalQueryPos`: learned table over all 522 / 76
   patches + sin-cos step);
@@ -29,12 +28,10 @@ Legend: ``b`` batch, ``s`` sites, ``t`` steps, ``P`` site groups, ``d`` width.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 import crossmae as cm
 from crossmae.models.multimodal import Modality, ModalityLoss, MultimodalMAE, visible_site_mean
@@ -42,79 +39,6 @@ from crossmae.models.multimodal import Modality, ModalityLoss, MultimodalMAE, vi
 ORIGINAL = 26_449_212
 RASTERS = ("precipitation", "soil_moisture", "temperature")
 SERIES = ("evaporation", "river_flow")
-
-
-class MeanSeriesTokenizer(nn.Module):
-    """The downstream series tokens: per (step, site group) the mean of its observed real
-    sites → ``Linear(1 → d)``, + learned spatial + sin-cos step + modality. A token with no
-    observed site is padding (True)."""
-
-    def __init__(self, dim: int, num_sites: int, group_size: int) -> None:
-        super().__init__()
-        self.dim, self.num_sites, self.group_size = dim, num_sites, group_size
-        self.num_patches = math.ceil(num_sites / group_size)
-        self.proj = nn.Linear(1, dim)
-        self.spatial = nn.Parameter(torch.randn(self.num_patches, dim) * 0.02)
-        self.modality = nn.Parameter(torch.randn(dim) * 0.02)
-
-    def _grouped(self, x: Tensor, site_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        observed = torch.isfinite(x)  # [b s t]
-        if site_padding_mask is not None:
-            observed = observed & ~site_padding_mask[..., None]
-        fill = self.num_patches * self.group_size - self.num_sites
-        values = torch.where(observed, x, x.new_zeros(()))
-        values = nn.functional.pad(values, (0, 0, 0, fill))
-        observed = nn.functional.pad(observed, (0, 0, 0, fill), value=False)
-        pattern = "b (p g) t -> b t p g"
-        return (
-            rearrange(values, pattern, g=self.group_size),
-            rearrange(observed, pattern, g=self.group_size),
-        )
-
-    def forward(
-        self, x: Tensor, site_padding_mask: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor]:
-        values, observed = self._grouped(x, site_padding_mask)
-        mean = values.sum(-1) / observed.sum(-1).clamp(min=1).to(values.dtype)  # [b t P]
-        steps = torch.arange(x.shape[-1], device=x.device)
-        time = cm.sincos_pos_embed_1d(self.dim, steps)[:, None, :]  # [t 1 d]
-        h = self.proj(mean[..., None]) + self.spatial + time + self.modality
-        pad = ~observed.any(dim=-1)
-        return rearrange(h, "b t p d -> b (t p) d"), rearrange(pad, "b t p -> b (t p)")
-
-    def targets(
-        self, x: Tensor, site_padding_mask: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor]:
-        values, observed = self._grouped(x, site_padding_mask)
-        pattern = "b t p g -> b (t p) g"
-        return rearrange(values, pattern), rearrange(observed, pattern)
-
-    def layout_to_tokens(self, values: Tensor) -> Tensor:
-        return values.transpose(1, 2).flatten(1, 2)  # [b P t ...] -> [b (t P) ...]
-
-    def num_tokens(self, num_steps: int) -> int:
-        return num_steps * self.num_patches
-
-
-class RawStaticToken(nn.Module):
-    """``Linear(11 → d)`` of the sample's static attributes averaged over its real sites."""
-
-    per_site = True
-
-    def __init__(self, num_attributes: int, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(num_attributes, dim)
-
-    def forward(
-        self, static: Tensor, site_padding_mask: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor]:
-        real = torch.isfinite(static)
-        if site_padding_mask is not None:
-            real = real & ~site_padding_mask[..., None]
-        values = torch.where(real, static, static.new_zeros(()))
-        mean = values.sum(1) / real.sum(1).clamp(min=1).to(values.dtype)
-        token = self.proj(mean)[:, None]
-        return token, torch.zeros(token.shape[:2], dtype=torch.bool, device=token.device)
 
 
 def downstream_model(
@@ -161,11 +85,13 @@ def downstream_model(
             loss_weight=weight, num_steps=max_steps, loss=loss,
         )  # fmt: skip
     for name in SERIES:
-        stok = MeanSeriesTokenizer(dim, num_sites, group)
+        stok = cm.SeriesTokenizer(
+            dim, num_sites, group_size=group, modality_embed=True, group_reduce="mean"
+        )
         modalities[name] = Modality(
             stok, cm.PostNormTransformerEncoder(dim, depths[1], heads, proj_drop=0.0, cond_dim=attrs),
             decoder(stok.num_patches, group, None), masking=masking,
-            static_token=RawStaticToken(attrs, dim), num_steps=max_steps,
+            static_token=cm.StaticToken(attrs, dim, per_site=True, missing_flags=False), num_steps=max_steps,
             loss=ModalityLoss(average="value"), cond_fn=visible_site_mean(group),
         )  # fmt: skip
     return MultimodalMAE(modalities, cm.PostNormTransformerEncoder(dim, depths[2], heads))
