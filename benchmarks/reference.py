@@ -16,6 +16,8 @@ Compatibility shims are applied here, never in their files:
 * their ``forward`` wraps itself in ``torch.cuda.amp.autocast()`` (float16): while a
   reference model runs, that call returns the benchmark's autocast (bf16), so both sides
   run in the same precision;
+* their CrossMAE without feature weighting calls ``self.norm``, which its constructor never
+  builds: the harness adds MAE's final ``LayerNorm(eps=1e-6)`` to such a model;
 * timm's ``Block`` lost the ``qk_scale`` argument (MAE's original ``models_mae.py`` passes
   it): `patch_timm_block` drops it.
 
@@ -185,6 +187,11 @@ def build_reference(modules: dict[str, types.ModuleType], cfg: ImageConfig) -> t
     """The reference model of ``cfg``."""
     model = getattr(modules[cfg.module], cfg.builder)(**cfg.build_kwargs)
     assert isinstance(model, torch.nn.Module)
+    if not getattr(model, "weight_fm", True) and not hasattr(model, "norm"):
+        # Their no-WFM path calls self.norm, which their constructor never creates
+        # (REFERENCE.md: "its no-WFM path crashes"): give it MAE's final LayerNorm.
+        width = int(model.cls_token.shape[-1])
+        model.norm = torch.nn.LayerNorm(width, eps=1e-6)
     return model
 
 
