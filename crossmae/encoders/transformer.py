@@ -132,6 +132,18 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """Modulate ``x`` by ``cond``: ``x * (1 + scale(cond)) + shift(cond)``.
+
+        Args:
+            x: ``[b, n, c]``, or packed rows ``[t, c]``, of the module's dtype (unless autocast
+                is on).
+            cond: ``[b, a]`` for ``x [b, n, c]`` (one vector per sample, broadcast over ``n``),
+                or ``[t, a]`` for packed ``x [t, c]`` (one row per token); cast to the module's
+                dtype.
+
+        Returns:
+            Same shape as ``x``: ``[b, n, c]`` or ``[t, c]``.
+        """
         x = check_float_tensor("x", x)
         if x.ndim not in (2, 3) or x.shape[-1] != self.dim:
             raise ValueError(
@@ -239,8 +251,29 @@ class TransformerEncoder(nn.Module):
         include_input: bool = False,
         padding_is_trailing: Optional[bool] = None,
     ) -> EncoderOutput:
-        """Encode ``tokens [b, n, c]`` (``padding_mask [b, n]`` True = padding); see the
-        class docs for every argument and `EncoderOutput` for the result."""
+        """Encode a padded token set with the `Block` stack.
+
+        Args:
+            tokens: ``[b, n, c]``, floating point, of the encoder's dtype (any float dtype
+                under autocast).
+            padding_mask: bool ``[b, n]``, True = padding, or None (no padding). Padded tokens
+                never act as keys; their outputs are finite and meaningless, and a sample with no
+                real token produces finite outputs.
+            cond: ``[b, a]`` per-sample conditioning for the `FiLM` after every block (``a =
+                cond_dim``); required exactly when the encoder was built with ``cond_dim``.
+            return_layers: which block outputs to return in ``features``: None (none),
+                ``"all"``, an int or a sequence of ints (negatives count from the end).
+            include_input: also return the (padding-zeroed) input as ``features[0]``; needs
+                ``return_layers``.
+            padding_is_trailing: deprecated, ignored; FutureWarning (the attention backend
+                decides the layout once per forward, see `crossmae.layers.backend`).
+
+        Returns:
+            `EncoderOutput`: ``tokens [b, n, c]`` (after the final norm if enabled),
+            ``padding_mask [b, n]`` (True = padding, passed through) and ``features
+            [k, b, n, c]`` (raw block outputs of the selected layers, in block order, the
+            input first with ``include_input``; in the autocast dtype under autocast) or None.
+        """
         if padding_is_trailing is not None:
             warn_trailing("padding_is_trailing", padding_is_trailing)
         check_bool("include_input", include_input)

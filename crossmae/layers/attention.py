@@ -421,8 +421,22 @@ class Attention(nn.Module):
         padding_is_trailing: Optional[bool] = None,
         plan: Optional[backend.AttentionPlan] = None,
     ) -> Tensor:
-        """Self-attention of ``x [b, n, c]``; ``padding_mask [b, n]`` True = padding
-        (ignored as keys) → ``[b, n, c]`` (see the class docs)."""
+        """Multi-head self-attention of ``x`` over itself.
+
+        Args:
+            x: tokens ``[b, n, c]``, floating point, of the module's dtype (any float dtype
+                under autocast).
+            padding_mask: bool ``[b, n]``, True = padding, or None (no padding). Padded tokens
+                are zeroed on entry and never act as keys; their own outputs are finite but
+                meaningless.
+            padding_is_trailing: deprecated, ignored; FutureWarning (the layout is
+                the plan's).
+            plan: the `AttentionPlan` a stack decided for this forward
+                (`crossmae.layers.backend.plan_for`); None decides for this call.
+
+        Returns:
+            ``[b, n, c]`` in the input's dtype (the autocast dtype under autocast).
+        """
         if padding_is_trailing is not None:
             warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype)
@@ -540,8 +554,23 @@ class CrossAttention(nn.Module):
         context_padding_is_trailing: Optional[bool] = None,
         plan: Optional[backend.AttentionPlan] = None,
     ) -> Tensor:
-        """Cross-attention of ``x [b, n, c]`` over ``context [b, m, context_dim]``;
-        ``context_padding_mask [b, m]`` True = padding → ``[b, n, c]`` (see the class docs)."""
+        """Multi-head cross-attention: queries from ``x``, keys and values from ``context``.
+
+        Args:
+            x: queries ``[b, n, c]``, floating point, of the module's dtype (any float dtype
+                under autocast).
+            context: keys/values source ``[b, m, context_dim]``, same batch ``b`` as ``x``.
+            context_padding_mask: bool ``[b, m]``, True = padding, or None (no padding). Padded
+                context tokens are never keys; a sample with no real context token gets exactly
+                0 from the attention (then ``proj``'s bias).
+            context_padding_is_trailing: deprecated, ignored; FutureWarning (the layout is
+                the plan's).
+            plan: the `AttentionPlan` a stack decided for this forward; None decides for this
+                call.
+
+        Returns:
+            ``[b, n, c]``: one output per query.
+        """
         if context_padding_is_trailing is not None:
             warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)

@@ -96,8 +96,22 @@ class Block(nn.Module):
         padding_is_trailing: Optional[bool] = None,
         plan: Optional[AttentionPlan] = None,
     ) -> Tensor:
-        """``x [b, n, c]``, ``padding_mask [b, n]`` True = padding → ``[b, n, c]`` (see the
-        class docs)."""
+        """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+        Args:
+            x: tokens ``[b, n, c]``, floating point, of the module's dtype (any float dtype
+                under autocast).
+            padding_mask: bool ``[b, n]``, True = padding, or None (no padding). Padded tokens
+                are zeroed on entry and never influence real tokens; their outputs are finite
+                and meaningless.
+            padding_is_trailing: deprecated, ignored; FutureWarning (the layout is
+                the plan's).
+            plan: the stack's `AttentionPlan` for the attention (see `Attention`); None decides
+                for this call.
+
+        Returns:
+            ``[b, n, c]``.
+        """
         if padding_is_trailing is not None:
             warn_trailing("padding_is_trailing", padding_is_trailing)
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype)
@@ -215,8 +229,28 @@ class CrossAttentionBlock(nn.Module):
         plan: Optional[AttentionPlan] = None,
         query_plan: Optional[AttentionPlan] = None,
     ) -> Tensor:
-        """Queries ``x [b, n, c]`` over ``context [b, m, context_dim]``; both padding masks
-        True = padding → ``[b, n, c]`` (see the class docs)."""
+        """CrossMAE decoder block: optional query self-attention, cross-attention, MLP.
+
+        Args:
+            x: queries ``[b, n, c]``, floating point, of the module's dtype (any float dtype
+                under autocast).
+            context: ``[b, m, context_dim]``, used as given (normalize it beforehand).
+            context_padding_mask: bool ``[b, m]``, True = padding, or None. Padded context
+                tokens are never keys of the cross-attention.
+            query_padding_mask: bool ``[b, n]``, True = padding, or None. Padded queries are
+                zeroed on entry and are never keys of the self-attention among queries (only
+                with ``self_attn=True``); their outputs are finite and meaningless.
+            context_padding_is_trailing: deprecated, ignored; FutureWarning (the layout is
+                the plan's).
+            query_padding_is_trailing: deprecated, ignored; FutureWarning (the layout is
+                the plan's).
+            plan: the stack's `AttentionPlan` for the cross-attention; None decides per call.
+            query_plan: the stack's `AttentionPlan` for the self-attention among queries; None
+                decides per call.
+
+        Returns:
+            ``[b, n, c]``: one output per query.
+        """
         if context_padding_is_trailing is not None:
             warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
         if query_padding_is_trailing is not None:

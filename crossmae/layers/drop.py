@@ -54,6 +54,17 @@ class DropPath(nn.Module):
         self.drop_prob = check_probability("drop_prob", drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Stochastic depth: in training, zero each sample's ``x`` with probability ``drop_prob``.
+
+        Kept samples are scaled by ``1 / (1 - drop_prob)``; in eval mode (or with
+        ``drop_prob=0``) this is the identity.
+
+        Args:
+            x: ``[b, ...]``, any shape whose first dimension is the batch ``b``.
+
+        Returns:
+            ``[b, ...]``, same shape and dtype as ``x``.
+        """
         return drop_path(x, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:

@@ -49,6 +49,19 @@ class WeightedFeatureMaps(nn.Module):
         nn.init.constant_(self.linear.weight, 1.0 / self.num_inputs)
 
     def forward(self, features: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """Mix ``k`` encoder feature maps into ``o`` decoder contexts.
+
+        ``out[j] = sum_i weight[j, i] * features[i]``, one matmul for all ``j``.
+
+        Args:
+            features: one stacked floating tensor ``[k, b, n, c]``, or a list/tuple of ``k``
+                tensors ``[b, n, c]`` of one shape. Padding is irrelevant here (the mix is per
+                token): padded tokens stay padded (their values are mixed like any other).
+
+        Returns:
+            ``[o, b, n, c]`` in the features' dtype (the autocast dtype under autocast); a
+            stacked tensor of any shape ``[k, ...]`` gives ``[o, ...]``.
+        """
         if isinstance(features, Tensor):
             stacked = features
             if stacked.ndim < 2:
@@ -119,6 +132,14 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num, dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x[j]`` with the ``j``-th LayerNorm, for every ``j`` at once.
+
+        Args:
+            x: ``[num, ..., c]``, floating point: one slice per stacked norm.
+
+        Returns:
+            ``[num, ..., c]``: ``layer_norm(x[j]) * weight[j] + bias[j]`` for each ``j``.
+        """
         x = check_float_tensor("x", x)
         if x.ndim < 2 or x.shape[0] != self.num or x.shape[-1] != self.dim:
             raise ValueError(

@@ -61,6 +61,15 @@ class Mlp(nn.Module):
         self.drop2: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        """``fc1 -> act -> drop -> fc2 -> drop`` on the last dimension.
+
+        Args:
+            x: ``[..., in_features]``, floating point, of the parameters' dtype (any float
+                dtype under autocast).
+
+        Returns:
+            ``[..., out_features]``.
+        """
         x = check_float_tensor("x", x)
         if x.ndim == 0 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(

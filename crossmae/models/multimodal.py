@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, NoReturn, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -124,6 +124,20 @@ class ModalityLoss(nn.Module):
         valid_mask: Tensor,
         ids: Tensor,
     ) -> Tensor:
+        """Per-sample masked MSE of one modality's predicted tokens (a `LossFn`).
+
+        Args:
+            pred: float ``[b, p, o]`` decoder predictions for the ``p`` predicted tokens.
+            target: float ``[b, p, o]`` targets of the same tokens.
+            padding_mask: bool ``[b, p]``, True = padding slot (not scored).
+            valid_mask: bool ``[b, p, o]`` (or ``[b, p]``), True = a scored target value; with
+                ``pixel_valid_mask`` it is further restricted to valid pixels.
+            ids: int ``[b, p]`` predicted token ids (``split.ids_predict``); used only with
+                ``pixel_valid_mask``, to find each token's pixels.
+
+        Returns:
+            ``[b]`` per-sample losses, 0 for a sample with nothing to score.
+        """
         if self.pixel_valid_mask is not None and self.patch_size is not None:
             valid_mask = valid_mask & token_valid_mask_from_pixels(
                 self.pixel_valid_mask, self.patch_size, ids, patch_index=self.patch_index,
@@ -399,6 +413,26 @@ class Modality(nn.Module):
         does not say (then inputs must have exactly ``num_steps`` steps)."""
         count = getattr(self.tokenizer, "num_tokens", None)
         return int(count(1)) if callable(count) else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not callable: a `Modality` is a container of parts and steps, not a layer.
+
+        Call its steps (`tokenize`, `split`, `condition`, `encode`, `decode`, `score`), or
+        put it in a `MultimodalMAE` and call that on ``{name: x [b, ...]}``.
+
+        Args:
+            *args: ignored.
+            **kwargs: ignored.
+
+        Raises:
+            NotImplementedError: always (as nn.Module's own ``forward`` did), naming the
+                methods to call; e.g. `tokenize` returns ``(tokens [b, n, e],
+                padding_mask [b, n])`` with True = padding.
+        """
+        raise NotImplementedError(
+            "a Modality is not called directly: call its steps (tokenize, split, condition, "
+            "encode, decode, score) or use it inside MultimodalMAE"
+        )
 
     # ------------------------------------------------------------------ the steps
     def tokenize(self, x: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
