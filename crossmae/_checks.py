@@ -118,6 +118,14 @@ def check_ratio(name: str, value: object) -> float:
     return v
 
 
+def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
+    """``ValueError`` unless ``value`` is a multiple of ``by`` (e.g. a width and its heads),
+    naming both arguments: the one rule behind every layer and config record that splits a
+    width into heads."""
+    if value % by != 0:
+        raise ValueError(f"{name} ({value}) must be divisible by {by_name} ({by})")
+
+
 def check_probability(name: str, value: object) -> float:
     v = check_ratio(name, value)
     if not 0.0 <= v < 1.0:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .._checks import (
     check_bool,
+    check_divisible,
     check_float_tensor,
     check_int,
     check_module_dtype,
@@ -328,8 +329,7 @@ def _check_cu_seqlens(cu_seqlens: object, q: Tensor) -> Tensor:
 def _check_heads(dim: int, num_heads: int) -> int:
     check_int("dim", dim, minimum=1)
     check_int("num_heads", num_heads, minimum=1)
-    if dim % num_heads != 0:
-        raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+    check_divisible("dim", dim, "num_heads", num_heads)
     return dim // num_heads
 
 

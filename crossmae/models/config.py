@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 from .._checks import (
     check_bool,
+    check_divisible,
     check_int,
     check_int_pair,
     check_optional_bool,
@@ -63,11 +64,7 @@ def _check_transformer(
     dim = _int(owner, f"{prefix}embed_dim", embed_dim)
     _int(owner, f"{prefix}depth", depth)
     heads = _int(owner, f"{prefix}num_heads", num_heads)
-    if dim % heads != 0:
-        raise ValueError(
-            f"{owner}.{prefix}embed_dim ({dim}) must be divisible by "
-            f"{owner}.{prefix}num_heads ({heads})"
-        )
+    check_divisible(f"{owner}.{prefix}embed_dim", dim, f"{owner}.{prefix}num_heads", heads)
     if dim % 4 != 0:
         raise ValueError(
             f"{owner}.{prefix}embed_dim must be a multiple of 4 (2D sin-cos position "
