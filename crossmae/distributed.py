@@ -54,7 +54,8 @@ def global_sample_mean(
     """
     x = check_float_tensor("per_sample", per_sample, ndim=1)
     if not isinstance(scored, Tensor) or scored.dtype != torch.bool:
-        raise TypeError(f"scored must be a bool tensor [b], got {scored!r}")
+        what = f"dtype {scored.dtype}" if isinstance(scored, Tensor) else type(scored).__name__
+        raise TypeError(f"scored must be a bool tensor [b], got {what}")
     if tuple(scored.shape) != tuple(x.shape):
         raise ValueError(
             f"scored has shape {tuple(scored.shape)} but per_sample has {tuple(x.shape)}"
@@ -82,7 +83,23 @@ def global_multimodal_loss(
         weights: modality name → loss weight (every modality of ``output``).
         group: process group (default: the world).
     """
+    fields = ("sample_losses", "target_valid", "splits")
+    if not all(isinstance(getattr(output, f, None), Mapping) for f in fields):
+        raise TypeError(
+            f"output must be a crossmae.MultimodalOutput (with {', '.join(fields)}), got "
+            f"{type(output).__name__}"
+        )
+    if not isinstance(weights, Mapping):
+        raise TypeError(
+            f"weights must be a mapping of modality name to weight, got {type(weights).__name__}"
+        )
     names = list(output.sample_losses)
+    for name in names:
+        w = weights.get(name, 0.0)
+        try:
+            float(w)
+        except (TypeError, ValueError):
+            raise TypeError(f"weights[{name!r}] must be a number, got {w!r}") from None
     missing = [n for n in names if n not in weights]
     if missing:
         raise ValueError(f"weights has no entry for modalities {missing} (got {list(weights)})")

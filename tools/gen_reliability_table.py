@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "reliability.md"
 ENV = "CROSSMAE_RELIABILITY_OUT"
-NOT_CALLABLE = {"__version__"}  # public names that are data, not callables
+# Submodules whose public names are audited too (as ``<module>.<name>``): they are not
+# re-exported from ``crossmae`` but are part of the public API.
+SUBMODULES = ("distributed",)
 
 HEADER = """\
 # Reliability
@@ -141,32 +143,68 @@ def _code(text: object) -> str:
     return "`" + str(text).replace("|", "/").replace("\n", " ").replace("`", "'").strip() + "`"
 
 
-def _public_names() -> list[str]:
+def _public_objects() -> dict[str, object]:
     sys.path.insert(0, str(ROOT))
+    import importlib
+
     import crossmae
 
-    return sorted(crossmae.__all__)
+    objs: dict[str, object] = {n: getattr(crossmae, n) for n in crossmae.__all__}
+    for sub in SUBMODULES:
+        mod = importlib.import_module(f"crossmae.{sub}")
+        objs.update({f"{sub}.{n}": getattr(mod, n) for n in mod.__all__})
+    return objs
+
+
+def _takes_no_input(obj: object) -> str:
+    """Why a public name has no row: ``"data"`` (a constant), ``"protocol"`` (a
+    ``typing.Protocol``: a type to satisfy, checked where a part is received), or ``""``."""
+    if not callable(obj):
+        return "data"
+    if isinstance(obj, type) and getattr(obj, "_is_protocol", False):
+        return "protocol"
+    return ""
+
+
+def _public_names() -> list[str]:
+    return sorted(_public_objects())
 
 
 def render(rows: list[dict[str, object]]) -> str:
     rows = sorted(rows, key=lambda r: (str(r["callable"]).lower(), str(r["test"]), str(r["tried"])))
     failures = [r for r in rows if not r["ok"]]
-    names = _public_names()
+    objs = _public_objects()
+    names = sorted(objs)
+    kinds = {n: _takes_no_input(objs[n]) for n in names}
     covered = {str(r["callable"]) for r in rows}
-    missing = [n for n in names if n not in covered and n not in NOT_CALLABLE]
+    missing = [n for n in names if n not in covered and not kinds[n]]
     fail_names = sorted({str(r["callable"]) for r in failures}, key=str.lower)
 
     out = [HEADER, "## Summary", ""]
-    public = [n for n in names if n not in NOT_CALLABLE]
+    public = [n for n in names if not kinds[n]]
+    subs = " and ".join(f"`crossmae.{m}.__all__`" for m in SUBMODULES)
     out.append(
         f"{len(rows)} checks, covering {len([n for n in public if n in covered])} of the "
-        f"{len(public)} public callables in `crossmae.__all__`; "
+        f"{len(public)} public callables in `crossmae.__all__` and {subs}; "
         f"**{len(failures)} checks fail the standard**"
         + (
             f" (in {len(fail_names)} names: {', '.join(_code(n) for n in fail_names)})."
             if failures
             else "."
         )
+    )
+    out.append("")
+    data = [n for n in names if kinds[n] == "data"]
+    protocols = [n for n in names if kinds[n] == "protocol"]
+    out.append(
+        "Not in the table, having no input to check: the constants "
+        + ", ".join(_code(n) for n in data)
+        + " (the functions that take such a value check it, e.g. "
+        "`set_padded_attention_kernel` against `PADDED_ATTENTION_KERNELS`), and the "
+        "protocols "
+        + ", ".join(_code(n) for n in protocols)
+        + " (types a part satisfies; `Modality` refuses a tokenizer, encoder or decoder that does "
+        "not with a `TypeError` naming it, in the rows of that name)."
     )
     out.append("")
     if missing:

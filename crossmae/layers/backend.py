@@ -77,6 +77,22 @@ class AttentionPlan:
     trailing: bool = False
     sdpa_backends: Optional[tuple[str, ...]] = None
 
+    def __post_init__(self) -> None:
+        # Plain-value checks (no tensor): free, and traceable by torch.compile.
+        if not isinstance(self.kernel, str) or self.kernel not in PLAN_KERNELS:
+            raise ValueError(
+                f"AttentionPlan kernel must be one of {PLAN_KERNELS}, got {self.kernel!r}"
+            )
+        for name in ("reorder", "trailing"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"AttentionPlan {name} must be a bool, got {v!r}")
+        b = self.sdpa_backends
+        if b is not None and (not isinstance(b, tuple) or not all(x in SDPA_BACKENDS for x in b)):
+            raise ValueError(
+                f"AttentionPlan sdpa_backends must be None or a tuple of {SDPA_BACKENDS}, got {b!r}"
+            )
+
     def reordered(self) -> AttentionPlan:
         """This plan after the stack moved padding to the end of every row."""
         return replace(self, reorder=False, trailing=True)
@@ -116,6 +132,12 @@ class KernelRule:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"KernelRule {name} must be an int >= 1 or None, got {v!r}")
+        if self.min_keys is not None and self.max_keys is not None:
+            if self.min_keys > self.max_keys:
+                raise ValueError(
+                    f"KernelRule min_keys={self.min_keys} exceeds max_keys={self.max_keys}: "
+                    "the rule could never match"
+                )
         if self.padded is not None and not isinstance(self.padded, bool):
             raise TypeError(f"KernelRule padded must be a bool or None, got {self.padded!r}")
         if self.sdpa_backends is not None:

@@ -92,6 +92,8 @@ class MaskSplit(NamedTuple):
         Returns:
             ``self``, so ``split = split.validate()`` chains.
         """
+        if num_tokens is not None:
+            check_int("num_tokens", num_tokens, minimum=0)
         _check_split_values(self, "split", num_tokens)
         return self
 
@@ -145,6 +147,15 @@ class MaskSplit(NamedTuple):
         pinned memory with compute, as for any batch tensor)."""
         if not isinstance(non_blocking, bool):
             raise TypeError(f"non_blocking must be a bool, got {non_blocking!r}")
+        if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+            raise TypeError(
+                f"device must be a str, torch.device or int, got {device!r} "
+                f"({type(device).__name__})"
+            )
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device {device!r} is not a device: {e}") from None
         return MaskSplit(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     def pin_memory(self) -> MaskSplit:
@@ -425,7 +436,9 @@ def _check_split_values(split: object, name: str, num_tokens: Optional[int] = No
             raise ValueError(f"{name}.{field} must be a bool [b, n] tensor, got {what}")
     b, n = split.visible_mask.shape
     if num_tokens is not None and n != num_tokens:
-        raise ValueError(f"{name}.visible_mask has {n} tokens but {num_tokens} were expected")
+        raise ValueError(
+            f"{name}.visible_mask has {n} tokens but num_tokens={num_tokens} were expected"
+        )
     if tuple(split.predict_mask.shape) != (b, n):
         raise ValueError(
             f"{name}.predict_mask has shape {tuple(split.predict_mask.shape)} but "

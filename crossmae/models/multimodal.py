@@ -37,7 +37,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._checks import check_bool, check_generator, check_int, check_ratio, check_tensor
+from .._checks import (
+    check_bool,
+    check_float_tensor,
+    check_generator,
+    check_int,
+    check_ratio,
+    check_tensor,
+)
 from ..encoders.film import visible_patch_mean
 from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
@@ -105,13 +112,16 @@ class ModalityLoss(nn.Module):
         super().__init__()
         if average not in ("token", "value"):
             raise ValueError(f"average must be 'token' or 'value', got {average!r}")
+        self.in_chans = check_int("in_chans", in_chans, minimum=1)
         if pixel_valid_mask is not None:
             check_tensor("pixel_valid_mask", pixel_valid_mask)
             if patch_size is None:
                 raise ValueError("pixel_valid_mask needs patch_size")
+            _check_pixel_map(pixel_valid_mask, patch_size, patch_index, self.in_chans)
+        elif patch_index is not None:
+            raise ValueError("patch_index is used only with pixel_valid_mask, which is None")
         self.average = average
         self.patch_size = patch_size
-        self.in_chans = check_int("in_chans", in_chans, minimum=1)
         self.register_buffer("pixel_valid_mask", pixel_valid_mask, persistent=False)
         self.register_buffer("patch_index", patch_index, persistent=False)
 
@@ -139,7 +149,12 @@ class ModalityLoss(nn.Module):
             ``[b]`` per-sample losses, 0 for a sample with nothing to score.
         """
         if self.pixel_valid_mask is not None and self.patch_size is not None:
-            valid_mask = valid_mask & token_valid_mask_from_pixels(
+            vm = check_tensor("valid_mask", valid_mask)
+            if vm.dtype != torch.bool:
+                raise TypeError(
+                    f"valid_mask must have dtype torch.bool (True = scored), got {vm.dtype}"
+                )
+            valid_mask = vm & token_valid_mask_from_pixels(
                 self.pixel_valid_mask, self.patch_size, ids, patch_index=self.patch_index,
                 in_chans=self.in_chans,
             )  # fmt: skip
@@ -147,6 +162,34 @@ class ModalityLoss(nn.Module):
             pred, target, padding_mask=padding_mask, valid_mask=valid_mask, reduction="none",
             average=self.average,  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def _check_pixel_map(
+    pixel_valid_mask: Tensor,
+    patch_size: Union[int, tuple[int, int]],
+    patch_index: Optional[Tensor],
+    in_chans: int,
+) -> None:
+    """`ModalityLoss`'s construction-time check of its pixel map (a sync is fine here)."""
+    batch = pixel_valid_mask.shape[0] if pixel_valid_mask.ndim >= 3 else 1
+    ids = torch.zeros(batch, 1, dtype=torch.int64, device=pixel_valid_mask.device)
+    # token_valid_mask_from_pixels checks dtype, rank, patch_size, in_chans, patch_index
+    # metadata, each by name; only the range of patch_index is left to check here.
+    token_valid_mask_from_pixels(pixel_valid_mask, patch_size, ids, in_chans=in_chans)
+    if patch_index is not None:
+        index = check_tensor("patch_index", patch_index)
+        if index.dtype not in (torch.int64, torch.int32) or index.ndim != 1:
+            raise TypeError(
+                f"patch_index must be an int64 tensor [L], got dtype {index.dtype} and shape "
+                f"{tuple(index.shape)}"
+            )
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        grid = (pixel_valid_mask.shape[-2] // ph) * (pixel_valid_mask.shape[-1] // pw)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= grid):
+            raise ValueError(
+                f"patch_index values must lie in [0, {grid}) (the patches of the pixel map), "
+                f"got range [{int(index.min())}, {int(index.max())}]"
+            )
 
 
 CondFn = Callable[[Tensor, Optional[Tensor], MaskSplit, Any], Tensor]
@@ -171,9 +214,18 @@ def visible_site_mean(group_size: int) -> CondFn:
     def fn(
         static: Tensor, site_padding_mask: Optional[Tensor], split: MaskSplit, tokenizer: Any
     ) -> Tensor:
-        b, s = static.shape[0], static.shape[1]
+        x = check_float_tensor("static", static, ndim=3)
+        if not isinstance(split, MaskSplit):
+            raise TypeError(f"split must be a MaskSplit, got {type(split).__name__}")
+        b, s = x.shape[0], x.shape[1]
         p = -(-s // g)
-        seen = split.visible_mask.reshape(b, -1, p).any(dim=1)  # [b P]
+        vm = check_tensor("split.visible_mask", split.visible_mask)
+        if vm.ndim != 2 or vm.shape[0] != b or vm.shape[1] % p != 0:
+            raise ValueError(
+                f"split.visible_mask must be [b, t * P] with b={b} (static) and P={p} patches "
+                f"(s={s} sites, group_size={g}), got shape {tuple(vm.shape)}"
+            )
+        seen = vm.reshape(b, -1, p).any(dim=1)  # [b P]
         return visible_patch_mean(static, g, seen, site_padding_mask=site_padding_mask)
 
     return fn
@@ -221,7 +273,23 @@ def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
 
     Returns:
         `MaskSplit`; ids of padded slots are 0.
+
+    Raises:
+        TypeError: ``split`` is not a `MaskSplit`, ``padding_mask`` not a bool tensor.
+        ValueError: ``padding_mask`` is not ``[b, n]`` of ``split.visible_mask``.
     """
+    if not isinstance(split, MaskSplit):
+        raise TypeError(f"split must be a MaskSplit, got {type(split).__name__}")
+    pm = check_tensor("padding_mask", padding_mask)
+    if pm.dtype != torch.bool:
+        raise TypeError(f"padding_mask must have dtype torch.bool (True = padding), got {pm.dtype}")
+    vis = check_tensor("split.visible_mask", split.visible_mask)
+    if tuple(pm.shape) != tuple(vis.shape) or pm.ndim != 2:
+        raise ValueError(
+            f"padding_mask must have shape [b, n] = {tuple(vis.shape)} (split.visible_mask), "
+            f"got {tuple(pm.shape)}"
+        )
+    padding_mask = pm
     keep_pad = split.keep_padding_mask | torch.gather(padding_mask, 1, split.ids_keep)
     pred_pad = split.predict_padding_mask | torch.gather(padding_mask, 1, split.ids_predict)
     return MaskSplit(
