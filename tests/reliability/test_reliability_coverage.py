@@ -1005,6 +1005,212 @@ def _dist_cases() -> list[Case]:
     ]
 
 
+# --------------------------------------------------------------------------- post-norm encoder
+def _postnorm_cases() -> list[Case]:
+    torch.manual_seed(0)
+    blk = cm.PostNormBlock(8, 2).eval()
+    enc = cm.PostNormTransformerEncoder(8, 2, 2, cond_dim=3).eval()
+    x = randn(2, 5, 8)
+    pad = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    g, bt = randn(2, 8, seed=3), randn(2, 8, seed=4)
+    cond = randn(2, 3, seed=5)
+
+    def run_enc(t: torch.Tensor = x, m: Any = pad, c: Any = cond, **kw: Any) -> Any:
+        return enc(t, m, cond=c, **kw).tokens
+
+    def real_same(result: Any) -> None:
+        ref = run_enc()
+        torch.testing.assert_close(result[0, :3], ref[0, :3], rtol=0, atol=0)
+        torch.testing.assert_close(result[1], ref[1], rtol=0, atol=0)
+
+    def blk_real_same(result: Any) -> None:
+        ref = blk(x, pad)
+        torch.testing.assert_close(result[0, :3], ref[0, :3], rtol=0, atol=0)
+
+    nan_pad = _with_nan(_with_nan(x, (0, 3, 1)), (0, 4, 0))
+    all_pad = torch.tensor([[True] * 5, [False] * 5])
+    return [
+        Case("PostNormBlock", "dim=0", lambda: cm.PostNormBlock(0, 2), Raises(("dim",), ("0",))),
+        Case(
+            "PostNormBlock.forward",
+            "x int64 tokens",
+            lambda: blk(x.long()),
+            Raises(("x",), ("int64",)),
+        ),
+        Case(
+            "PostNormBlock.forward", "x of rank 2", lambda: blk(x[0]), Raises(("x",), ("(5, 8)",))
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "x with the wrong width",
+            lambda: blk(randn(2, 5, 6)),
+            Raises(("x",), ("6",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "x float64 into a float32 module",
+            lambda: blk(x.double()),
+            Raises(("x",), ("float64",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "padding_mask float",
+            lambda: blk(x, pad.float()),
+            Raises(("padding_mask",), ("float32",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "padding_mask with another length",
+            lambda: blk(x, pad[:, :4]),
+            Raises(("padding_mask",), ("(2, 4)",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "gamma without beta",
+            lambda: blk(x, pad, gamma=g),
+            Raises(("gamma", "beta")),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "gamma [2, 6] for dim=8",
+            lambda: blk(x, pad, gamma=g[:, :6], beta=bt),
+            Raises(("gamma",), ("(2, 6)",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "integer beta",
+            lambda: blk(x, pad, gamma=g, beta=bt.long()),
+            Raises(("beta",), ("int64",)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "NaN/inf in padded slots",
+            lambda: blk(nan_pad, pad),
+            Returns("real outputs bit-identical", blk_real_same),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "a sample whose tokens are all padding",
+            lambda: blk(x, all_pad),
+            Returns("finite"),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "empty batch (b=0)",
+            lambda: blk(x[:0], pad[:0]),
+            Returns("[0, n, c]", shape_is(0, 5, 8)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "zero tokens (n=0)",
+            lambda: blk(x[:, :0], pad[:, :0]),
+            Returns("[b, 0, c]", shape_is(2, 0, 8)),
+        ),
+        Case(
+            "PostNormBlock.forward",
+            "non-contiguous x",
+            lambda: blk(nc(x), pad),
+            Returns("same as contiguous", same_as(lambda: blk(x, pad))),
+        ),
+        Case(
+            "PostNormTransformerEncoder",
+            "depth=-1",
+            lambda: cm.PostNormTransformerEncoder(8, -1, 2),
+            Raises(("depth",), ("-1",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder",
+            "cond_dim=0",
+            lambda: cm.PostNormTransformerEncoder(8, 1, 2, cond_dim=0),
+            Raises(("cond_dim",), ("0",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder",
+            "norm_features=True, final_norm=False",
+            lambda: cm.PostNormTransformerEncoder(8, 1, 2, final_norm=False, norm_features=True),
+            Raises(("norm_features", "final_norm")),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "tokens int64",
+            lambda: run_enc(x.long()),
+            Raises(("tokens",), ("int64",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "tokens with the wrong width",
+            lambda: run_enc(randn(2, 5, 6)),
+            Raises(("tokens",), ("6",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "tokens float64 into a float32 module",
+            lambda: run_enc(x.double()),
+            Raises(("tokens",), ("float64",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "padding_mask float",
+            lambda: run_enc(m=pad.float()),
+            Raises(("padding_mask",), ("float32",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "cond missing (built with cond_dim)",
+            lambda: run_enc(c=None),
+            Raises(("cond",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "cond [2, 4] for cond_dim=3",
+            lambda: run_enc(c=randn(2, 4)),
+            Raises(("cond",), ("(2, 4)",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "return_layers=5 for depth 2",
+            lambda: run_enc(return_layers=5),
+            Raises(("return_layers",), ("5",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "NaN/inf in padded slots",
+            lambda: run_enc(nan_pad),
+            Returns("real outputs bit-identical", real_same),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "NaN in a real token of sample 1",
+            lambda: run_enc(_with_nan(x, (1, 0, 0))),
+            Returns("NaN propagates to sample 1 only", nan_in_sample_only(1), finite=False),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "NaN in sample 1's cond",
+            lambda: run_enc(c=_with_nan(cond, (1, 0))),
+            Returns("NaN propagates to sample 1 only", nan_in_sample_only(1), finite=False),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "a sample whose tokens are all padding",
+            lambda: run_enc(m=all_pad),
+            Returns("finite"),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "empty batch (b=0)",
+            lambda: run_enc(x[:0], pad[:0], cond[:0]),
+            Returns("[0, n, c]", shape_is(0, 5, 8)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "non-contiguous tokens",
+            lambda: run_enc(nc(x)),
+            Returns("same as contiguous", same_as(lambda: run_enc())),
+        ),
+    ]
+
+
 CASES = (
     _film_cases()
     + _vpm_cases()
@@ -1016,6 +1222,7 @@ CASES = (
     + _backend_cases()
     + _split_cases()
     + _dist_cases()
+    + _postnorm_cases()
 )
 
 
