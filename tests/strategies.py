@@ -13,6 +13,7 @@ Polarity: every ``*padding_mask`` here is bool ``[B, N]`` with True = padding.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -21,7 +22,7 @@ import torch
 from hypothesis import strategies as st
 
 from crossmae.masking import MaskSplit, mask_split_from_masks, random_masking
-from crossmae.models import MultimodalMAE
+from crossmae.models import ImageCrossMAE, MultimodalMAE
 
 __all__ = [
     "CORRUPTED_FIELD",
@@ -470,3 +471,24 @@ def corrupt_split(split: MaskSplit, kind: str) -> MaskSplit:
     else:
         raise ValueError(f"unknown corruption {kind!r}")
     return s
+
+
+@functools.cache
+def tiny_image_model(
+    embed_dim: int, num_heads: int, decoder_embed_dim: int, decoder_num_heads: int
+) -> ImageCrossMAE:
+    """A one-block `crossmae_vit_small` over 16x16 images of 4x4 patches (eval mode, seed 0),
+    built once per width (callers must not train it)."""
+    import crossmae as cm
+
+    torch.manual_seed(0)
+    return cm.models.crossmae_vit_small(
+        img_size=16,
+        patch_size=4,
+        depth=1,
+        decoder_depth=1,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        decoder_embed_dim=decoder_embed_dim,
+        decoder_num_heads=decoder_num_heads,
+    ).eval()

@@ -102,6 +102,16 @@ def ref_norm_token(values: list[float], eps: float) -> list[float]:
     return [(v - mean) / math.sqrt(var + eps) for v in values]
 
 
+def _reduce(per_sample: list[float], nonempty: int, reduction: Reduction) -> torch.Tensor:
+    """The batch reduction of the reference losses (mean over samples that score)."""
+    out = torch.tensor(per_sample, dtype=torch.float64)
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return out.sum()
+    return out.sum() / max(nonempty, 1)
+
+
 def ref_loss(
     pb: Problem, *, norm_pix: bool = False, eps: float = 1e-6, reduction: Reduction = "mean"
 ) -> torch.Tensor:
@@ -130,12 +140,7 @@ def ref_loss(
             if pb.weight is not None and pb.weight.ndim == 1:
                 loss *= float(pb.weight[i])
         per_sample.append(loss)
-    out = torch.tensor(per_sample, dtype=torch.float64)
-    if reduction == "none":
-        return out
-    if reduction == "sum":
-        return out.sum()
-    return out.sum() / max(nonempty, 1)
+    return _reduce(per_sample, nonempty, reduction)
 
 
 def poison(x: torch.Tensor, where: torch.Tensor, seed: int) -> torch.Tensor:
@@ -431,12 +436,7 @@ def ref_loss_value(pb: Problem, *, reduction: Reduction = "mean") -> torch.Tenso
             if pb.weight is not None and pb.weight.ndim == 1:
                 loss *= float(pb.weight[i])
         per_sample.append(loss)
-    out = torch.tensor(per_sample, dtype=torch.float64)
-    if reduction == "none":
-        return out
-    if reduction == "sum":
-        return out.sum()
-    return out.sum() / max(nonempty, 1)
+    return _reduce(per_sample, nonempty, reduction)
 
 
 @given(problems(), REDUCTIONS, seeds())

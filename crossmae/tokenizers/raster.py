@@ -620,6 +620,15 @@ class PatchEmbed(nn.Module):
         Returns:
             ``[b, l, d]``, patches row-major over the grid.
         """
+        t = self._check_img(img)
+        y = F.conv2d(
+            t.to(self.proj.weight.dtype), self.proj.weight, self.proj.bias, stride=self.patch_size
+        )
+        out: Tensor = rearrange(y, "b d h w -> b (h w) d")
+        return out
+
+    def _check_img(self, img: object) -> Tensor:
+        """``img`` as a float ``[b, in_chans, H, W]`` tensor this embedding accepts."""
         t = check_tensor("img", img)
         if not t.is_floating_point():
             raise TypeError(f"img must be a floating-point tensor, got dtype {t.dtype}")
@@ -631,11 +640,7 @@ class PatchEmbed(nn.Module):
         if self.image_size is not None and size != self.image_size:
             raise ValueError(f"img has (H, W) = {size} but image_size is {self.image_size}")
         _check_divisible("img", size, self.patch_size)
-        y = F.conv2d(
-            t.to(self.proj.weight.dtype), self.proj.weight, self.proj.bias, stride=self.patch_size
-        )
-        out: Tensor = rearrange(y, "b d h w -> b (h w) d")
-        return out
+        return t
 
     def embed_selected(
         self, img: Tensor, ids: Tensor, padding_mask: Optional[Tensor] = None
@@ -659,17 +664,7 @@ class PatchEmbed(nn.Module):
         Returns:
             ``[b, k, d]`` in ``proj.weight``'s dtype (autocast applies to the projection).
         """
-        t = check_tensor("img", img)
-        if not t.is_floating_point():
-            raise TypeError(f"img must be a floating-point tensor, got dtype {t.dtype}")
-        if t.ndim != 4 or t.shape[1] != self.in_chans:
-            raise ValueError(
-                f"img must have shape [b, {self.in_chans}, H, W], got {tuple(t.shape)}"
-            )
-        size = (t.shape[2], t.shape[3])
-        if self.image_size is not None and size != self.image_size:
-            raise ValueError(f"img has (H, W) = {size} but image_size is {self.image_size}")
-        _check_divisible("img", size, self.patch_size)
+        t = self._check_img(img)
         idx = check_tensor("ids", ids)
         if idx.dtype not in (torch.int64, torch.int32) or idx.ndim != 2:
             raise TypeError(
@@ -686,7 +681,7 @@ class PatchEmbed(nn.Module):
                 )
         (ph, pw), (gh, gw) = (
             self.patch_size,
-            (size[0] // self.patch_size[0], size[1] // self.patch_size[1]),
+            (t.shape[2] // self.patch_size[0], t.shape[3] // self.patch_size[1]),
         )
         idx = idx.long()
         if padding_mask is not None:

@@ -19,6 +19,7 @@ from strategies import (
     generator,
     seeds,
     split_specs,
+    tiny_image_model,
 )
 
 import crossmae as cm
@@ -47,25 +48,8 @@ def test_corrupted_splits_are_refused_naming_the_field(spec: SplitSpec, kind: st
         cm.modality_dropout(bad)
 
 
-_IMAGE: list[cm.ImageCrossMAE] = []
-
-
 def _image() -> cm.ImageCrossMAE:
-    if not _IMAGE:
-        torch.manual_seed(0)
-        _IMAGE.append(
-            cm.models.crossmae_vit_small(
-                img_size=16,
-                patch_size=4,
-                depth=1,
-                decoder_depth=1,
-                embed_dim=8,
-                num_heads=2,
-                decoder_embed_dim=8,
-                decoder_num_heads=2,
-            ).eval()
-        )
-    return _IMAGE[0]
+    return tiny_image_model(8, 2, 8, 2)
 
 
 @given(spec=split_specs(), kind=st.sampled_from(SPLIT_CORRUPTIONS))

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import pytest
 import torch
 from reliability_helpers import Case, Raises, Recorder, Returns, randn, run_case
+from strategies import tiny_image_model
 
 import crossmae as cm
 
@@ -55,9 +56,6 @@ def _gen_cases() -> list[Case]:
     ]
 
 
-_IMAGE: list[cm.ImageCrossMAE] = []
-
-
 def _water() -> cm.MultimodalMAE:
     from reliability_helpers import build_water
 
@@ -65,21 +63,7 @@ def _water() -> cm.MultimodalMAE:
 
 
 def _image() -> cm.ImageCrossMAE:
-    if not _IMAGE:
-        torch.manual_seed(0)
-        _IMAGE.append(
-            cm.models.crossmae_vit_small(
-                img_size=16,
-                patch_size=4,
-                depth=1,
-                decoder_depth=1,
-                embed_dim=24,
-                num_heads=6,
-                decoder_embed_dim=16,
-                decoder_num_heads=8,
-            ).eval()
-        )
-    return _IMAGE[0]
+    return tiny_image_model(24, 6, 16, 8)
 
 
 def _flag_cases() -> list[Case]:
