@@ -262,6 +262,34 @@ def water_batch(
     return inputs, torch.randn(b, sites, 11, device=dev)
 
 
+def water_batches(small: bool) -> list[tuple[int, bool]]:
+    """Batches of section 3: env CROSSMAE_BENCH_WATER_BATCHES, e.g. ``8:1,64:1`` (batch :
+    half missing river flow), default 8 and 16, each with and without river flow."""
+    env = os.environ.get("CROSSMAE_BENCH_WATER_BATCHES", "")
+    if env:
+        out = []
+        for item in env.split(","):
+            b, _, half = item.partition(":")
+            out.append((int(b), half.strip() in ("1", "true", "True")))
+        return out
+    return [(8, False), (8, True)] + ([] if small else [(16, False), (16, True)])
+
+
+def regional_compile(model: torch.nn.Module) -> int:
+    """Compile every transformer block of ``model`` in place (``Module.compile``), the
+    regional alternative to compiling the whole model: identical blocks share one compiled
+    graph, so compile time follows the number of distinct block shapes. Returns the count."""
+    from crossmae.encoders.postnorm import PostNormBlock
+    from crossmae.layers import Block, CrossAttentionBlock
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (Block, CrossAttentionBlock, PostNormBlock)):
+            mod.compile()
+            n += 1
+    return n
+
+
 def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     from crossmae.models.water import water_mae_small
 
@@ -275,10 +303,19 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     # Compiled: masks are drawn in data preparation (tokenize for the padding masks, then
     # make_splits, eager) and the forward is one graph given the splits.
     backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
-    compiled = torch.compile(model, fullgraph=True, backend=backend) if compile_ else None
-    for b, half_missing in ((8, False), (8, True), (16, False), (16, True)):
-        if small and b == 16:
-            continue
+    modes = os.environ.get("CROSSMAE_BENCH_WATER_MODES", "eager,compiled,regional").split(",")
+    compiled = (
+        torch.compile(model, fullgraph=True, backend=backend)
+        if compile_ and "compiled" in modes
+        else None
+    )
+    regional: Optional[torch.nn.Module] = None
+    if compile_ and "regional" in modes:
+        regional = water_mae_small(**kw).to(dev)
+        regional.load_state_dict(model.state_dict())
+        log(f"regional compile: {regional_compile(regional)} blocks")
+        opt_r = torch.optim.AdamW(regional.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    for b, half_missing in water_batches(small):
         g = torch.Generator(device=dev).manual_seed(0)
         inputs, static = water_batch(dev, b, cfg_t, (h, w), sites, half_missing)
         bad = torch.zeros((), dtype=torch.int64, device=dev)  # no host sync per step
@@ -303,18 +340,36 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        steps = [("eager", step_eager)] + ([("compiled", step_compiled)] if compile_ else [])
+        def step_regional() -> None:
+            assert regional is not None
+            with autocast(dev, dev.type == "cuda"):
+                out = regional(inputs, static=static, generator=g)
+            out.loss.backward()
+            bad.add_((~torch.isfinite(out.loss.detach())).long())
+            opt_r.step()
+            opt_r.zero_grad(set_to_none=True)
+
+        steps = [("eager", step_eager)] if "eager" in modes else []
+        if compiled is not None:
+            steps.append(("compiled", step_compiled))
+        if regional is not None:
+            steps.append(("regional-compiled", step_regional))
         for tag, step in steps:
             bad.zero_()
             name = f"{tag} batch={b} half_missing_river_flow={half_missing}"
             try:
                 with peak_memory(dev) as mem:
-                    ms = bench(step, dev, warmup=3 if tag == "compiled" else 2, iters=8)
+                    t0 = time.perf_counter()
+                    step()  # first step (compiles in the compiled modes)
+                    sync(dev)
+                    first_s = time.perf_counter() - t0
+                    ms = bench(step, dev, warmup=2, iters=8)
                 record(
                     "water",
                     name,
                     ms=ms,
                     samples_per_s=b / (ms * 1e-3),
+                    first_step_s=first_s,
                     nonfinite_steps=int(bad),
                     **mem,
                 )

@@ -56,15 +56,20 @@ def _load() -> None:
     _HAS_SEQ_LENGTHS = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
+# Looked up once, at import, without importing it (``find_spec`` cannot be traced by
+# torch.compile: asking it at every plan broke every CUDA stack's graph).
+try:
+    _FLEX_SHIPPED = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+except (ImportError, ValueError):  # pragma: no cover - exotic builds
+    _FLEX_SHIPPED = False
+
+
 def flex_available() -> bool:
-    """Whether this torch build ships ``torch.nn.attention.flex_attention`` (checked without
-    importing it)."""
+    """Whether this torch build ships ``torch.nn.attention.flex_attention`` (looked up at
+    import, without importing it)."""
     if _LOADED:
         return _FLEX is not None
-    try:
-        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-    except (ImportError, ValueError):
-        return False
+    return _FLEX_SHIPPED
 
 
 def supports(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:

@@ -46,15 +46,25 @@ def _kernel() -> Optional[VarlenFn]:
     return _VARLEN  # type: ignore[return-value]
 
 
-def varlen_available() -> bool:
-    """Whether this torch build ships ``torch.nn.attention.varlen.varlen_attn`` (checked
-    without importing it unless a kernel was already loaded or injected)."""
-    if _VARLEN is not _UNLOADED:
-        return _VARLEN is not None
+def _has_module(name: str) -> bool:
+    """Whether module ``name`` exists, found without importing it (``find_spec``)."""
     try:
-        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+# Looked up once, at import (about 50 µs): ``find_spec`` is a function torch.compile refuses
+# to trace, so asking it at every plan broke the graph of every stack on CUDA.
+_VARLEN_SHIPPED = _has_module("torch.nn.attention.varlen")
+
+
+def varlen_available() -> bool:
+    """Whether this torch build ships ``torch.nn.attention.varlen.varlen_attn`` (looked up
+    at import without importing it, unless a kernel was already loaded or injected)."""
+    if _VARLEN is not _UNLOADED:
+        return _VARLEN is not None
+    return _VARLEN_SHIPPED
 
 
 def supports(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:

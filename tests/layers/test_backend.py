@@ -379,6 +379,26 @@ def test_cuda_decisions_trace_as_one_graph() -> None:
     torch.testing.assert_close(out, f(x))
 
 
+def test_cuda_decisions_never_look_up_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel availability is looked up once, at import: torch 2.11's compiler refuses to
+    trace ``importlib.util.find_spec`` (its graph broke at every CUDA stack's plan, although
+    the CPU trace above showed none), so planning must not call it."""
+    import importlib.util
+
+    def refuse(*a: Any, **k: Any) -> None:
+        raise AssertionError(f"find_spec{a} called while planning")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    monkeypatch.setattr(_varlen, "_VARLEN", _varlen._UNLOADED)  # as before the first kernel call
+    monkeypatch.setattr(_flex, "_LOADED", False)
+    for dtype in (BF16, F32):
+        for padded in (True, False):
+            for layout in ("padded", "packed"):
+                decide("cuda", dtype, 64, padded=padded, layout=layout)
+    assert _varlen.varlen_available() == _varlen._VARLEN_SHIPPED
+    assert _flex.flex_available() == _flex._FLEX_SHIPPED
+
+
 def test_plan_with_sdpa_backends_compiles_fullgraph() -> None:
     attn = cm.CrossAttention(16, num_heads=2).eval()
     x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)

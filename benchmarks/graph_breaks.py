@@ -1,0 +1,130 @@
+"""Print the torch.compile graph breaks of crossmae's forwards on this machine's device.
+
+    python benchmarks/graph_breaks.py                 # every workload, on CUDA if present
+    python benchmarks/graph_breaks.py decoder image --out $OUT/breaks.md
+
+For each workload (``decoder``: CrossMAE decoder, ``encoder``: padded encoder, ``image``:
+the image model from a generator, ``water``: the water model given its splits), under
+bf16 autocast, `torch._dynamo.explain` reports how many graphs the forward compiles to and
+why every break happened (with the innermost user frames). A forward meant to compile with
+``fullgraph=True`` shows 1 graph and 0 breaks. Exits 1 when any workload breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+
+WORKLOADS = ("decoder", "encoder", "image", "water")
+
+
+def build(what: str, dev: torch.device, small: bool) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """``(fn, args, kwargs)`` of one forward of workload ``what``."""
+    import crossmae as cm
+    from crossmae.decoders import CrossMAEDecoder
+    from crossmae.encoders import TransformerEncoder
+
+    if what == "decoder":
+        b, n, e, c, depth, heads = (256, 196, 768, 512, 8, 16) if not small else (2, 16, 32, 16, 2, 2)
+        ctx = torch.randn(b, 1 + n // 4, e, device=dev)
+        ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
+        dec = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
+        return dec, (ctx, ids), {}
+    if what == "encoder":
+        b, n, d = (8, 2048, 256) if not small else (2, 32, 32)
+        enc = TransformerEncoder(d, 2, 8 if not small else 2).to(dev)
+        lengths = torch.randint(n // 4, n + 1, (b,), device=dev)
+        pad = cm.lengths_to_padding_mask(lengths, n)
+        return enc, (torch.randn(b, n, d, device=dev), pad), {}
+    if what == "image":
+        from crossmae.models.factories import crossmae_vit_base
+
+        extra: dict[str, Any] = {}
+        b, size = 32, 224
+        if small:
+            b, size = 2, 32
+            extra = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                         decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=2)  # fmt: skip
+        model = crossmae_vit_base(
+            img_size=size, predict_ratio=0.25, use_weighted_fm=True, use_input=True, **extra
+        ).to(dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        return model, (torch.randn(b, 3, size, size, device=dev),), {"generator": g}
+    if what == "water":
+        from crossmae.models.water import water_mae_small
+
+        kw: dict[str, Any] = {}
+        b, t, hw, sites = 2, 30, (290, 180), 604
+        if small:
+            kw = dict(num_steps=3, image_size=(40, 30), num_land_patches=6, num_sites=12,
+                      group_size=4, embed_dim=32, num_heads=4, decoder_dim=16,
+                      decoder_num_heads=4, decoder_depth=1, raster_depth=1, series_depth=1)  # fmt: skip
+            b, t, hw, sites = 2, 3, (40, 30), 12
+        model = water_mae_small(**kw).to(dev)
+        inputs = {
+            k: torch.randn(b, t, *hw, device=dev)
+            for k in ("precipitation", "soil_moisture", "temperature")
+        }
+        inputs["evaporation"] = torch.randn(b, sites, t, device=dev)
+        flow = torch.randn(b, sites, t, device=dev)
+        flow[: b // 2] = float("nan")
+        inputs["river_flow"] = flow
+        static = torch.randn(b, sites, 11, device=dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        with torch.no_grad():
+            pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}
+        splits = model.make_splits(pads, generator=g)
+        return model, (inputs,), {"static": static, "splits": splits}
+    raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
+
+
+def explain(what: str, dev: torch.device, small: bool) -> tuple[str, int]:
+    """Markdown lines for one workload and its break count (-1: explain itself failed)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fn, args, kwargs = build(what, dev, small)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    try:
+        with amp:
+            e = torch._dynamo.explain(fn)(*args, **kwargs)
+    except Exception:
+        return f"### {what}\n\nexplain failed:\n\n```\n{traceback.format_exc(limit=8)}```\n", -1
+    lines = [f"### {what} ({dev.type})", "", f"graphs {e.graph_count}, breaks {e.graph_break_count}", ""]
+    for i, br in enumerate(e.break_reasons):
+        lines.append(f"{i + 1}. {str(br.reason)[:600]}")
+        for fr in list(br.user_stack)[-4:]:
+            lines.append(f"    - {fr.filename.split('crossmae/')[-1]}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`")
+    lines.append("")
+    return "\n".join(lines), e.graph_break_count
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="*", help="workloads: " + ", ".join(WORKLOADS) + " (default: all)")
+    ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
+    ap.add_argument("--out", default="", help="also write breaks.md here")
+    args = ap.parse_args(argv)
+    bad = [w for w in args.what if w not in WORKLOADS]
+    if bad:
+        ap.error(f"unknown workloads {bad}; choose from {WORKLOADS}")
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    parts, worst = [f"# Graph breaks, torch {torch.__version__}, {dev.type}\n"], 0
+    for what in args.what or WORKLOADS:
+        md, n = explain(what, dev, small=dev.type == "cpu")
+        print(md, flush=True)
+        parts.append(md)
+        worst = max(worst, 1 if n != 0 else 0)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "breaks.md"), "w") as f:
+            f.write("\n".join(parts))
+    return worst
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
