@@ -23,14 +23,18 @@ import torch
 WORKLOADS = ("decoder", "encoder", "image", "water")
 
 
-def build(what: str, dev: torch.device, small: bool) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+def build(
+    what: str, dev: torch.device, small: bool
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """``(fn, args, kwargs)`` of one forward of workload ``what``."""
     import crossmae as cm
     from crossmae.decoders import CrossMAEDecoder
     from crossmae.encoders import TransformerEncoder
 
     if what == "decoder":
-        b, n, e, c, depth, heads = (256, 196, 768, 512, 8, 16) if not small else (2, 16, 32, 16, 2, 2)
+        b, n, e, c, depth, heads = (
+            (256, 196, 768, 512, 8, 16) if not small else (2, 16, 32, 16, 2, 2)
+        )
         ctx = torch.randn(b, 1 + n // 4, e, device=dev)
         ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
         dec = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
@@ -94,18 +98,29 @@ def explain(what: str, dev: torch.device, small: bool) -> tuple[str, int]:
             e = torch._dynamo.explain(fn)(*args, **kwargs)
     except Exception:
         return f"### {what}\n\nexplain failed:\n\n```\n{traceback.format_exc(limit=8)}```\n", -1
-    lines = [f"### {what} ({dev.type})", "", f"graphs {e.graph_count}, breaks {e.graph_break_count}", ""]
+    lines = [
+        f"### {what} ({dev.type})",
+        "",
+        f"graphs {e.graph_count}, breaks {e.graph_break_count}",
+        "",
+    ]
     for i, br in enumerate(e.break_reasons):
         lines.append(f"{i + 1}. {str(br.reason)[:600]}")
         for fr in list(br.user_stack)[-4:]:
-            lines.append(f"    - {fr.filename.split('crossmae/')[-1]}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`")
+            lines.append(
+                f"    - {fr.filename.split('crossmae/')[-1]}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`"
+            )
     lines.append("")
     return "\n".join(lines), e.graph_break_count
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", help="workloads: " + ", ".join(WORKLOADS) + " (default: all)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "what", nargs="*", help="workloads: " + ", ".join(WORKLOADS) + " (default: all)"
+    )
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
     ap.add_argument("--out", default="", help="also write breaks.md here")
     args = ap.parse_args(argv)

@@ -131,12 +131,16 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
             cross = CrossMAEDecoder(enc_dim, dim, depth, heads, 768, num_tokens=n).to(dev)
             fcross = torch.compile(cross, mode=mode) if compiled else cross
 
+            # Gradients are dropped every step, as a training step's zero_grad does: a
+            # CUDA-graphed backward writes them into graph memory that the next replay reuses.
             def step_cross() -> None:
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(dev, dev.type == "cuda"):
                     out = fcross(ctx, ids_pred)
                 out.float().square().mean().backward()
+                cross.zero_grad(set_to_none=True)
+                ctx.grad = None
 
             def step_mae() -> None:
                 if mode == "reduce-overhead":
@@ -144,6 +148,8 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
                 with autocast(dev, dev.type == "cuda"):
                     out = fmae(ctx[:, 1:], ids_keep, ids_pred)
                 out.float().square().mean().backward()
+                mae.zero_grad(set_to_none=True)
+                ctx.grad = None
 
             t_c = bench(step_cross, dev)
             t_m = bench(step_mae, dev)
@@ -788,8 +794,13 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
     imgs = torch.randn(b, 3, size, size, device=dev)
     fused = dev.type == "cuda"
     wanted = [c for c in args_image_configs().split(",") if c]
-    for compiled in [False, True] if compile_ else [False]:
-        tag = "compiled" if compiled else "eager"
+    ref_modes = os.environ.get("CROSSMAE_BENCH_REF_MODES", "eager,compiled").split(",")
+    bad = [m for m in ref_modes if m not in ("eager", "compiled", "reduce-overhead")]
+    if bad:
+        raise ValueError(f"CROSSMAE_BENCH_REF_MODES: unknown {bad}")
+    for tag in ref_modes if compile_ else ["eager"]:
+        compiled = tag != "eager"
+        mode = "reduce-overhead" if tag == "reduce-overhead" else None
         for cfg in ref.IMAGE_CONFIGS:
             if wanted and not any(w in cfg.name for w in wanted):
                 continue
@@ -803,19 +814,27 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
                     model = ref.build_reference(modules, cfg)
                 model = model.to(dev)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-                fwd = torch.compile(model) if compiled else model
+                fwd = torch.compile(model, mode=mode) if compiled else model
                 if side == "crossmae":
-                    gen = torch.Generator(device=dev).manual_seed(0)
+                    # Masks from the global RNG, as the reference draws them (a generator=
+                    # argument is a graph break under torch.compile: dynamo cannot trace it).
 
                     def step() -> None:
                         with autocast(dev, True):
-                            out = fwd(imgs, generator=gen)
+                            out = fwd(imgs)
                         out.loss.backward()
                         opt.step()
                         opt.zero_grad(set_to_none=True)
 
                 else:
                     step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
+                if mode == "reduce-overhead":
+                    inner = step
+
+                    def step(inner: Callable[[], None] = inner) -> None:
+                        torch.compiler.cudagraph_mark_step_begin()
+                        inner()
+
                 with peak_memory(dev) as mem:
                     times[side] = bench(step, dev, warmup=4 if compiled else 3, iters=10)
                 record("reference", f"{tag} {cfg.name} {side}", ms=times[side], **mem)
