@@ -285,3 +285,21 @@ def test_capacity_under_autocast_keeps_the_padded_dtypes(kind: str) -> None:
     torch.testing.assert_close(
         out.tokens[real].float(), ref.tokens[real].float(), atol=0.1, rtol=0.05
     )
+
+
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_nan_in_a_real_token_stays_in_its_sample(kind: str) -> None:
+    """Batch independence on the packed route: a NaN in sample 0's real token reaches sample
+    0 only (outputs and input gradients), as on the padded path."""
+    enc = _encoder(kind, film=True)
+    x = torch.randn(3, 5, C, dtype=F64)
+    x[0, 1, 2] = float("nan")
+    x.requires_grad_(True)
+    cond = torch.randn(3, A, dtype=F64)
+    pad = cm.lengths_to_padding_mask(torch.tensor([3, 5, 2]), 5)
+    out = enc(x, pad, cond=cond, return_layers="all", capacity=12)
+    assert torch.isnan(out.tokens[0]).any()
+    assert out.tokens[1:].isfinite().all()
+    assert out.features is not None and out.features[:, 1:].isfinite().all()
+    out.tokens[1:].sum().backward()
+    assert x.grad is not None and x.grad[1:].isfinite().all()
