@@ -336,7 +336,7 @@ class PostNormTransformerEncoder(nn.Module):
                 bucket, e.g. the real total rounded up to 128), so projections and
                 feed-forwards cost ``t`` rows instead of ``b * n``; the result has the padded
                 layout, as without ``capacity``, with **0 in every padding slot** of
-                ``tokens`` and ``features``. Must be ``>=`` the batch's real tokens: a
+                ``tokens`` and ``features``. Must be at least the batch's real tokens: a
                 ``ValueError`` off-GPU, a device-side assertion on CUDA (no host sync). With
                 ``padding_mask=None`` the two layouts coincide and the plain path runs
                 (``capacity`` must still be ``>= b * n``). While training with attention

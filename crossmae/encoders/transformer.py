@@ -342,7 +342,7 @@ class TransformerEncoder(nn.Module):
                 e.g. the real total rounded up to 128), so projections and MLPs cost ``t``
                 rows instead of ``b * n``; the result has the padded layout, as without
                 ``capacity``, with **0 in every padding slot** of ``tokens`` and
-                ``features``. Must be ``>= `` the batch's real tokens: a ``ValueError``
+                ``features``. Must be at least the batch's real tokens: a ``ValueError``
                 off-GPU, a device-side assertion on CUDA (no host sync, so the call can be
                 compiled or captured in a CUDA graph). With ``padding_mask=None`` the packed
                 and padded layouts coincide and the plain path runs (``capacity`` must still
