@@ -63,8 +63,9 @@ def test_cpu_variant_prints_every_section(
         assert header in text
     speedups = [r["speedup_crossmae"] for r in rows if "speedup_crossmae" in r]
     assert len(speedups) == 2 and all(math.isfinite(s) and s > 0 for s in speedups)
-    ratios = [r[k] for r in rows for k in ("ratio_b_over_a", "ratio_c_over_a") if k in r]
-    assert len(ratios) == 2 and all(math.isfinite(x) and x > 0 for x in ratios)
+    keys = ("ratio_b_over_a", "ratio_c_over_a", "ratio_d_over_a")  # padded, packed, capacity
+    ratios = [r[k] for r in rows for k in keys if k in r]
+    assert len(ratios) == 3 and all(math.isfinite(x) and x > 0 for x in ratios)
     ops = [r for r in rows if r["section"] == "ops"]
     assert len(ops) == 3
     for r in ops:

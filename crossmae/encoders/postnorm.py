@@ -27,12 +27,18 @@ from .._checks import (
 from ..layers import backend
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
+from ..layers.packing import pack_tokens, unpack_tokens
 from .film import FiLMProjection
 from .transformer import (
     EncoderOutput,
     LayerSelection,
+    _check_capacity,
     _check_input_dtype,
+    _packed_row_index,
     _param_dtype,
+    _per_row,
+    _unpack_features,
+    _zero_padding,
     resolve_layer_indices,
 )
 
@@ -159,6 +165,55 @@ class PostNormBlock(nn.Module):
             x = torch.addcmul(beta[:, None], gamma[:, None], x)
         return x
 
+    def forward_packed(
+        self,
+        x: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        *,
+        gamma: Optional[Tensor] = None,
+        beta: Optional[Tensor] = None,
+        plan: Optional[backend.AttentionPlan] = None,
+    ) -> Tensor:
+        """The same layer over a packed layout (see `pack_tokens`).
+
+        Args:
+            x: float ``[t, c]`` packed rows (real tokens sample after sample, then slack).
+            cu_seqlens: int32 segment boundaries (`PackedTokens.cu_seqlens`): rows attend only
+                within their segment.
+            max_seqlen: an upper bound of the segment lengths (`PackedTokens.max_seqlen`).
+            gamma: optional float ``[t, c]`` FiLM scale, one row per packed row (with
+                ``beta``; e.g. the per-sample ``[b, c]`` looked up by segment).
+            beta: optional float ``[t, c]`` FiLM shift (with ``gamma``).
+            plan: the stack's packed-layout `AttentionPlan`, or None (decided per call).
+                Attention dropout is not applied on this path (see `Attention`).
+
+        Returns:
+            ``[t, c]``.
+        """
+        x = check_float_tensor("x", x, ndim=2)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x has width {x.shape[-1]} (shape {tuple(x.shape)}) but dim={self.dim}"
+            )
+        if (gamma is None) != (beta is None):
+            raise ValueError("gamma and beta must be given together (FiLM), got only one")
+        if gamma is not None and beta is not None:
+            for name, t in (("gamma", gamma), ("beta", beta)):
+                check_float_tensor(name, t, ndim=2)
+                if tuple(t.shape) != tuple(x.shape):
+                    raise ValueError(
+                        f"{name} must have shape [t, c] = {tuple(x.shape)} (one row per packed "
+                        f"row), got {tuple(t.shape)}"
+                    )
+        x = self.norm1(x + self.attn.forward_packed(x, cu_seqlens, max_seqlen, plan=plan))
+        if gamma is not None and beta is not None:
+            x = torch.addcmul(beta, gamma, x)
+        x = self.norm2(x + self.mlp(x))
+        if gamma is not None and beta is not None:
+            x = torch.addcmul(beta, gamma, x)
+        return x
+
 
 class PostNormTransformerEncoder(nn.Module):
     """Stack of `PostNormBlock` s plus a final norm: ``nn.TransformerEncoder`` style.
@@ -259,6 +314,7 @@ class PostNormTransformerEncoder(nn.Module):
         cond: Optional[Tensor] = None,
         return_layers: LayerSelection = None,
         include_input: bool = False,
+        capacity: Optional[int] = None,
     ) -> EncoderOutput:
         """Encode a padded token set.
 
@@ -275,11 +331,28 @@ class PostNormTransformerEncoder(nn.Module):
                 int, or ints; negatives allowed), or None.
             include_input: put the input tokens (after zeroing padding) first in
                 ``features``; needs ``return_layers``.
+            capacity: padded in, padded out at packed cost. A static int ``t >= 0``: the
+                layers run on the real tokens packed into ``t`` rows (`pack_tokens`: a
+                bucket, e.g. the real total rounded up to 128), so projections and
+                feed-forwards cost ``t`` rows instead of ``b * n``; the result has the padded
+                layout, as without ``capacity``, with **0 in every padding slot** of
+                ``tokens`` and ``features``. Must be at least the batch's real tokens: a
+                ``ValueError`` off-GPU, a device-side assertion on CUDA (no host sync). With
+                ``padding_mask=None`` the two layouts coincide and the plain path runs
+                (``capacity`` must still be ``>= b * n``). While training with attention
+                dropout (``attn_drop > 0``; no packed kernel applies it) the padded path
+                runs instead, at padded cost, with the same result layout. None (default):
+                the padded path.
 
         Returns:
             `EncoderOutput` ``(tokens [b, n, c] after the final norm, padding_mask [b, n] |
             None as given, features [k, b, n, c] | None)``; features are the raw layer
             outputs, or passed through the final norm with ``norm_features=True``.
+
+        Raises:
+            TypeError: ``capacity`` not an int (``bool`` included), or the other arguments'
+                types as above.
+            ValueError: ``capacity`` negative or smaller than the real tokens (off-GPU).
         """
         x = check_float_tensor("tokens", tokens, ndim=3)
         if x.shape[-1] != self.dim:
@@ -307,16 +380,33 @@ class PostNormTransformerEncoder(nn.Module):
         if include_input and return_layers is None:
             raise ValueError("include_input=True needs return_layers")
         taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
-        if pad is not None:
-            x = x.masked_fill(pad[..., None], 0.0)
+        cap = _check_capacity(capacity, x, pad)
         tap_dtype: Optional[torch.dtype] = None
         if taps and torch.is_autocast_enabled(x.device.type):
             tap_dtype = torch.get_autocast_dtype(x.device.type)
+        if cap is not None and pad is not None:
+            if self._packed_exact():
+                return self._forward_capacity(x, pad, cap, cond, taps, include_input, tap_dtype)
+            out = self._forward_padded(x, pad, cond, taps, include_input, tap_dtype)
+            return _zero_padding(out, pad)
+        return self._forward_padded(x, pad, cond, taps, include_input, tap_dtype)
 
-        def tap(t: Tensor) -> Tensor:
-            t = self.norm(t) if self.norm_features else t
-            return t if tap_dtype is None else t.to(tap_dtype)
+    def _tap(self, t: Tensor, tap_dtype: Optional[torch.dtype]) -> Tensor:
+        t = self.norm(t) if self.norm_features else t
+        return t if tap_dtype is None else t.to(tap_dtype)
 
+    def _forward_padded(
+        self,
+        x: Tensor,
+        pad: Optional[Tensor],
+        cond: Optional[Tensor],
+        taps: set[int],
+        include_input: bool,
+        tap_dtype: Optional[torch.dtype],
+    ) -> EncoderOutput:
+        """The layers over the padded layout (inputs checked by `forward`)."""
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)
         plan, perm, block_pad = backend.AttentionPlan("sdpa"), None, pad
         if len(self.blocks):
             attn = cast(PostNormBlock, self.blocks[0]).attn
@@ -327,7 +417,7 @@ class PostNormTransformerEncoder(nn.Module):
         if pad is not None and plan.reorder:  # packed kernel: padding to the end, once
             x, block_pad, perm = backend.trailing_order(x, pad)
             plan = plan.reordered()
-        feats: list[Tensor] = [tap(x)] if include_input else []
+        feats: list[Tensor] = [self._tap(x, tap_dtype)] if include_input else []
         for i, blk in enumerate(self.blocks):
             if self.films is not None and cond is not None:
                 gamma, beta = self.films[i](cond)
@@ -335,8 +425,50 @@ class PostNormTransformerEncoder(nn.Module):
             else:
                 x = blk(x, block_pad, plan=plan)
             if i in taps:
-                feats.append(tap(x))
+                feats.append(self._tap(x, tap_dtype))
         features = torch.stack(feats, dim=0) if feats else None
         if perm is not None:
             x, features = backend.restore_order(perm, x, features)
         return EncoderOutput(self.norm(x), pad, features)
+
+    def _packed_exact(self) -> bool:
+        """Whether the packed route computes what the padded one does in this mode: not while
+        training with attention dropout (no packed kernel applies it)."""
+        if not self.training:
+            return True
+        return all(cast(PostNormBlock, blk).attn.attn_drop == 0 for blk in self.blocks)
+
+    def _forward_capacity(
+        self,
+        x: Tensor,
+        pad: Tensor,
+        capacity: int,
+        cond: Optional[Tensor],
+        taps: set[int],
+        include_input: bool,
+        tap_dtype: Optional[torch.dtype],
+    ) -> EncoderOutput:
+        """``forward(..., capacity=)``: pack, run the layers on the rows, unpack."""
+        b = x.shape[0]
+        packed = pack_tokens(x, pad, capacity)
+        rows = packed.tokens
+        index = _packed_row_index(packed, b) if self.films is not None else None
+        plan = backend.AttentionPlan("dense")
+        if len(self.blocks):
+            attn = cast(PostNormBlock, self.blocks[0]).attn
+            plan = backend.plan_for(rows, attn.head_dim, layout="packed", fused=attn.fused_attn)
+        feats: list[Tensor] = [self._tap(rows, tap_dtype)] if include_input else []
+        for i, blk in enumerate(self.blocks):
+            block = cast(PostNormBlock, blk)
+            cu, longest = packed.cu_seqlens, packed.max_seqlen
+            if self.films is not None and cond is not None and index is not None:
+                gamma, beta = self.films[i](cond)
+                g, s = _per_row(gamma, index, b, capacity), _per_row(beta, index, b, capacity)
+                rows = block.forward_packed(rows, cu, longest, gamma=g, beta=s, plan=plan)
+            else:
+                rows = block.forward_packed(rows, cu, longest, plan=plan)
+            if i in taps:
+                feats.append(self._tap(rows, tap_dtype))
+        features = torch.stack(feats, dim=0) if feats else None
+        tokens = unpack_tokens(self.norm(rows), packed, b)
+        return EncoderOutput(tokens, pad, _unpack_features(features, packed, b))

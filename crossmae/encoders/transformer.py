@@ -24,8 +24,8 @@ from .._checks import (
 from ..layers import backend
 from ..layers.attention import warn_trailing
 from ..layers.blocks import Block
-from ..layers.drop import drop_path_schedule
-from ..layers.packing import PackedTokens, packed_segment_ids
+from ..layers.drop import DropPath, drop_path_schedule
+from ..layers.packing import PackedTokens, pack_tokens, packed_segment_ids, unpack_tokens
 
 __all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
 
@@ -108,6 +108,74 @@ def _check_input_dtype(name: str, x: Tensor, dtype: Optional[torch.dtype], owner
     )
 
 
+def _check_capacity(
+    capacity: object, tokens: Tensor, padding_mask: Optional[Tensor]
+) -> Optional[int]:
+    """Validate an encoder's ``capacity=`` (rows of the packed layout, see `pack_tokens`).
+
+    A static Python int ``>= 0`` (``bool`` is refused) or None. Without a padding mask every
+    one of the ``b * n`` slots is a real token, so the check against the real count is free
+    (static shapes) and done here; with a mask, `pack_tokens` checks it (a ``ValueError``
+    off-GPU, a device-side assertion on CUDA).
+    """
+    if capacity is None:
+        return None
+    cap = check_int("capacity", capacity, minimum=0)
+    if padding_mask is None:
+        real = tokens.shape[0] * tokens.shape[1]
+        if cap < real:
+            raise ValueError(
+                f"capacity={cap} is smaller than the {real} real tokens of tokens "
+                f"{tuple(tokens.shape)} (no padding_mask: every slot is real)"
+            )
+    return cap
+
+
+def _packed_row_index(packed: PackedTokens, batch_size: int) -> Tensor:
+    """The sample of every packed row, int64 ``[t]``, clamped to ``batch_size - 1`` (slack
+    rows borrow the last sample's index: their values are meaningless); for per-sample
+    lookups ``values[b, ...] -> values[index]``."""
+    return packed_segment_ids(packed).clamp(max=max(batch_size - 1, 0))
+
+
+def _per_row(values: Tensor, index: Tensor, batch_size: int, rows: int) -> Tensor:
+    """Per-sample ``values [b, ...]`` looked up for every packed row: ``[t, ...]`` (zeros
+    for an empty batch, where there is no sample to look up)."""
+    if batch_size == 0:
+        return values.new_zeros(rows, *values.shape[1:])
+    return values[index]
+
+
+def _unpack_features(
+    features: Optional[Tensor], packed: PackedTokens, batch_size: int
+) -> Optional[Tensor]:
+    """Stacked packed feature maps ``[k, t, c]`` back to ``[k, b, n, c]`` (padding slots 0),
+    contiguous, in one ``index_copy`` (the `unpack_tokens` of a stack)."""
+    if features is None:
+        return None
+    k, t = features.shape[:2]
+    bn = batch_size * packed.num_tokens
+    rest = features.shape[2:]
+    # map j's row r to slot j * bn + source_index[r]; slack rows to one scratch slot at the end
+    offsets = torch.arange(k, device=features.device) * bn
+    index = (offsets[:, None] + packed.source_index[None, :]).masked_fill(
+        packed.row_padding_mask[None, :], k * bn
+    )
+    out = features.new_zeros(k * bn + 1, *rest)
+    out = out.index_copy(0, index.reshape(k * t), features.reshape(k * t, *rest))
+    return out[: k * bn].view(k, batch_size, packed.num_tokens, *rest)
+
+
+def _zero_padding(out: EncoderOutput, pad: Tensor) -> EncoderOutput:
+    """``out`` with 0 in every padding slot of ``tokens [b, n, c]`` and ``features
+    [k, b, n, c]`` (what the packed route returns there)."""
+    tokens = out.tokens.masked_fill(pad[..., None], 0.0)
+    features = out.features
+    if features is not None:
+        features = features.masked_fill(pad[None, ..., None], 0.0)
+    return EncoderOutput(tokens, out.padding_mask, features)
+
+
 class FiLM(nn.Module):
     """Feature-wise linear modulation: ``x * (1 + scale(cond)) + shift(cond)``.
 
@@ -187,8 +255,9 @@ class TransformerEncoder(nn.Module):
 
     Shapes:
         ``forward(tokens [b, n, c], padding_mask [b, n] | None, *, cond [b, a] | None,
-        return_layers=None | "all" | int | ints, include_input=False) -> EncoderOutput``
-        (``padding_is_trailing`` is deprecated and ignored: the attention backend decides
+        return_layers=None | "all" | int | ints, include_input=False, capacity=None | int)
+        -> EncoderOutput`` (``capacity``: run the blocks on the real tokens packed into that
+        many rows, padded layout in and out; ``padding_is_trailing`` is deprecated and ignored: the attention backend decides
         the layout once per forward, see `crossmae.layers.backend`).
         ``padding_mask`` True = padding: padded tokens never act as keys, their outputs are
         finite and meaningless, and samples with no real token produce finite outputs.
@@ -250,6 +319,7 @@ class TransformerEncoder(nn.Module):
         return_layers: LayerSelection = None,
         include_input: bool = False,
         padding_is_trailing: Optional[bool] = None,
+        capacity: Optional[int] = None,
     ) -> EncoderOutput:
         """Encode a padded token set with the `Block` stack.
 
@@ -267,12 +337,30 @@ class TransformerEncoder(nn.Module):
                 ``return_layers``.
             padding_is_trailing: deprecated, ignored; FutureWarning (the attention backend
                 decides the layout once per forward, see `crossmae.layers.backend`).
+            capacity: padded in, padded out at packed cost. A static int ``t >= 0``: the
+                blocks run on the real tokens packed into ``t`` rows (`pack_tokens`: a bucket,
+                e.g. the real total rounded up to 128), so projections and MLPs cost ``t``
+                rows instead of ``b * n``; the result has the padded layout, as without
+                ``capacity``, with **0 in every padding slot** of ``tokens`` and
+                ``features``. Must be at least the batch's real tokens: a ``ValueError``
+                off-GPU, a device-side assertion on CUDA (no host sync, so the call can be
+                compiled or captured in a CUDA graph). With ``padding_mask=None`` the packed
+                and padded layouts coincide and the plain path runs (``capacity`` must still
+                be ``>= b * n``). While training with attention dropout or stochastic depth
+                (no packed kernel applies attention dropout; stochastic depth is per sample)
+                the padded path runs instead, at padded cost, with the same result layout.
+                None (default): the padded path.
 
         Returns:
             `EncoderOutput`: ``tokens [b, n, c]`` (after the final norm if enabled),
             ``padding_mask [b, n]`` (True = padding, passed through) and ``features
             [k, b, n, c]`` (raw block outputs of the selected layers, in block order, the
             input first with ``include_input``; in the autocast dtype under autocast) or None.
+
+        Raises:
+            TypeError: ``capacity`` not an int (``bool`` included), or the other arguments'
+                types as above.
+            ValueError: ``capacity`` negative or smaller than the real tokens (off-GPU).
         """
         if padding_is_trailing is not None:
             warn_trailing("padding_is_trailing", padding_is_trailing)
@@ -296,6 +384,29 @@ class TransformerEncoder(nn.Module):
         if include_input and return_layers is None:
             raise ValueError("include_input=True needs return_layers")
         taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
+        cap = _check_capacity(capacity, x, pad)
+        # Feature taps are consumed by a matmul (WeightedFeatureMaps): under autocast keep them
+        # in the autocast dtype, which halves the traffic of stacking them.
+        tap_dtype: Optional[torch.dtype] = None
+        if taps and torch.is_autocast_enabled(x.device.type):
+            tap_dtype = torch.get_autocast_dtype(x.device.type)
+        if cap is not None and pad is not None:
+            if self._packed_exact():
+                return self._forward_capacity(x, pad, cap, cond, taps, include_input, tap_dtype)
+            out = self._forward_padded(x, pad, cond, taps, include_input, tap_dtype)
+            return _zero_padding(out, pad)
+        return self._forward_padded(x, pad, cond, taps, include_input, tap_dtype)
+
+    def _forward_padded(
+        self,
+        x: Tensor,
+        pad: Optional[Tensor],
+        cond: Optional[Tensor],
+        taps: set[int],
+        include_input: bool,
+        tap_dtype: Optional[torch.dtype],
+    ) -> EncoderOutput:
+        """The blocks over the padded layout (inputs checked by `forward`)."""
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
         plan = self._plan(x, pad, "padded")
@@ -306,11 +417,6 @@ class TransformerEncoder(nn.Module):
             # (attention is permutation-equivariant), not in every layer.
             x, block_pad, perm = backend.trailing_order(x, pad)
             plan = plan.reordered()
-        # Feature taps are consumed by a matmul (WeightedFeatureMaps): under autocast keep them
-        # in the autocast dtype, which halves the traffic of stacking them.
-        tap_dtype: Optional[torch.dtype] = None
-        if taps and torch.is_autocast_enabled(x.device.type):
-            tap_dtype = torch.get_autocast_dtype(x.device.type)
 
         def tap(t: Tensor) -> Tensor:
             return t if tap_dtype is None else t.to(tap_dtype)
@@ -326,6 +432,68 @@ class TransformerEncoder(nn.Module):
         if perm is not None:
             x, features = backend.restore_order(perm, x, features)
         return EncoderOutput(self.norm(x), pad, features)
+
+    def _packed_exact(self) -> bool:
+        """Whether the packed route computes what the padded one does in this mode: not while
+        training with attention dropout (no packed kernel applies it) or stochastic depth
+        (per sample on the padded layout, per row on packed rows)."""
+        if not self.training:
+            return True
+        for blk in self.blocks:
+            b = cast(Block, blk)
+            if b.attn.attn_drop > 0:
+                return False
+            for dp in (b.drop_path1, b.drop_path2):
+                if isinstance(dp, DropPath) and dp.drop_prob > 0:
+                    return False
+        return True
+
+    def _forward_capacity(
+        self,
+        x: Tensor,
+        pad: Tensor,
+        capacity: int,
+        cond: Optional[Tensor],
+        taps: set[int],
+        include_input: bool,
+        tap_dtype: Optional[torch.dtype],
+    ) -> EncoderOutput:
+        """``forward(..., capacity=)``: pack, run the blocks on the rows, unpack."""
+        b = x.shape[0]
+        packed = pack_tokens(x, pad, capacity)
+        row_cond: Optional[Tensor] = None
+        if cond is not None and self.films is not None:
+            index = _packed_row_index(packed, b)
+            row_cond = _per_row(cond, index, b, capacity)
+        rows, features = self._run_packed(packed, row_cond, taps, include_input, tap_dtype)
+        tokens = unpack_tokens(rows, packed, b)
+        return EncoderOutput(tokens, pad, _unpack_features(features, packed, b))
+
+    def _run_packed(
+        self,
+        packed: PackedTokens,
+        row_cond: Optional[Tensor],
+        taps: set[int],
+        include_input: bool,
+        tap_dtype: Optional[torch.dtype],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """The blocks over packed rows: ``(tokens [t, c] after the final norm, features
+        [k, t, c] or None)``; ``row_cond [t, a]`` is FiLM's per-row conditioning."""
+        x = packed.tokens
+
+        def tap(t: Tensor) -> Tensor:
+            return t if tap_dtype is None else t.to(tap_dtype)
+
+        feats: list[Tensor] = [tap(x)] if include_input else []
+        plan = self._plan(x, None, "packed")
+        for i, blk in enumerate(self.blocks):
+            x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen, plan=plan)
+            if self.films is not None and row_cond is not None:
+                x = self.films[i](x, row_cond)
+            if i in taps:
+                feats.append(tap(x))
+        features = torch.stack(feats, dim=0) if feats else None
+        return self.norm(x), features
 
     def _plan(self, x: Tensor, pad: Optional[Tensor], layout: str) -> backend.AttentionPlan:
         """The attention plan of this forward (decided once for every block)."""
@@ -375,20 +543,11 @@ class TransformerEncoder(nn.Module):
                     f"got {tuple(c.shape)}"
                 )
             c = c.to(cast(FiLM, self.films[0]).proj.weight.dtype) if len(self.films) else c
-            seg = packed_segment_ids(packed).clamp(max=max(b - 1, 0))
-            row_cond = c[seg] if b > 0 else c.new_zeros(x.shape[0], c.shape[1])
+            row_cond = _per_row(c, _packed_row_index(packed, b), b, t)
         elif cond is not None:
             raise ValueError("cond was given but the encoder was built without cond_dim")
         if include_input and return_layers is None:
             raise ValueError("include_input=True needs return_layers")
         taps = set(resolve_layer_indices(return_layers, self.depth, "return_layers"))
-        feats: list[Tensor] = [x] if include_input else []
-        plan = self._plan(x, None, "packed")
-        for i, blk in enumerate(self.blocks):
-            x = cast(Block, blk).forward_packed(x, packed.cu_seqlens, packed.max_seqlen, plan=plan)
-            if self.films is not None and row_cond is not None:
-                x = self.films[i](x, row_cond)
-            if i in taps:
-                feats.append(x)
-        features = torch.stack(feats, dim=0) if feats else None
-        return EncoderOutput(self.norm(x), packed.row_padding_mask, features)
+        rows, features = self._run_packed(packed, row_cond, taps, include_input, None)
+        return EncoderOutput(rows, packed.row_padding_mask, features)

@@ -234,8 +234,8 @@ def packed_attention(
         ``[t, h, d]``: every row attends to the rows of its own segment only. On CUDA in half
         precision this is ``torch.nn.attention.varlen`` (no mask, no padding), else
         ``flex_attention`` with a block-diagonal block mask (both chosen as in
-        `set_padded_attention_kernel`); elsewhere a block-diagonal boolean mask over the
-        ``t`` rows (fine for CPU-sized ``t``).
+        `set_padded_attention_kernel`); elsewhere each segment attends through a zero-padded
+        ``[s, L]`` layout with a key padding mask (rows of different segments never meet).
 
     Raises:
         TypeError: non-tensor or non-float ``q``/``k``/``v``, mixed dtypes, non-integer
@@ -269,17 +269,44 @@ def _packed_attend(
             return fn(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
     if kernel == "flex":
         return flex_packed(q, k, v, cu_seqlens)
-    # Block-diagonal [t, t] mask: only where neither packed kernel exists (off-CUDA).
-    t = q.shape[0]
-    rows = torch.arange(t, device=q.device, dtype=cu_seqlens.dtype)
-    seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
-    attend = (seg[:, None] == seg[None, :])[None, None]  # [1 1 t t], True = attend
-    qh, kh, vh = (rearrange(a, "t h d -> 1 h t d") for a in (q, k, v))
-    if kernel == "manual":
-        out = _manual_attention(qh, kh, vh, attend, 0.0)
+    return _segment_attend(q, k, v, cu_seqlens, max_seqlen, fused=kernel != "manual")
+
+
+def _segment_attend(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, fused: bool
+) -> Tensor:
+    """Packed attention through the padded layout, where neither packed kernel exists
+    (off-CUDA, or head dims they refuse): segment ``i``'s rows go to slots ``[i, 0..len)``
+    of a zero ``[s, L]`` layout (``s`` segments, ``L`` their longest length), attend there
+    with a key padding mask (`_attend`) and come back. Rows of different segments never
+    meet, not even as a 0 weight times a value, so a NaN in one sample stays in it (one
+    block-diagonal ``[t, t]`` softmax would spread it: ``0 · NaN``), and the cost is the
+    padded layout's ``O(s · L²)``, not ``O(t²)``."""
+    t, h = q.shape[:2]
+    s = cu_seqlens.shape[0] - 1
+    if t == 0 or s == 0:
+        return q.new_zeros(t, h, v.shape[-1])
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]  # [s]
+    longest = max(max_seqlen, 1)
+    if not q.is_cuda and not torch.compiler.is_compiling():
+        longest = max(int(lengths.max()), 1)  # free off-GPU: the exact bound, not the given one
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attend)
-    return rearrange(out, "1 h t d -> t h d")
+        torch._assert_async(
+            lengths.max() <= longest, "packed attention: a segment is longer than max_seqlen"
+        )
+    rows = torch.arange(t, device=q.device)
+    seg = torch.searchsorted(cu[1:], rows, right=True)  # segment of every row
+    slot = seg * longest + (rows - cu[seg])  # its place in the [s, L] layout (unique)
+    key_pad = torch.arange(longest, device=q.device)[None, :] >= lengths[:, None]  # [s L]
+
+    def padded(a: Tensor) -> Tensor:
+        out = a.new_zeros(s * longest, *a.shape[1:]).index_copy(0, slot, a)
+        return rearrange(out, "(s l) h d -> s h l d", s=s)
+
+    plan = backend.AttentionPlan("sdpa_mask" if fused else "manual")
+    out = _attend(padded(q), padded(k), padded(v), key_pad, dropout_p=0.0, fused=fused, plan=plan)
+    return rearrange(out, "s h l d -> (s l) h d")[slot]
 
 
 def _check_same_dtype(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -11,8 +11,9 @@ Every attention call of crossmae runs one of these kernels (`AttentionPlan.kerne
   it needs padding at the end of every row, so a stack planned for it reorders its tokens
   once (`AttentionPlan.reorder`) and tells its blocks (`AttentionPlan.trailing`);
 * ``"flex"``: ``flex_attention`` with a block-sparse mask built from the padding (CUDA);
-* ``"dense"``: packed rows only, SDPA with a block-diagonal ``[t, t]`` mask: off-CUDA only,
-  where neither packed kernel exists;
+* ``"dense"``: packed rows only, where neither packed kernel serves (off-CUDA): every
+  segment attends through a zero-padded ``[segments, longest]`` layout with SDPA and a key
+  mask (no ``[t, t]`` mask; rows of different segments never meet);
 * ``"manual"``: the explicit softmax path (``fused_attn=False``; float64 gradcheck).
 
 `decide` is the pure policy (device type, dtype, head dim, padding, layout, dropout and the

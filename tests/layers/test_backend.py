@@ -272,6 +272,37 @@ def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str)
     torch.testing.assert_close(tokens[~pad], ref.tokens[~pad], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["pre", "post"])
+@pytest.mark.parametrize("route", ["dense", "varlen", "flex"])
+def test_capacity_encoder_paths_agree(
+    monkeypatch: pytest.MonkeyPatch, route: str, kind: str
+) -> None:
+    """``forward(x, pad, capacity=)`` on each packed kernel route equals the padded forward on
+    real slots (tokens and feature taps), with NaN stored in padding and 0 returned there."""
+    g = generator(5)
+    torch.manual_seed(0)
+    enc: torch.nn.Module
+    if kind == "pre":
+        enc = TransformerEncoder(32, 2, 2).eval()
+    else:
+        enc = cm.PostNormTransformerEncoder(32, 2, 2, cond_dim=3).eval()
+    cond = {"cond": torch.randn(3, 3, generator=g)} if kind == "post" else {}
+    x = torch.randn(3, 7, 32, generator=g)
+    pad = torch.tensor([[False] * 7, [True, False, True, False, False, True, True], [True] * 7])
+    x = x.masked_fill(pad[..., None], float("nan"))
+    with torch.no_grad():
+        ref = enc(x, pad, return_layers="all", include_input=True, **cond)
+        calls = _force(monkeypatch, route)
+        out = enc(x, pad, return_layers="all", include_input=True, capacity=16, **cond)
+    if route != "dense":
+        assert calls, f"the {route} route was not taken"
+    real = ~pad
+    torch.testing.assert_close(out.tokens[real], ref.tokens[real], atol=1e-5, rtol=1e-5)
+    assert out.features is not None and ref.features is not None
+    torch.testing.assert_close(out.features[:, real], ref.features[:, real], atol=1e-5, rtol=1e-5)
+    assert (out.tokens[pad] == 0).all() and (out.features[:, pad] == 0).all()
+
+
 def test_stack_decides_once_and_reorders_only_for_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     """One plan per stack forward; the token reordering happens only when the plan asks."""
     decisions: list[AttentionPlan] = []

@@ -106,3 +106,29 @@ def test_packed_encoder_gradients_finite_and_compile() -> None:
     compiled = torch.compile(enc.forward_packed, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(packed).tokens, enc.forward_packed(packed).tokens)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_attention_keeps_a_nan_in_its_segment(fused: bool) -> None:
+    """Off-CUDA packed attention never lets rows of different segments meet (a single
+    block-diagonal softmax would: a 0 weight times a NaN value is NaN), in the forward and
+    in the gradients; it equals attention segment by segment."""
+    g = generator(9)
+    lengths = [3, 0, 4, 2]
+    t, h, d = sum(lengths) + 3, 2, 4  # 3 slack rows: one more segment
+    cu = torch.tensor([0, 3, 3, 7, 9, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(t, h, d, generator=g, dtype=torch.float64) for _ in range(3))
+    v = v.clone()
+    v[1, 0, 0] = float("nan")  # a real NaN in segment 0
+    q.requires_grad_(True)
+    out = cm.packed_attention(q, k, v, cu, 4, fused=fused)
+    assert torch.isnan(out[:3]).any() and out[3:].isfinite().all()
+    out[3:].sum().backward()
+    assert q.grad is not None and q.grad[3:].isfinite().all()  # other segments: finite
+    with torch.no_grad():
+        for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if hi == lo or lo == 0:
+                continue
+            seg = [a[lo:hi].transpose(0, 1) for a in (q, k, v)]  # [h, l, d]
+            ref = torch.softmax(seg[0] @ seg[1].transpose(-1, -2) * d**-0.5, -1) @ seg[2]
+            torch.testing.assert_close(out[lo:hi], ref.transpose(0, 1))

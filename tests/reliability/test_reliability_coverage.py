@@ -1204,6 +1204,45 @@ def _postnorm_cases() -> list[Case]:
         ),
         Case(
             "PostNormTransformerEncoder.forward",
+            "capacity=True",
+            lambda: run_enc(capacity=True),
+            Raises(("capacity",), ("True",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "capacity=-1",
+            lambda: run_enc(capacity=-1),
+            Raises(("capacity",), ("-1",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "capacity a float",
+            lambda: run_enc(capacity=8.0),
+            Raises(("capacity",), ("8.0",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "capacity smaller than the real tokens",
+            lambda: run_enc(capacity=7),
+            Raises(("capacity",), ("7",)),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "capacity with NaN/inf in padded slots",
+            lambda: run_enc(nan_pad, capacity=8),
+            Returns(
+                "equals the padded forward on real slots, 0 in padding",
+                same_as(lambda: run_enc().masked_fill(pad[..., None], 0.0), atol=1e-6, rtol=1e-6),
+            ),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
+            "capacity, a sample whose tokens are all padding",
+            lambda: run_enc(m=all_pad, capacity=5),
+            Returns("finite"),
+        ),
+        Case(
+            "PostNormTransformerEncoder.forward",
             "non-contiguous tokens",
             lambda: run_enc(nc(x)),
             Returns("same as contiguous", same_as(lambda: run_enc())),

@@ -51,6 +51,14 @@ def _assert(cond: bool, msg: str) -> None:
     assert cond, msg
 
 
+def _zeroed(out: cm.EncoderOutput, pad: Tensor) -> cm.EncoderOutput:
+    """``out`` with padding slots set to 0 (what ``capacity=`` returns there)."""
+    feats = out.features
+    if feats is not None:
+        feats = feats.masked_fill(pad[None, ..., None], 0.0)
+    return cm.EncoderOutput(out.tokens.masked_fill(pad[..., None], 0.0), out.padding_mask, feats)
+
+
 def with_value(t: Tensor, index: tuple[Any, ...], value: float) -> Tensor:
     out = t.clone()
     out[index] = value
@@ -239,6 +247,71 @@ def _encoder_cases() -> list[Case]:
             Returns(
                 "works, bfloat16 tokens", lambda r: _assert(r.dtype == torch.bfloat16, str(r.dtype))
             ),
+        ),
+        Case(
+            E,
+            "capacity=True",
+            lambda: enc()(tok(), pm, cond=cond(), capacity=True),
+            Raises(("capacity",), ("True",)),
+        ),
+        Case(
+            E,
+            "capacity=-1",
+            lambda: enc()(tok(), pm, cond=cond(), capacity=-1),
+            Raises(("capacity",), ("-1",)),
+        ),
+        Case(
+            E,
+            "capacity a float",
+            lambda: enc()(tok(), pm, cond=cond(), capacity=8.0),
+            Raises(("capacity",), ("8.0",)),
+        ),
+        Case(
+            E,
+            "capacity smaller than the real tokens",
+            lambda: enc()(tok(), pm, cond=cond(), capacity=5),
+            Raises(("capacity",), ("5",)),
+        ),
+        Case(
+            E,
+            "capacity without padding_mask, below b*n",
+            lambda: enc()(tok(), cond=cond(), capacity=7),
+            Raises(("capacity",), ("7",)),
+        ),
+        Case(
+            E,
+            "capacity with NaN/inf in padded slots",
+            lambda: enc()(
+                with_value(with_value(tok(), (1, 3, 0), float("nan")), (1, 2, 1), float("inf")),
+                pm,
+                cond=cond(),
+                return_layers="all",
+                capacity=8,
+            ),
+            Returns(
+                "equals the padded forward on real slots, 0 in padding",
+                same_as(
+                    lambda: _zeroed(enc()(tok(), pm, cond=cond(), return_layers="all"), pm),
+                    atol=1e-6,
+                    rtol=1e-6,
+                ),
+            ),
+        ),
+        Case(
+            E,
+            "capacity, a sample whose tokens are all padding",
+            lambda: enc()(tok(), pad_mask([4, 0], 4), cond=cond(), return_layers="all", capacity=4),
+            Returns("finite tokens and features"),
+        ),
+        Case(
+            E,
+            "capacity, NaN in a real token of sample 0",
+            lambda: (
+                enc()(
+                    with_value(tok(), (0, 0, 0), float("nan")), pm, cond=cond(), capacity=6
+                ).tokens
+            ),
+            Returns("NaN propagates to sample 0 only", nan_in_sample_only(0), finite=False),
         ),
         Case(E, "depth=-1", lambda: cm.TransformerEncoder(8, -1, 2), Raises(("depth",), ("-1",))),
         Case(
