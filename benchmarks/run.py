@@ -281,7 +281,7 @@ def water_batches(small: bool) -> list[tuple[int, bool]]:
     return [(8, False), (8, True)] + ([] if small else [(16, False), (16, True)])
 
 
-def regional_compile(model: torch.nn.Module) -> int:
+def regional_compile(model: torch.nn.Module, backend: str = "inductor") -> int:
     """Compile every transformer block of ``model`` in place (``Module.compile``), the
     regional alternative to compiling the whole model: identical blocks share one compiled
     graph, so compile time follows the number of distinct block shapes. Returns the count."""
@@ -291,7 +291,7 @@ def regional_compile(model: torch.nn.Module) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, (Block, CrossAttentionBlock, PostNormBlock)):
-            mod.compile()
+            mod.compile(backend=backend)
             n += 1
     return n
 
@@ -319,7 +319,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     if compile_ and "regional" in modes:
         regional = water_mae_small(**kw).to(dev)
         regional.load_state_dict(model.state_dict())
-        log(f"regional compile: {regional_compile(regional)} blocks")
+        log(f"regional compile: {regional_compile(regional, backend)} blocks")
         opt_r = torch.optim.AdamW(regional.parameters(), lr=1e-4, fused=dev.type == "cuda")
     for b, half_missing in water_batches(small):
         g = torch.Generator(device=dev).manual_seed(0)

@@ -93,14 +93,15 @@ def test_water_rows_eager_and_compiled(
     counted on the device."""
     bench = quick_bench
     monkeypatch.setenv("CROSSMAE_BENCH_BACKEND", "eager")
+    monkeypatch.setenv("CROSSMAE_BENCH_WATER_MODES", "eager,compiled,regional")
+    monkeypatch.setenv("CROSSMAE_BENCH_WATER_BATCHES", "8:0,8:1")
     bench.section_water(torch.device("cpu"), True, compile_=True)
     rows = bench.ROWS
     names = [r["name"] for r in rows]
     assert names == [
-        "eager batch=8 half_missing_river_flow=False",
-        "compiled batch=8 half_missing_river_flow=False",
-        "eager batch=8 half_missing_river_flow=True",
-        "compiled batch=8 half_missing_river_flow=True",
+        f"{mode} batch=8 half_missing_river_flow={half}"
+        for half in (False, True)
+        for mode in ("eager", "compiled", "regional-compiled")
     ]
     for r in rows:
         assert r["nonfinite_steps"] == 0 and r["ms"] > 0 and r["samples_per_s"] > 0, r
