@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .packing import segment_index
+
 __all__: list[str] = []
 
 BLOCK = 128  # flex_attention's default block size (query and key)
@@ -159,7 +161,7 @@ def segment_block_mask(cu_seqlens: Tensor, t: int) -> Any:
     blocks = -(-t // BLOCK)
     rows = torch.arange(blocks * BLOCK, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     # segment of every row; the tail past t gets an id of its own (no real row matches it)
-    seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    seg = segment_index(cu_seqlens, blocks * BLOCK).to(rows.dtype)
     seg_blocks = seg.view(blocks, BLOCK)
     first, last = seg_blocks[:, 0], seg_blocks[:, -1]  # segments are ascending in a block
     bounds = F.pad(cu_seqlens, (0, 1), value=blocks * BLOCK)  # segment s: [bounds[s], bounds[s+1])

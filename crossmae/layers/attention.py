@@ -43,6 +43,7 @@ from .._config import padded_attention_kernel, use_fused_attn
 from . import _varlen, backend
 from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
+from .packing import segment_index
 
 __all__ = ["Attention", "CrossAttention", "packed_attention", "padded_attention"]
 
@@ -296,7 +297,7 @@ def _segment_attend(
             lengths.max() <= longest, "packed attention: a segment is longer than max_seqlen"
         )
     rows = torch.arange(t, device=q.device)
-    seg = torch.searchsorted(cu[1:], rows, right=True)  # segment of every row
+    seg = segment_index(cu, t)  # segment of every row
     slot = seg * longest + (rows - cu[seg])  # its place in the [s, L] layout (unique)
     key_pad = torch.arange(longest, device=q.device)[None, :] >= lengths[:, None]  # [s L]
 

@@ -229,7 +229,9 @@ def decide(
 
     Returns:
         The `AttentionPlan`. On CUDA in float32 the padded layout gets ``"sdpa_mask"``
-        (no reordering); the packed layout gets ``"flex"``, never a dense ``[t, t]`` mask.
+        (no reordering); the packed layout gets ``"varlen"`` where it serves, else
+        ``"dense"`` (segment-padded, never a ``[t, t]`` mask, never ``"flex"``: see the
+        comment in the code).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -242,10 +244,12 @@ def decide(
     if flex_ok is None:
         flex_ok = _flex.supports(device_type, dtype, head_dim, dropout_p)
     if layout == "packed":
+        # Never flex here: its partial blocks weigh other segments' rows by an exact 0, and
+        # 0 * NaN is NaN, so a NaN in one sample's real token reached every sample sharing a
+        # 128-row block (measured on the H200, float32). The segment-padded path keeps
+        # segments apart.
         if choice in ("auto", "varlen") and varlen_ok:
             return AttentionPlan("varlen")
-        if choice != "sdpa" and flex_ok:
-            return AttentionPlan("flex")
         return AttentionPlan("dense")
     if not padded:
         rule = _lookup(head_dim, keys, False) if device_type == "cuda" else None

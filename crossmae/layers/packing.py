@@ -153,5 +153,17 @@ def unpack_tokens(values: Tensor, packed: PackedTokens, batch_size: int) -> Tens
 def packed_segment_ids(packed: PackedTokens) -> Tensor:
     """Sample index of every packed row, int64 ``[t]`` (``>= b`` for slack rows)."""
     packed = _check_packed(packed)
-    rows = torch.arange(packed.tokens.shape[0], device=packed.tokens.device, dtype=torch.int32)
-    return torch.searchsorted(packed.cu_seqlens[1:], rows, right=True).long()
+    return segment_index(packed.cu_seqlens, packed.tokens.shape[0])
+
+
+def segment_index(cu_seqlens: Tensor, rows: int) -> Tensor:
+    """Segment of each of ``rows`` packed rows, int64 ``[rows]``: the number of boundaries
+    ``cu_seqlens[1:]`` at or below the row (rows at or past ``cu_seqlens[-1]`` get ``s``).
+
+    Marks every boundary with a scatter-add and takes a cumulative sum: static shapes, no
+    sync, and unlike ``searchsorted`` over a slice it lowers under inductor on CUDA (torch
+    2.11 fails on it with ``NotImplementedError: SliceView``)."""
+    cu = cu_seqlens[1:].long().clamp(max=rows)
+    marks = torch.zeros(rows + 1, dtype=torch.long, device=cu_seqlens.device)
+    marks = marks.index_add(0, cu, torch.ones_like(cu))
+    return marks.cumsum(0)[:rows]

@@ -50,7 +50,9 @@ def _reset() -> Iterator[None]:
         ("cpu", F32, 64, False, "padded", "sdpa", False),
         ("cpu", F64, 8, True, "padded", "sdpa_mask", False),
         ("cuda", BF16, 64, True, "packed", "varlen", False),
-        ("cuda", F32, 64, True, "packed", "flex", False),  # the fix: no dense [t, t] mask
+        # no dense [t, t] mask, and no flex either: its partial blocks spread a NaN between
+        # samples (0 * NaN), measured on the H200
+        ("cuda", F32, 64, True, "packed", "dense", False),
         ("cuda", BF16, 12, True, "packed", "dense", False),
         ("cpu", BF16, 64, True, "packed", "dense", False),
         ("cpu", F32, 64, True, "packed", "dense", False),
@@ -90,11 +92,13 @@ def test_policy_choice_dropout_and_unfused() -> None:
         decide("cuda", BF16, 64, padded=True, layout="ragged")
 
 
-def test_varlen_missing_falls_back_to_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_varlen_missing_falls_back_to_flex_padded_and_segments_packed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(_varlen, "varlen_available", lambda: False)
     monkeypatch.setattr(_flex, "flex_available", lambda: True)
     assert decide("cuda", BF16, 64, padded=True).kernel == "flex"
-    assert decide("cuda", BF16, 64, padded=True, layout="packed").kernel == "flex"
+    assert decide("cuda", BF16, 64, padded=True, layout="packed").kernel == "dense"
 
 
 def test_kernel_table_rules() -> None:
@@ -253,7 +257,16 @@ def test_encoder_and_decoder_paths_agree_with_explicit_softmax(
     assert pred.isfinite().all()
 
 
-@pytest.mark.parametrize("route", ["dense", "varlen", "flex"])
+def test_packed_layout_never_plans_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with flex chosen process-wide, packed rows go to the segment-padded path: flex's
+    partial blocks spread a NaN from one sample's real token to the others (H200, fp32)."""
+    _force(monkeypatch, "flex")
+    for dtype in (BF16, F32):
+        plan = decide("cuda", dtype, 64, padded=True, layout="packed", varlen_ok=False)
+        assert plan.kernel == "dense"
+
+
+@pytest.mark.parametrize("route", ["dense", "varlen"])
 def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     g = generator(3)
     enc = TransformerEncoder(32, 2, 2).eval()
@@ -273,7 +286,7 @@ def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str)
 
 
 @pytest.mark.parametrize("kind", ["pre", "post"])
-@pytest.mark.parametrize("route", ["dense", "varlen", "flex"])
+@pytest.mark.parametrize("route", ["dense", "varlen"])
 def test_capacity_encoder_paths_agree(
     monkeypatch: pytest.MonkeyPatch, route: str, kind: str
 ) -> None:

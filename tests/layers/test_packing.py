@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossmae as cm
@@ -132,3 +132,16 @@ def test_packed_attention_keeps_a_nan_in_its_segment(fused: bool) -> None:
             seg = [a[lo:hi].transpose(0, 1) for a in (q, k, v)]  # [h, l, d]
             ref = torch.softmax(seg[0] @ seg[1].transpose(-1, -2) * d**-0.5, -1) @ seg[2]
             torch.testing.assert_close(out[lo:hi], ref.transpose(0, 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.integers(0, 12))
+def test_segment_index_matches_searchsorted(lengths: list[int], extra: int) -> None:
+    """`segment_index` (scatter-add + cumsum, which inductor lowers on CUDA) gives every row
+    the segment ``searchsorted`` gives it, empty segments and rows past the end included."""
+    from crossmae.layers.packing import segment_index
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    rows = int(cu[-1]) + extra
+    expected = torch.searchsorted(cu[1:], torch.arange(rows, dtype=torch.int32), right=True)
+    assert torch.equal(segment_index(cu, rows), expected.long())
