@@ -282,18 +282,8 @@ def water_batches(small: bool) -> list[tuple[int, bool]]:
 
 
 def regional_compile(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """Compile every transformer block of ``model`` in place (``Module.compile``), the
-    regional alternative to compiling the whole model: identical blocks share one compiled
-    graph, so compile time follows the number of distinct block shapes. Returns the count."""
-    from crossmae.encoders.postnorm import PostNormBlock
-    from crossmae.layers import Block, CrossAttentionBlock
-
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, (Block, CrossAttentionBlock, PostNormBlock)):
-            mod.compile(backend=backend)
-            n += 1
-    return n
+    """`cm.compile_blocks`: every transformer block compiled in place (regional)."""
+    return cm.compile_blocks(model, backend=backend)
 
 
 def section_water(dev: torch.device, small: bool, compile_: bool) -> None:

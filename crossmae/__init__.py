@@ -23,6 +23,7 @@ from ._config import (
     set_padded_attention_kernel,
     use_fused_attn,
 )
+from .compile import compile_blocks
 from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos
 from .encoders import (
     EncoderOutput,
@@ -172,6 +173,7 @@ __all__ = [
     "build_water_mae",
     "channel_masking",
     "chunk_masking",
+    "compile_blocks",
     "crossmae_vit_base",
     "crossmae_vit_base_config",
     "crossmae_vit_large",
