@@ -106,3 +106,26 @@ def test_water_rows_eager_and_compiled(
     for r in rows:
         assert r["nonfinite_steps"] == 0 and r["ms"] > 0 and r["samples_per_s"] > 0, r
     assert "compiled batch=8" in capsys.readouterr().out
+
+
+def test_graph_breaks_script_reports_one_graph_per_stack(tmp_path: Path) -> None:
+    """benchmarks/graph_breaks.py on the CPU: the decoder, the padded encoder and the water
+    model (given its splits) trace as one graph each (on the H200 too since the plan stopped
+    calling ``find_spec``: benchmarks/RESULTS.md); the image model drawing masks from a
+    ``generator=`` breaks exactly where dynamo cannot follow a ``torch.Generator``."""
+    spec = importlib.util.spec_from_file_location(
+        "_crossmae_breaks", ROOT / "benchmarks" / "graph_breaks.py"
+    )
+    assert spec is not None and spec.loader is not None
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    for what in ("decoder", "encoder", "water"):
+        md, breaks = gb.explain(what, torch.device("cpu"), small=True)
+        assert breaks == 0, md
+        assert "graphs 1, breaks 0" in md
+    md, breaks = gb.explain("image", torch.device("cpu"), small=True)
+    assert breaks > 0, md
+    assert gb.main(["decoder", "--cpu", "--out", str(tmp_path)]) == 0
+    assert "graphs 1, breaks 0" in (tmp_path / "breaks.md").read_text()
+    with pytest.raises(SystemExit):
+        gb.main(["nonsense", "--cpu"])
