@@ -488,7 +488,14 @@ def section_kernels(dev: torch.device, small: bool, compile_: bool) -> None:
 
 # --------------------------------------------------------------------------- 7. small heads
 #: (name, queries, keys, head dim) at the water model's shapes (B=8, 8 heads)
-SMALLHEAD_SHAPES = (("fusion self-attn", 7892, 7892, 32), ("decoder cross-attn", 1110, 7892, 16))
+#: (name, queries, keys, head dim[, batch, heads]): the water model's two attention shapes
+#: (B=8, 8 heads), and the image CrossMAE decoder's cross-attention (49 queries over 50 keys,
+#: B=256, 16 heads), where tiny sequences may favour the explicit (math) kernel.
+SMALLHEAD_SHAPES: tuple[tuple[Any, ...], ...] = (
+    ("fusion self-attn", 7892, 7892, 32),
+    ("decoder cross-attn", 1110, 7892, 16),
+    ("image decoder cross-attn", 49, 50, 32, 256, 16),
+)
 #: flex_attention (BLOCK_M, BLOCK_N) tried; env CROSSMAE_BENCH_FLEX_BLOCKS="128x128,64x64"
 FLEX_BLOCKS = ((128, 128), (128, 64), (64, 64))
 
@@ -522,11 +529,12 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
 
     log("\n## 7. small-head attention at the water model's shapes (fwd+bwd)")
     cuda = dev.type == "cuda"
-    b, h, div = (8, 8, 1) if not small else (2, 2, 64)
+    b0, h0, div = (8, 8, 1) if not small else (2, 2, 64)
     dtype = torch.bfloat16 if cuda else torch.float32
-    sdpa = ("flash", "cudnn", "efficient") if cuda else ("math",)
+    sdpa = ("flash", "cudnn", "efficient", "math") if cuda else ("math",)
     suggestions: list[str] = []
-    for name, nq, nk, d in SMALLHEAD_SHAPES:
+    for name, nq, nk, d, *bh in SMALLHEAD_SHAPES:
+        b, h = bh if bh and not small else (b0, h0)
         nq, nk = max(nq // div, 8), max(nk // div, 8)
         g = torch.Generator().manual_seed(1)
         q, k, v = (
@@ -581,7 +589,8 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
         best_p = _fastest(padded)
         if best_u:
             suggestions.append(
-                f"KernelRule(head_dim={d}, padded=False, sdpa_backends=({best_u!r},))"
+                f"KernelRule(head_dim={d}, min_keys={max(nk // 2, 1)}, max_keys={nk * 2}, "
+                f"padded=False, sdpa_backends=({best_u!r},))"
             )
         if best_p:
             kernel = best_p.split("[")[0]
@@ -589,9 +598,11 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
             if kernel == "sdpa_mask":
                 extra = f", sdpa_backends=({best_p.split('[')[1].rstrip(']')!r},)"
             suggestions.append(
-                f"KernelRule(kernel={kernel!r}, head_dim={d}, min_keys={nk}, padded=True{extra})"
+                f"KernelRule(kernel={kernel!r}, head_dim={d}, min_keys={max(nk // 2, 1)}, "
+                f"max_keys={nk * 2}, padded=True{extra})"
             )
-        _fusion_rows(dev, label, q, k, v, kpad, att, cuda and _varlen.varlen_available())
+        if not name.startswith("image"):  # five decoders share keys in the water model only
+            _fusion_rows(dev, label, q, k, v, kpad, att, cuda and _varlen.varlen_available())
     for line in suggestions:
         log(f"  suggested rule: {line}")
 

@@ -39,7 +39,7 @@ from .._checks import (
     check_same_device,
     check_tensor,
 )
-from .._config import padded_attention_kernel, use_fused_attn
+from .._config import use_fused_attn
 from . import _varlen, backend
 from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
@@ -233,10 +233,10 @@ def packed_attention(
 
     Returns:
         ``[t, h, d]``: every row attends to the rows of its own segment only. On CUDA in half
-        precision this is ``torch.nn.attention.varlen`` (no mask, no padding), else
-        ``flex_attention`` with a block-diagonal block mask (both chosen as in
-        `set_padded_attention_kernel`); elsewhere each segment attends through a zero-padded
-        ``[s, L]`` layout with a key padding mask (rows of different segments never meet).
+        precision this is ``torch.nn.attention.varlen`` (no mask, no padding; unless
+        `set_padded_attention_kernel` chose another kernel); elsewhere each segment attends
+        through a zero-padded ``[s, L]`` layout with a key padding mask (rows of different
+        segments never meet, so a NaN in one segment stays there).
 
     Raises:
         TypeError: non-tensor or non-float ``q``/``k``/``v``, mixed dtypes, non-integer
@@ -247,15 +247,17 @@ def packed_attention(
     _check_packed_qkv(q, k, v)
     cu_seqlens = _check_cu_seqlens(cu_seqlens, q)
     check_int("max_seqlen", max_seqlen, minimum=1)
-    kernel = (
-        select_padded_kernel(q, 0.0) if (use_fused_attn() if fused is None else fused) else "manual"
+    # The packed policy of the backend: varlen where it serves, else the segment-padded path
+    # (never flex: its partial blocks would spread a NaN between segments, 0 * NaN).
+    plan = backend.decide(
+        q.device.type,
+        backend.compute_dtype(q),
+        q.shape[-1],
+        padded=True,
+        layout="packed",
+        fused=use_fused_attn() if fused is None else fused,
     )
-    if kernel == "sdpa":
-        # No dense [t, t] mask where flex can serve (CUDA, float32 included), as in
-        # `backend.decide` for the packed layout.
-        flex = padded_attention_kernel() != "sdpa" and can_use_flex(q, 0.0)
-        kernel = "flex" if flex else "dense"
-    return _packed_attend(q, k, v, cu_seqlens, max_seqlen, kernel)
+    return _packed_attend(q, k, v, cu_seqlens, max_seqlen, plan.kernel)
 
 
 def _packed_attend(
