@@ -42,6 +42,7 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
         def loss_fn(f: Any) -> torch.Tensor:
+            ctx.grad = None  # a graphed backward must not accumulate into graph memory
             return f(ctx, ids).float().square().mean()  # type: ignore[no-any-return]
 
     elif what == "image":
@@ -58,10 +59,11 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
         ).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         imgs = torch.randn(b, 3, size, size, device=dev)
-        g = torch.Generator(device=dev).manual_seed(0)
 
+        # Masks from the global RNG (as the reference code draws them): a generator= is a
+        # graph break under torch.compile (dynamo cannot trace a torch.Generator).
         def loss_fn(f: Any) -> torch.Tensor:
-            return f(imgs, generator=g).loss  # type: ignore[no-any-return]
+            return f(imgs).loss  # type: ignore[no-any-return]
 
     elif what == "water":
         from crossmae.models.water import water_mae_small
@@ -95,9 +97,11 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, amp: Any) -> Any:
-    holder: dict[str, Any] = {"f": model}
+    holder: dict[str, Any] = {"f": model, "graphed": False}
 
     def step() -> None:
+        if holder["graphed"]:
+            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             loss = loss_fn(holder["f"])
         loss.backward()
@@ -138,15 +142,26 @@ def _kernel_times(prof: Any, dev: torch.device, steps: int) -> list[tuple[str, f
 
 
 def profile_workload(
-    what: str, dev: torch.device, *, small: bool, compile_: bool, steps: int = 5, rows: int = 15
+    what: str,
+    dev: torch.device,
+    *,
+    small: bool,
+    compile_: bool,
+    steps: int = 5,
+    rows: int = 15,
+    mode: Optional[str] = None,
 ) -> tuple[str, dict[str, float]]:
     """Profile ``steps`` steps of ``what``; returns the markdown and a summary dict
-    (``step_ms``, ``device_ms`` per step, ``busy_share``)."""
+    (``step_ms``, ``device_ms`` per step, ``busy_share``). ``mode``: ``torch.compile``'s
+    (e.g. ``"reduce-overhead"``: forward and backward in CUDA graphs), with ``compile_``."""
+    if mode is not None and not compile_:
+        raise ValueError(f"mode={mode!r} needs compile_=True")
     torch._dynamo.reset()
     torch.manual_seed(0)
     step = build(what, dev, small)
     if compile_:
-        step.holder["f"] = torch.compile(step.holder["f"])  # type: ignore[attr-defined]
+        step.holder["f"] = torch.compile(step.holder["f"], mode=mode)  # type: ignore[attr-defined]
+        step.holder["graphed"] = mode == "reduce-overhead"  # type: ignore[attr-defined]
     for _ in range(4 if compile_ else 3):
         step()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -166,10 +181,10 @@ def profile_workload(
     kernels = _kernel_times(prof, dev, steps)
     device_ms = sum(ms for _, ms in kernels)
     busy = device_ms / step_ms if step_ms > 0 else float("nan")
-    mode = "compiled" if compile_ else "eager"
+    tag = ("compiled" + (f", {mode}" if mode else "")) if compile_ else "eager"
     unit = "device" if dev.type == "cuda" else "CPU (no device: not a GPU-busy share)"
     lines = [
-        f"### {what} ({mode}, {dev.type})",
+        f"### {what} ({tag}, {dev.type})",
         "",
         f"step {step_ms:.2f} ms (median of {steps}, no profiler); profiler self {unit} time "
         f"{device_ms:.2f} ms per step; **busy share {busy:.0%}**",
@@ -194,16 +209,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="profiled steps")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--eager-too", action="store_true", help="with --compile: eager as well")
+    ap.add_argument(
+        "--mode", default=None, help="with --compile: torch.compile mode, e.g. reduce-overhead"
+    )
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
     ap.add_argument("--out", default="", help="write profiles.md (and print) here")
     args = ap.parse_args(argv)
+    if args.mode and not args.compile:
+        ap.error("--mode needs --compile")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
     parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}\n"]
     for what in args.what:
         for comp in modes:
             md, _ = profile_workload(
-                what, dev, small=dev.type == "cpu", compile_=comp, steps=args.steps, rows=args.rows
+                what,
+                dev,
+                small=dev.type == "cpu",
+                compile_=comp,
+                steps=args.steps,
+                rows=args.rows,
+                mode=args.mode if comp else None,
             )
             print(md, flush=True)
             parts.append(md)

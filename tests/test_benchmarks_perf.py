@@ -179,6 +179,10 @@ def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     )
     assert summary["step_ms"] > 0 and summary["device_ms"] > 0
     assert md.count("| `") == 3
+    with pytest.raises(SystemExit):
+        prof.main(["decoder", "--cpu", "--mode", "reduce-overhead"])  # --mode needs --compile
+    with pytest.raises(ValueError, match="needs compile_=True"):
+        prof.profile_workload("decoder", torch.device("cpu"), small=True, compile_=False, mode="x")
 
 
 def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
