@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_step  # the workloads, shared with the step profiles
 
 WORKLOADS = ("decoder", "encoder", "image", "water")
 
@@ -26,65 +30,30 @@ WORKLOADS = ("decoder", "encoder", "image", "water")
 def build(
     what: str, dev: torch.device, small: bool
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    """``(fn, args, kwargs)`` of one forward of workload ``what``."""
-    import crossmae as cm
-    from crossmae.decoders import CrossMAEDecoder
-    from crossmae.encoders import TransformerEncoder
-
-    if what == "decoder":
-        b, n, e, c, depth, heads = (
-            (256, 196, 768, 512, 8, 16) if not small else (2, 16, 32, 16, 2, 2)
-        )
-        ctx = torch.randn(b, 1 + n // 4, e, device=dev)
-        ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
-        dec = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
-        return dec, (ctx, ids), {}
+    """``(fn, args, kwargs)`` of one forward of workload ``what``: profile_step.py's
+    workloads, except that the image model draws its masks from a ``generator=`` (the break
+    this script should show) and the water model is given its splits (drawn eagerly, as in a
+    compiled training step)."""
+    if what not in WORKLOADS:
+        raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
     if what == "encoder":
+        import crossmae as cm
+        from crossmae.encoders import TransformerEncoder
+
         b, n, d = (8, 2048, 256) if not small else (2, 32, 32)
         enc = TransformerEncoder(d, 2, 8 if not small else 2).to(dev)
         lengths = torch.randint(n // 4, n + 1, (b,), device=dev)
         pad = cm.lengths_to_padding_mask(lengths, n)
         return enc, (torch.randn(b, n, d, device=dev), pad), {}
+    model, args, kwargs = profile_step.workload(what, dev, small)
     if what == "image":
-        from crossmae.models.factories import crossmae_vit_base
-
-        extra: dict[str, Any] = {}
-        b, size = 32, 224
-        if small:
-            b, size = 2, 32
-            extra = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                         decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=2)  # fmt: skip
-        model = crossmae_vit_base(
-            img_size=size, predict_ratio=0.25, use_weighted_fm=True, use_input=True, **extra
-        ).to(dev)
-        g = torch.Generator(device=dev).manual_seed(0)
-        return model, (torch.randn(b, 3, size, size, device=dev),), {"generator": g}
-    if what == "water":
-        from crossmae.models.water import water_mae_small
-
-        kw: dict[str, Any] = {}
-        b, t, hw, sites = 2, 30, (290, 180), 604
-        if small:
-            kw = dict(num_steps=3, image_size=(40, 30), num_land_patches=6, num_sites=12,
-                      group_size=4, embed_dim=32, num_heads=4, decoder_dim=16,
-                      decoder_num_heads=4, decoder_depth=1, raster_depth=1, series_depth=1)  # fmt: skip
-            b, t, hw, sites = 2, 3, (40, 30), 12
-        model = water_mae_small(**kw).to(dev)
-        inputs = {
-            k: torch.randn(b, t, *hw, device=dev)
-            for k in ("precipitation", "soil_moisture", "temperature")
-        }
-        inputs["evaporation"] = torch.randn(b, sites, t, device=dev)
-        flow = torch.randn(b, sites, t, device=dev)
-        flow[: b // 2] = float("nan")
-        inputs["river_flow"] = flow
-        static = torch.randn(b, sites, 11, device=dev)
-        g = torch.Generator(device=dev).manual_seed(0)
+        kwargs = {"generator": torch.Generator(device=dev).manual_seed(0)}
+    elif what == "water":
         with torch.no_grad():
-            pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}
-        splits = model.make_splits(pads, generator=g)
-        return model, (inputs,), {"static": static, "splits": splits}
-    raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
+            pads = {k: p for k, (_, p) in model.tokenize(args[0]).items()}  # type: ignore[operator]
+        splits = model.make_splits(pads, generator=kwargs.pop("generator"))  # type: ignore[operator]
+        kwargs["splits"] = splits
+    return model, args, kwargs
 
 
 def explain(what: str, dev: torch.device, small: bool) -> tuple[str, int]:

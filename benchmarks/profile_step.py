@@ -26,12 +26,15 @@ from torch.profiler import ProfilerActivity, profile
 WORKLOADS = ("image", "water", "decoder")
 
 
-def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
-    """A zero-argument training step of workload ``what``."""
+def workload(
+    what: str, dev: torch.device, small: bool
+) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """``(model, args, kwargs)`` of one forward of workload ``what`` (also used by
+    graph_breaks.py). The image model draws masks from the global RNG (as the reference
+    code does: a ``generator=`` is a graph break under torch.compile); the water model
+    from a device generator."""
     from crossmae.decoders import CrossMAEDecoder
 
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    fused = dev.type == "cuda"
     if what == "decoder":
         b, n, e, c, depth, heads = (
             (256, 196, 768, 512, 8, 16) if not small else (4, 16, 32, 16, 2, 2)
@@ -39,13 +42,8 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
         ctx = torch.randn(b, 1 + n // 4, e, device=dev, requires_grad=True)
         ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
         model: torch.nn.Module = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-
-        def loss_fn(f: Any) -> torch.Tensor:
-            ctx.grad = None  # a graphed backward must not accumulate into graph memory
-            return f(ctx, ids).float().square().mean()  # type: ignore[no-any-return]
-
-    elif what == "image":
+        return model, (ctx, ids), {}
+    if what == "image":
         from crossmae.models.factories import crossmae_vit_base
 
         extra: dict[str, Any] = {}
@@ -57,15 +55,8 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
         model = crossmae_vit_base(
             img_size=size, predict_ratio=0.25, use_weighted_fm=True, use_input=True, **extra
         ).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-        imgs = torch.randn(b, 3, size, size, device=dev)
-
-        # Masks from the global RNG (as the reference code draws them): a generator= is a
-        # graph break under torch.compile (dynamo cannot trace a torch.Generator).
-        def loss_fn(f: Any) -> torch.Tensor:
-            return f(imgs).loss  # type: ignore[no-any-return]
-
-    elif what == "water":
+        return model, (torch.randn(b, 3, size, size, device=dev),), {}
+    if what == "water":
         from crossmae.models.water import water_mae_small
 
         kw: dict[str, Any] = {}
@@ -76,7 +67,6 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
                       decoder_num_heads=4, decoder_depth=1, raster_depth=1, series_depth=1)  # fmt: skip
             b, t, hw, sites = 2, 3, (40, 30), 12
         model = water_mae_small(**kw).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         inputs = {
             k: torch.randn(b, t, *hw, device=dev)
             for k in ("precipitation", "soil_moisture", "temperature")
@@ -87,12 +77,27 @@ def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
         inputs["river_flow"] = flow
         static = torch.randn(b, sites, 11, device=dev)
         g = torch.Generator(device=dev).manual_seed(0)
+        return model, (inputs,), {"static": static, "generator": g}
+    raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
+
+
+def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
+    """A zero-argument training step of workload ``what`` (see `workload`)."""
+    model, args, kwargs = workload(what, dev, small)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    if what == "decoder":
+        ctx = args[0]
 
         def loss_fn(f: Any) -> torch.Tensor:
-            return f(inputs, static=static, generator=g).loss  # type: ignore[no-any-return]
+            ctx.grad = None  # a graphed backward must not accumulate into graph memory
+            return f(*args).float().square().mean()  # type: ignore[no-any-return]
 
     else:
-        raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
+
+        def loss_fn(f: Any) -> torch.Tensor:
+            return f(*args, **kwargs).loss  # type: ignore[no-any-return]
+
     return _step(model, opt, loss_fn, amp)
 
 
