@@ -281,11 +281,6 @@ def water_batches(small: bool) -> list[tuple[int, bool]]:
     return [(8, False), (8, True)] + ([] if small else [(16, False), (16, True)])
 
 
-def regional_compile(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """`cm.compile_blocks`: every transformer block compiled in place (regional)."""
-    return cm.compile_blocks(model, backend=backend)
-
-
 def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     from crossmae.models.water import water_mae_small
 
@@ -309,7 +304,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     if compile_ and "regional" in modes:
         regional = water_mae_small(**kw).to(dev)
         regional.load_state_dict(model.state_dict())
-        log(f"regional compile: {regional_compile(regional, backend)} blocks")
+        log(f"regional compile: {cm.compile_blocks(regional, backend=backend)} blocks")
         opt_r = torch.optim.AdamW(regional.parameters(), lr=1e-4, fused=dev.type == "cuda")
     for b, half_missing in water_batches(small):
         g = torch.Generator(device=dev).manual_seed(0)

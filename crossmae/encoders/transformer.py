@@ -25,7 +25,13 @@ from ..layers import backend
 from ..layers.attention import warn_trailing
 from ..layers.blocks import Block
 from ..layers.drop import DropPath, drop_path_schedule
-from ..layers.packing import PackedTokens, pack_tokens, packed_segment_ids, unpack_tokens
+from ..layers.packing import (
+    PackedTokens,
+    _packed_batch_size,
+    pack_tokens,
+    packed_segment_ids,
+    unpack_tokens,
+)
 
 __all__ = ["EncoderOutput", "FiLM", "TransformerEncoder", "resolve_layer_indices"]
 
@@ -534,9 +540,8 @@ class TransformerEncoder(nn.Module):
         row_cond: Optional[Tensor] = None
         if self.films is not None:
             c = check_float_tensor("cond", cond, ndim=2)
-            # segments: b samples, then max(1, ceil(t / max_seqlen)) slack pieces (static)
             t = x.shape[0]
-            b = packed.cu_seqlens.shape[0] - 1 - max(1, -(-t // max(packed.max_seqlen, 1)))
+            b = _packed_batch_size(packed)  # from the static layout, no sync
             if tuple(c.shape) != (b, self.cond_dim):
                 raise ValueError(
                     f"cond must have shape {(b, self.cond_dim)} (one row per packed sample), "
