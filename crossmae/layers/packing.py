@@ -162,7 +162,7 @@ def segment_index(cu_seqlens: Tensor, rows: int) -> Tensor:
 
     Marks every boundary with a scatter-add and takes a cumulative sum: static shapes, no
     sync, and unlike ``searchsorted`` over a slice it lowers under inductor on CUDA (torch
-    2.11 fails on it with ``NotImplementedError: SliceView``)."""
+    2.11's inductor cannot lower that ``searchsorted``: its boundaries are a slice view)."""
     cu = cu_seqlens[1:].long().clamp(max=rows)
     marks = torch.zeros(rows + 1, dtype=torch.long, device=cu_seqlens.device)
     marks = marks.index_add(0, cu, torch.ones_like(cu))
