@@ -24,7 +24,7 @@ from ._config import (
     use_fused_attn,
 )
 from .compile import compile_blocks
-from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos
+from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos, decode_together
 from .encoders import (
     EncoderOutput,
     FiLM,
@@ -180,6 +180,7 @@ __all__ = [
     "crossmae_vit_large_config",
     "crossmae_vit_small",
     "crossmae_vit_small_config",
+    "decode_together",
     "drop_path",
     "gather_tokens",
     "grouped_random_masking",

@@ -5,5 +5,6 @@ from __future__ import annotations
 from .cross import CrossMAEDecoder
 from .mae import MAEDecoder
 from .query_pos import SpatioTemporalQueryPos
+from .together import decode_together
 
-__all__ = ["CrossMAEDecoder", "MAEDecoder", "SpatioTemporalQueryPos"]
+__all__ = ["CrossMAEDecoder", "MAEDecoder", "SpatioTemporalQueryPos", "decode_together"]

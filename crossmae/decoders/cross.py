@@ -8,7 +8,7 @@ Mask polarity: ``context_padding_mask`` / ``query_padding_mask`` True = padding 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union, cast
+from typing import Any, Callable, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ from ..layers.drop import drop_path_schedule
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..masking.tokens import gather_tokens
 
-__all__ = ["CrossMAEDecoder", "build_pos_table"]
+__all__ = ["CrossMAEDecoder", "DecoderState", "build_pos_table"]
 
 
 def build_pos_table(
@@ -158,6 +158,28 @@ def _param_dtype_check(name: str, x: Tensor, dtype: torch.dtype, owner: str) -> 
         f"{name} has dtype {x.dtype} but the {owner}'s parameters are {dtype}: cast it with "
         f".to({dtype}), convert the module, or run under torch.autocast"
     )
+
+
+class DecoderState(NamedTuple):
+    """What `CrossMAEDecoder.prepare` hands to the blocks.
+
+    Attributes:
+        queries: ``[b, p, c]`` queries (the blocks' input).
+        context: ``[b, m, e]`` or per-layer ``[depth, b, m, e]`` contexts, padded tokens
+            zeroed, in the compute dtype; reordered when ``plan.trailing``.
+        context_padding_mask: bool ``[b, m]`` (True = padding) matching ``context``'s order,
+            or None.
+        query_padding_mask: bool ``[b, p]`` or None.
+        plan: the cross-attention `AttentionPlan` of every block.
+        query_plan: the self-attention plan (None without self-attention).
+    """
+
+    queries: Tensor
+    context: Tensor
+    context_padding_mask: Optional[Tensor]
+    query_padding_mask: Optional[Tensor]
+    plan: backend.AttentionPlan
+    query_plan: Optional[backend.AttentionPlan]
 
 
 class CrossMAEDecoder(_QueryEmbeddings):
@@ -362,6 +384,48 @@ class CrossMAEDecoder(_QueryEmbeddings):
         """
         if context_padding_is_trailing is not None:
             warn_trailing("context_padding_is_trailing", context_padding_is_trailing)
+        st = self.prepare(
+            context,
+            ids_predict,
+            context_padding_mask=context_padding_mask,
+            query_padding_mask=query_padding_mask,
+            pos=pos,
+        )
+        return self.decode(st)
+
+    def decode(self, state: DecoderState) -> Tensor:
+        """The blocks, final norm and head over the state from `prepare` → ``[b, p, o]``."""
+        x = state.queries
+        for j, blk in enumerate(self.blocks):
+            layer_ctx = state.context[j] if state.context.ndim == 4 else state.context
+            x = blk(
+                x,
+                layer_ctx,
+                state.context_padding_mask,
+                state.query_padding_mask,
+                plan=state.plan,
+                query_plan=state.query_plan,
+            )
+        return self.predict(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The last step of `forward`: final norm and head of the decoded queries
+        ``[b, p, c]`` → predictions ``[b, p, o]``."""
+        return cast(Tensor, self.head(self.norm(x)))
+
+    def prepare(
+        self,
+        context: Tensor,
+        ids_predict: Tensor,
+        *,
+        context_padding_mask: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> DecoderState:
+        """Everything `forward` does before its blocks (arguments as in `forward`, checked
+        here): the queries, the per-layer contexts (padding zeroed, moved to the end of
+        every row when the plan asks) and the attention plans, as a `DecoderState`. Used
+        by callers that run the blocks of several decoders together."""
         raw = self._check_context(context)
         ids = check_index_tensor("ids_predict", ids_predict)
         b, m = raw.shape[-3], raw.shape[-2]
@@ -407,7 +471,4 @@ class CrossMAEDecoder(_QueryEmbeddings):
                 ctx = backend.reorder_tokens(ctx, perm, ctx.ndim - 2)
                 cpad = torch.gather(cpad, 1, perm)
                 plan = plan.reordered()
-        for j, blk in enumerate(self.blocks):
-            layer_ctx = ctx[j] if ctx.ndim == 4 else ctx
-            x = blk(x, layer_ctx, cpad, qpad, plan=plan, query_plan=query_plan)
-        return self.head(self.norm(x))
+        return DecoderState(x, ctx, cpad, qpad, plan, query_plan)

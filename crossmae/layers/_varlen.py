@@ -176,3 +176,46 @@ def varlen_attend(
     if qperm is not None:  # undo the query reordering
         out = _take(out, inverse_permutation(qperm))
     return out
+
+
+def varlen_together(
+    qs: list[Tensor],
+    ks: list[Tensor],
+    vs: list[Tensor],
+    key_lengths: Tensor,
+    *,
+    kernel: Optional[VarlenFn] = None,
+) -> list[Tensor]:
+    """Several attention calls over one key layout in **one** packed kernel call.
+
+    Call ``i`` has queries ``qs[i] [b, n_i, h, d]`` and keys/values ``ks[i], vs[i]
+    [b, m, h, d]`` whose padding is trailing: sample ``j``'s real keys are its first
+    ``key_lengths[j]`` slots (int ``[b]``, the same for every call; padded keys finite).
+    Every query attends to the real keys of its own call and sample. Returns the outputs
+    ``[b, n_i, h, d]``; rows of samples with no real key are left for the caller to zero.
+    Boundaries come from on-device sums over the static strides: no host sync.
+    """
+    fn = kernel if kernel is not None else _kernel()
+    if fn is None:
+        raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
+    b, m = ks[0].shape[:2]
+    k_bounds = _segments(key_lengths, m)[:-1]  # [2b], real then padded keys per sample
+    cu_q, cu_k, q_off = [], [], 0
+    for i, q in enumerate(qs):
+        n = q.shape[1]
+        cu_q.append(_segments(key_lengths.new_full((b,), n), n)[:-1] + q_off)
+        cu_k.append(k_bounds + i * b * m)
+        q_off += b * n
+    end_q = key_lengths.new_full((1,), q_off, dtype=torch.int32)
+    end_k = key_lengths.new_full((1,), len(ks) * b * m, dtype=torch.int32)
+    out = fn(
+        torch.cat([q.flatten(0, 1) for q in qs]),
+        torch.cat(ks).flatten(0, 1),  # [(calls b m) h d]: one copy of strided views
+        torch.cat(vs).flatten(0, 1),
+        torch.cat([*cu_q, end_q]).to(torch.int32),
+        torch.cat([*cu_k, end_k]).to(torch.int32),
+        max(max(q.shape[1] for q in qs), 1),
+        max(m, 1),
+    )
+    sizes = [q.shape[0] * q.shape[1] for q in qs]
+    return [o.reshape(q.shape[:2] + o.shape[1:]) for o, q in zip(torch.split(out, sizes), qs)]

@@ -19,7 +19,7 @@ Guarantees (tested in ``tests/layers/test_attention.py``):
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn as nn
@@ -619,8 +619,13 @@ class CrossAttention(nn.Module):
             fused=self.fused_attn,
             plan=plan,
         )
-        out = rearrange(out, "b h n d -> b n (h d)")
-        return self.proj_drop(self.proj(out))
+        return self.output(rearrange(out, "b h n d -> b n (h d)"))
+
+    def output(self, attended: Tensor) -> Tensor:
+        """The output projection (and its dropout) of the attended values ``[..., c]``, heads
+        merged as ``(h d)``: the last step of `forward`, for callers that run the attention
+        itself elsewhere (e.g. several decoders sharing one kernel call)."""
+        return cast(Tensor, self.proj_drop(self.proj(attended)))
 
     def extra_repr(self) -> str:
         return (

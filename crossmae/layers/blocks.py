@@ -6,7 +6,7 @@ Mask polarity: ``*_padding_mask`` bool, **True = padding**.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch.nn as nn
 from torch import Tensor
@@ -258,15 +258,33 @@ class CrossAttentionBlock(nn.Module):
         x, context, _ = _check_cross_inputs(self.cross_attn, x, context, context_padding_mask)
         if query_padding_mask is not None:
             check_padding_mask("query_padding_mask", query_padding_mask, x.shape[:2], "x [b, n, c]")
-            x = x.masked_fill(query_padding_mask[..., None], 0.0)
-        if self.has_self_attn:
-            sa = self.self_attn(self.norm0(x), query_padding_mask, plan=query_plan)
-            x = x + self.drop_path0(sa)
+        x = self.before_cross(x, query_padding_mask, query_plan)
         ca = self.cross_attn(
             self.norm1(x),
             context,
             context_padding_mask,
             plan=plan,
         )
-        x = x + self.drop_path1(ca)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.after_cross(x, ca)
+
+    def before_cross(
+        self,
+        x: Tensor,
+        query_padding_mask: Optional[Tensor] = None,
+        query_plan: Optional[AttentionPlan] = None,
+    ) -> Tensor:
+        """The steps of `forward` before the cross-attention (inputs already checked):
+        padded queries zeroed, then the optional self-attention among queries. The
+        cross-attention then reads ``norm1`` of the result."""
+        if query_padding_mask is not None:
+            x = x.masked_fill(query_padding_mask[..., None], 0.0)
+        if self.has_self_attn:
+            sa = self.self_attn(self.norm0(x), query_padding_mask, plan=query_plan)
+            x = x + self.drop_path0(sa)
+        return x
+
+    def after_cross(self, x: Tensor, cross: Tensor) -> Tensor:
+        """The steps of `forward` after the cross-attention: its residual (``cross``, the
+        output of ``cross_attn``) and the MLP."""
+        x = x + self.drop_path1(cross)
+        return cast(Tensor, x + self.drop_path2(self.mlp(self.norm2(x))))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, NoReturn, Optional, Union
+from typing import Any, Callable, NamedTuple, NoReturn, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,8 @@ from .._checks import (
     check_ratio,
     check_tensor,
 )
+from ..decoders.cross import CrossMAEDecoder
+from ..decoders.together import decode_together
 from ..encoders.film import visible_patch_mean
 from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
@@ -727,6 +729,11 @@ class MultimodalMAE(nn.Module):
             Decoders must then be built with ``num_feature_maps=f``.
         fm_layers: fusion layers to tap (``"all"``, ints, negatives allowed).
         use_input: include the fusion input (the concatenated modality encodings).
+        fuse_decoders: decode the modalities whose decoder is a `CrossMAEDecoder` in
+            lockstep with `decode_together`: where the packed CUDA kernel serves (half
+            precision, padded keys), one attention call per layer serves every decoder
+            instead of one per decoder. Results are the same either way; False runs the
+            decoders one by one (e.g. to compare).
 
     Feature maps may instead come from **each modality's own encoder**: give every
     `Modality` the same number of taps (``Modality(fm_layers=...)``); map ``j`` of the
@@ -749,6 +756,7 @@ class MultimodalMAE(nn.Module):
         use_weighted_fm: bool = False,
         fm_layers: LayerSelection = "all",
         use_input: bool = False,
+        fuse_decoders: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(modalities, Mapping):
@@ -767,13 +775,18 @@ class MultimodalMAE(nn.Module):
                 )
         if fusion is not None:
             _check_encoder("fusion", fusion)
-        for flag, value in (("use_weighted_fm", use_weighted_fm), ("use_input", use_input)):
+        for flag, value in (
+            ("use_weighted_fm", use_weighted_fm),
+            ("use_input", use_input),
+            ("fuse_decoders", fuse_decoders),
+        ):
             check_bool(flag, value)
         if use_weighted_fm and fusion is None:
             raise ValueError("use_weighted_fm=True needs a fusion encoder to tap")
         self.use_weighted_fm = use_weighted_fm
         self.fm_layers = fm_layers
         self.use_input = use_input
+        self.fuse_decoders = fuse_decoders
         self.modalities = nn.ModuleDict(dict(modalities))
         self.fusion = fusion
         self._check_feature_maps()
@@ -1202,6 +1215,7 @@ class MultimodalMAE(nn.Module):
         all_dense = all(promised.values())
         keys, _, context, context_pad = self.fuse(encoded, all_dense)
         losses, per_sample, preds, targets, valids = {}, {}, {}, {}, {}
+        fused = self._decode_together(context, context_pad, used, promised)
         total = keys.new_zeros(())
         offset = 0
         for name, mod in self._items():
@@ -1209,9 +1223,12 @@ class MultimodalMAE(nn.Module):
             own = keys[:, offset : offset + used[name].ids_keep.shape[1]]
             offset += width
             pad = tokenized[name][1]
-            preds[name] = mod.decode(
-                context, context_pad, own, used[name], pad, dense=promised[name]
-            )
+            if name in fused:
+                preds[name] = fused[name]
+            else:
+                preds[name] = mod.decode(
+                    context, context_pad, own, used[name], pad, dense=promised[name]
+                )
             kwargs = self._kwargs(name, tokenizer_kwargs, site_padding_mask)
             kwargs.pop("time_positions", None)
             losses[name], per_sample[name], targets[name], valids[name] = mod.score(
@@ -1219,6 +1236,37 @@ class MultimodalMAE(nn.Module):
             )
             total = total + mod.loss_weight * losses[name]
         return MultimodalOutput(total, losses, per_sample, preds, targets, valids, used)
+
+    def _decode_together(
+        self,
+        context: Tensor,
+        context_pad: Optional[Tensor],
+        used: Mapping[str, MaskSplit],
+        promised: Mapping[str, bool],
+    ) -> dict[str, Tensor]:
+        """Predictions of the modalities whose `CrossMAEDecoder` s can decode in lockstep
+        (`decode_together`: one attention call per layer for all of them), when
+        ``fuse_decoders`` is on and at least two qualify; the others decode one by one."""
+        if not self.fuse_decoders or context_pad is None:
+            return {}
+        names = [
+            name
+            for name, mod in self._items()
+            if type(mod).decode is Modality.decode and isinstance(mod.decoder, CrossMAEDecoder)
+        ]
+        if len(names) < 2:
+            return {}
+        mods = [self._modality(n) for n in names]
+        outs = decode_together(
+            [cast(CrossMAEDecoder, m.decoder) for m in mods],
+            context,
+            [used[n].ids_predict for n in names],
+            context_padding_mask=context_pad,
+            query_padding_masks=[
+                None if promised[n] else used[n].predict_padding_mask for n in names
+            ],
+        )
+        return dict(zip(names, outs))
 
     def _mask_splits(
         self,

@@ -1,0 +1,177 @@
+"""Several CrossMAE decoders over one context, decoded in lockstep.
+
+Legend: ``b`` batch, ``m`` context tokens, ``p_i`` tokens decoder ``i`` predicts, ``c``
+decoder width, ``h`` heads, ``d`` head dim. Mask polarity: True = padding slot.
+
+A multimodal model has one decoder per modality, and all of them cross-attend to the same
+fused keys. Run one after the other, every layer of every decoder pays its own attention
+call. `decode_together` runs them layer by layer instead: at layer ``j`` every decoder
+projects its queries and its keys/values, then **one** packed variable-length kernel call
+serves all of them (segments per decoder and sample), then every decoder finishes its
+block. The results equal running each decoder alone (same parameters, same arithmetic per
+segment); only the number of kernel launches changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, cast
+
+import torch
+from torch import Tensor
+
+from ..layers import _varlen
+from ..layers.attention import CrossAttention
+from ..layers.blocks import CrossAttentionBlock
+from .cross import CrossMAEDecoder, DecoderState
+
+__all__ = ["decode_together"]
+
+
+def _hooked(mod: torch.nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _stock(dec: CrossMAEDecoder) -> bool:
+    """Whether ``dec`` runs exactly crossmae's decoder and blocks (no overridden forward, no
+    hooks anywhere a lockstep run would bypass them)."""
+    if type(dec).forward is not CrossMAEDecoder.forward or _hooked(dec):
+        return False
+    for blk in dec.blocks:
+        if type(blk).forward is not CrossAttentionBlock.forward or _hooked(blk):
+            return False
+        ca = cast(CrossAttentionBlock, blk).cross_attn
+        if type(ca).forward is not CrossAttention.forward or _hooked(ca):
+            return False
+    return True
+
+
+def _shares_kernel(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]) -> bool:
+    """Whether the decoders can share one packed call per layer: same depth and heads, every
+    plan the packed kernel over trailing padding."""
+    first = cast(CrossAttentionBlock, decoders[0].blocks[0]).cross_attn
+    for dec, st in zip(decoders, states):
+        ca = cast(CrossAttentionBlock, dec.blocks[0]).cross_attn
+        if len(dec.blocks) != len(decoders[0].blocks):
+            return False
+        if (ca.num_heads, ca.head_dim) != (first.num_heads, first.head_dim):
+            return False
+        if st.plan.kernel != "varlen" or not st.plan.trailing:
+            return False
+        if st.context_padding_mask is None:
+            return False
+    return True
+
+
+def decode_together(
+    decoders: Sequence[CrossMAEDecoder],
+    context: Tensor,
+    ids_predict: Sequence[Tensor],
+    *,
+    context_padding_mask: Optional[Tensor] = None,
+    query_padding_masks: Optional[Sequence[Optional[Tensor]]] = None,
+) -> list[Tensor]:
+    """Run several `CrossMAEDecoder` s over one context; equal to calling each one.
+
+    ``decode_together(decs, ctx, ids, context_padding_mask=cpad, query_padding_masks=qpads)``
+    returns ``[decs[i](ctx, ids[i], context_padding_mask=cpad,
+    query_padding_mask=qpads[i]) for i ...]``. Where the attention backend plans the packed
+    variable-length kernel for every decoder (CUDA, half precision, padded context, no
+    attention dropout) and the decoders have the same depth and heads, each layer makes
+    one kernel call for all decoders instead of one per decoder. Otherwise, or when a
+    decoder, block or attention module has forward hooks or an overridden ``forward``
+    (which a lockstep run would bypass), the decoders simply run one after the other.
+
+    Args:
+        decoders: a non-empty sequence of `CrossMAEDecoder` (each with its own parameters,
+            WFM and position table).
+        context: the shared context, ``[b, m, e]`` or stacked feature maps ``[k, b, m, e]``
+            (each decoder checks it as in its ``forward``).
+        ids_predict: one int64 ``[b, p_i]`` tensor per decoder.
+        context_padding_mask: bool ``[b, m]``, True = padding, or None.
+        query_padding_masks: one bool ``[b, p_i]`` mask (or None) per decoder, or None.
+
+    Returns:
+        One ``[b, p_i, o_i]`` prediction tensor per decoder, in order.
+
+    Raises:
+        TypeError: ``decoders`` holds something that is not a `CrossMAEDecoder`;
+            ``ids_predict`` / ``query_padding_masks`` are not sequences.
+        ValueError: the sequences differ in length from ``decoders``, or it is empty; every
+            decoder's own argument errors, as in its ``forward``.
+    """
+    if isinstance(decoders, (torch.nn.Module, str)) or not isinstance(decoders, Sequence):
+        raise TypeError(
+            f"decoders must be a sequence of CrossMAEDecoder, got {type(decoders).__name__}"
+        )
+    if not decoders:
+        raise ValueError("decoders must hold at least one CrossMAEDecoder, got an empty sequence")
+    for i, dec in enumerate(decoders):
+        if not isinstance(dec, CrossMAEDecoder):
+            raise TypeError(f"decoders[{i}] must be a CrossMAEDecoder, got {type(dec).__name__}")
+    if isinstance(ids_predict, Tensor) or not isinstance(ids_predict, Sequence):
+        raise TypeError(
+            f"ids_predict must be a sequence of one [b, p] tensor per decoder, got "
+            f"{type(ids_predict).__name__}"
+        )
+    qpads: Sequence[Optional[Tensor]]
+    if query_padding_masks is None:
+        qpads = [None] * len(decoders)
+    elif isinstance(query_padding_masks, Tensor) or not isinstance(query_padding_masks, Sequence):
+        raise TypeError(
+            f"query_padding_masks must be None or a sequence of one mask (or None) per "
+            f"decoder, got {type(query_padding_masks).__name__}"
+        )
+    else:
+        qpads = query_padding_masks
+    for name, seq in (("ids_predict", ids_predict), ("query_padding_masks", qpads)):
+        if len(seq) != len(decoders):
+            raise ValueError(
+                f"{name} has {len(seq)} entries but there are {len(decoders)} decoders"
+            )
+    if not all(_stock(d) for d in decoders):
+        return [
+            dec(context, ids, context_padding_mask=context_padding_mask, query_padding_mask=qp)
+            for dec, ids, qp in zip(decoders, ids_predict, qpads)
+        ]
+    states = []
+    for i, (dec, ids, qp) in enumerate(zip(decoders, ids_predict, qpads)):
+        try:
+            st = dec.prepare(
+                context, ids, context_padding_mask=context_padding_mask, query_padding_mask=qp
+            )
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"decoders[{i}]: {e}") from e
+        states.append(st)
+    if len(decoders) == 1 or not _shares_kernel(decoders, states):
+        return [dec.decode(st) for dec, st in zip(decoders, states)]
+    return _lockstep(decoders, states)
+
+
+def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]) -> list[Tensor]:
+    """Every layer: each decoder's steps before the cross-attention and its projections,
+    one packed kernel call for all, then each decoder's projection, residual and MLP."""
+    cpad = states[0].context_padding_mask
+    assert cpad is not None  # _shares_kernel
+    # Every decoder reordered the same mask with the same stable permutation: one mask.
+    key_lengths = (~cpad).sum(dim=1)
+    empty = (key_lengths == 0)[:, None, None]  # [b 1 1]: samples with no real key
+    xs = [st.queries for st in states]
+    for j in range(len(decoders[0].blocks)):
+        blocks = [cast(CrossAttentionBlock, dec.blocks[j]) for dec in decoders]
+        qs, ks, vs = [], [], []
+        for i, (blk, st) in enumerate(zip(blocks, states)):
+            ca = blk.cross_attn
+            xs[i] = blk.before_cross(xs[i], st.query_padding_mask, st.query_plan)
+            ctx = st.context[j] if st.context.ndim == 4 else st.context
+            q = ca.q(blk.norm1(xs[i]))
+            kv = ca.kv(ctx)
+            qs.append(q.unflatten(-1, (ca.num_heads, ca.head_dim)))  # [b p h d]
+            kv = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim))  # [b m 2 h d]
+            ks.append(kv[:, :, 0])
+            vs.append(kv[:, :, 1])
+        outs = _varlen.varlen_together(qs, ks, vs, key_lengths)
+        for i, (blk, out) in enumerate(zip(blocks, outs)):
+            attended = out.flatten(-2).masked_fill(empty, 0.0)  # [b p (h d)]
+            xs[i] = blk.after_cross(xs[i], blk.cross_attn.output(attended))
+    return [dec.predict(x) for dec, x in zip(decoders, xs)]

@@ -1,0 +1,291 @@
+"""`decode_together`: several CrossMAE decoders over one context, in lockstep.
+
+The packed CUDA kernel is replaced by a CPU reference (`reference_varlen`), so the lockstep
+route (one kernel call per layer for every decoder) runs here in float64 and is compared
+with each decoder run alone, on the packed route and on the CPU's own masked-SDPA route.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import crossmae as cm
+from crossmae.layers import _varlen
+from tests.layers.test_varlen import reference_varlen
+from tests.strategies import generator, seeds, tiny_water_batch, tiny_water_model
+
+E = 12  # context width
+
+
+def counting(calls: list[int]) -> Callable[..., torch.Tensor]:
+    def kernel(*a: Any) -> torch.Tensor:
+        calls.append(1)
+        return reference_varlen(*a)  # type: ignore[no-any-return]
+
+    return kernel
+
+
+def packed_route(monkeypatch: pytest.MonkeyPatch, calls: Optional[list[int]] = None) -> None:
+    """Make the backend plan the packed kernel on CPU (with the reference kernel)."""
+    monkeypatch.setattr(_varlen, "supports", lambda *a: True)
+    monkeypatch.setattr(_varlen, "_VARLEN", counting([] if calls is None else calls))
+
+
+def decoders(
+    seed: int, depths: tuple[int, ...], *, wfm: bool = False, self_attn: bool = False
+) -> list[cm.CrossMAEDecoder]:
+    torch.manual_seed(seed)
+    out = []
+    for i, depth in enumerate(depths):
+        dec = cm.CrossMAEDecoder(
+            E, 8, depth, 2, out_dim=3 + i, num_tokens=10 + i, self_attn=self_attn,
+            num_feature_maps=2 if wfm else None,
+        )  # fmt: skip
+        out.append(dec.double())
+    return out
+
+
+@st.composite
+def case(draw: st.DrawFn) -> dict[str, Any]:
+    b = draw(st.integers(1, 3))
+    m = draw(st.integers(1, 7))
+    count = draw(st.integers(2, 3))
+    return {
+        "b": b,
+        "m": m,
+        "p": [draw(st.integers(0, 5)) for _ in range(count)],
+        "wfm": draw(st.booleans()),
+        "self_attn": draw(st.booleans()),
+        "query_pad": draw(st.booleans()),
+        "seed": draw(seeds()),
+    }
+
+
+def inputs(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[Any]]:
+    g = generator(c["seed"])
+    b, m = c["b"], c["m"]
+    shape = (2, b, m, E) if c["wfm"] else (b, m, E)
+    ctx = torch.randn(*shape, generator=g, dtype=torch.float64)
+    cpad = torch.rand(b, m, generator=g) < 0.4
+    cpad[0] = True  # one sample without any real key
+    ctx = ctx.masked_fill(cpad[..., None], float("nan"))  # padding never read
+    ids = [torch.randint(0, 10, (b, p), generator=g) for p in c["p"]]
+    qpads: list[Any] = [
+        (torch.rand(b, p, generator=g) < 0.3) if c["query_pad"] else None for p in c["p"]
+    ]
+    return ctx, cpad, ids, qpads
+
+
+def one_by_one(decs: list[cm.CrossMAEDecoder], ctx: torch.Tensor, cpad: torch.Tensor,
+               ids: list[torch.Tensor], qpads: list[Any]) -> list[torch.Tensor]:  # fmt: skip
+    return [
+        d(ctx, i, context_padding_mask=cpad, query_padding_mask=q)
+        for d, i, q in zip(decs, ids, qpads)
+    ]
+
+
+def assert_rows_close(got: list[torch.Tensor], ref: list[torch.Tensor], qpads: list[Any]) -> None:
+    for g, r, q in zip(got, ref, qpads):
+        assert g.shape == r.shape
+        assert torch.isfinite(g).all()
+        real = torch.ones(g.shape[:2], dtype=torch.bool) if q is None else ~q
+        torch.testing.assert_close(g[real], r[real], atol=1e-10, rtol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case())
+def test_lockstep_equals_each_decoder_alone(c: dict[str, Any]) -> None:
+    """Equal to every decoder run alone on the CPU's masked-SDPA route, and on the packed
+    route; the lockstep run makes one kernel call per layer, not one per decoder."""
+    decs = decoders(c["seed"] % 1000, (2,) * len(c["p"]), wfm=c["wfm"], self_attn=c["self_attn"])
+    ctx, cpad, ids, qpads = inputs(c)
+    ref = one_by_one(decs, ctx, cpad, ids, qpads)  # default CPU route, no packing
+    with pytest.MonkeyPatch.context() as mp:
+        calls: list[int] = []
+        packed_route(mp, calls)
+        alone = one_by_one(decs, ctx, cpad, ids, qpads)
+        alone_calls = len(calls)
+        calls.clear()
+        got = cm.decode_together(
+            decs, ctx, ids, context_padding_mask=cpad, query_padding_masks=qpads
+        )
+    assert_rows_close(got, ref, qpads)
+    assert_rows_close(got, alone, qpads)
+    self_calls = 2 * len(decs) if c["self_attn"] and c["query_pad"] else 0  # varlen self-attn
+    assert alone_calls == 2 * len(decs) + self_calls
+    assert len(calls) == 2 + self_calls  # depth 2: one cross-attention call per layer
+
+
+def test_lockstep_gradients_equal() -> None:
+    c = {"b": 3, "m": 6, "p": [4, 2, 5], "wfm": True, "self_attn": False, "query_pad": True,
+         "seed": 3}  # fmt: skip
+    decs = decoders(1, (2, 2, 2), wfm=True)
+    ctx, cpad, ids, qpads = inputs(c)
+    ctx = ctx.nan_to_num(0.0).requires_grad_(True)
+
+    def grads(fn: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        outs = fn()
+        loss = sum((o * (1 + k)).sin().sum() for k, o in enumerate(outs))
+        params = [ctx, *[p for d in decs for p in d.parameters()]]
+        return list(torch.autograd.grad(loss, params, allow_unused=True))  # type: ignore[arg-type]
+
+    qmask = [q for q in qpads]
+    ref = grads(lambda: one_by_one(decs, ctx, cpad, ids, qmask))
+    with pytest.MonkeyPatch.context() as mp:
+        packed_route(mp)
+        got = grads(
+            lambda: cm.decode_together(
+                decs, ctx, ids, context_padding_mask=cpad, query_padding_masks=qmask
+            )
+        )
+    for g, r in zip(got, ref):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+
+
+def test_padded_context_never_reaches_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN in padded keys, a sample with none at all: finite, and that sample's outputs
+    equal the decoder's queries-only prediction (attention contributes exactly 0)."""
+    decs = decoders(2, (1, 1))
+    c = {"b": 2, "m": 5, "p": [3, 4], "wfm": False, "self_attn": False, "query_pad": False,
+         "seed": 7}  # fmt: skip
+    ctx, cpad, ids, _ = inputs(c)
+    packed_route(monkeypatch)
+    got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    nothing = torch.ones_like(cpad)
+    alone = one_by_one(decs, ctx.nan_to_num(123.0), nothing, ids, [None, None])
+    for g, a in zip(got, alone):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g[0], a[0], atol=1e-12, rtol=1e-12)  # sample 0 has no key
+
+
+def test_differing_depths_run_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    decs = decoders(4, (1, 2))
+    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
+         "seed": 1}  # fmt: skip
+    ctx, cpad, ids, qpads = inputs(c)
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    assert len(calls) == 3  # 1 + 2 layers, each decoder on its own
+    assert_rows_close(got, one_by_one(decs, ctx, cpad, ids, qpads), qpads)
+
+
+def test_hooks_and_overridden_forward_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lockstep run would bypass a forward hook or a subclass's forward: those run alone."""
+    decs = decoders(5, (1, 1))
+    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
+         "seed": 2}  # fmt: skip
+    ctx, cpad, ids, _ = inputs(c)
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    seen: list[int] = []
+    handle = decs[1].blocks[0].register_forward_hook(lambda *a: seen.append(1))
+    cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    assert seen == [1] and len(calls) == 2
+    handle.remove()
+
+    class Doubled(cm.CrossMAEDecoder):
+        def forward(self, *a: Any, **kw: Any) -> torch.Tensor:
+            return 2 * super().forward(*a, **kw)
+
+    twice = Doubled(E, 8, 1, 2, out_dim=4, num_tokens=11).double()
+    twice.load_state_dict(decs[1].state_dict())
+    got = cm.decode_together([decs[0], twice], ctx, ids, context_padding_mask=cpad)
+    plain = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    torch.testing.assert_close(got[1], 2 * plain[1])
+
+
+def test_without_padding_every_decoder_runs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    decs = decoders(6, (1, 1))
+    ctx = torch.randn(2, 4, E, dtype=torch.float64)
+    ids = [torch.randint(0, 10, (2, 3)), torch.randint(0, 10, (2, 2))]
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    got = cm.decode_together(decs, ctx, ids)
+    assert calls == []  # no padding: plain SDPA per decoder
+    for g, d, i in zip(got, decs, ids):
+        torch.testing.assert_close(g, d(ctx, i))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"decoders": "abc"}, TypeError, "decoders must be a sequence"),
+        ({"decoders": []}, ValueError, "at least one CrossMAEDecoder"),
+        ({"decoders": [torch.nn.Linear(2, 2)]}, TypeError, r"decoders\[0\] must be"),
+        ({"ids_predict": torch.zeros(2, 3, dtype=torch.long)}, TypeError, "ids_predict must be"),
+        ({"ids_predict": [torch.zeros(2, 3, dtype=torch.long)]}, ValueError, "ids_predict has 1"),
+        (
+            {"query_padding_masks": torch.zeros(2, 3, dtype=torch.bool)},
+            TypeError,
+            "query_padding_masks must be",
+        ),
+        ({"query_padding_masks": [None]}, ValueError, "query_padding_masks has 1"),
+        (
+            {
+                "ids_predict": [
+                    torch.zeros(2, 3, dtype=torch.long),
+                    torch.zeros(3, 3, dtype=torch.long),
+                ]
+            },
+            ValueError,
+            r"decoders\[1\]: ids_predict has batch 3",
+        ),
+    ],
+)
+def test_argument_errors(kwargs: dict[str, Any], error: type, match: str) -> None:
+    decs = decoders(7, (1, 1))
+    args: dict[str, Any] = {
+        "decoders": decs,
+        "context": torch.randn(2, 4, E, dtype=torch.float64),
+        "ids_predict": [torch.zeros(2, 3, dtype=torch.long)] * 2,
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        cm.decode_together(args.pop("decoders"), args.pop("context"), args.pop("ids_predict"),
+                           **args)  # fmt: skip
+
+
+# ------------------------------------------------------------------- in MultimodalMAE
+def test_multimodal_model_fuses_its_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The water model with and without ``fuse_decoders``: same loss and gradients on the
+    packed route, and one decoder kernel call per layer instead of one per modality."""
+    model = tiny_water_model().double()
+    inputs_, static = tiny_water_batch(model.names, generator(11))
+    inputs_ = {k: v.double() for k, v in inputs_.items()}
+    static = static.double()
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    results = {}
+    for fuse in (False, True):
+        model.fuse_decoders = fuse
+        model.zero_grad()
+        calls.clear()
+        out = model(inputs_, static=static, generator=generator(5))
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[fuse] = (out, grads, len(calls))
+    (ref, ref_g, ref_calls), (got, got_g, got_calls) = results[False], results[True]
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-10, rtol=1e-10)
+    assert len(got_g) == len(ref_g)
+    for g, r in zip(got_g, ref_g):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+    for name in model.names:
+        torch.testing.assert_close(got.preds[name], ref.preds[name])
+    assert list(got.preds) == model.names  # modality order kept
+    decoders_ = len(model.names)
+    assert ref_calls - got_calls == decoders_ - 1  # depth 1: five calls became one
+
+
+def test_fuse_decoders_must_be_a_bool() -> None:
+    model = tiny_water_model()
+    with pytest.raises(TypeError, match="fuse_decoders"):
+        cm.MultimodalMAE(dict(model.modalities), model.fusion, fuse_decoders=1)  # type: ignore[arg-type]
