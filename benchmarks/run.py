@@ -294,6 +294,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     # Compiled: masks are drawn in data preparation (tokenize for the padding masks, then
     # make_splits, eager) and the forward is one graph given the splits.
     backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
+    # modes: eager, eager-unfused (decoders one by one), compiled, regional
     modes = os.environ.get("CROSSMAE_BENCH_WATER_MODES", "eager,compiled,regional").split(",")
     compiled = (
         torch.compile(model, fullgraph=True, backend=backend)
@@ -319,6 +320,13 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        def step_unfused() -> None:  # the decoders one by one (MultimodalMAE(fuse_decoders=False))
+            model.fuse_decoders = False
+            try:
+                step_eager()
+            finally:
+                model.fuse_decoders = True
+
         def step_compiled() -> None:
             assert compiled is not None
             with torch.no_grad(), autocast(dev, dev.type == "cuda"):
@@ -341,6 +349,8 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
             opt_r.zero_grad(set_to_none=True)
 
         steps = [("eager", step_eager)] if "eager" in modes else []
+        if "eager-unfused" in modes:
+            steps.append(("eager-unfused", step_unfused))
         if compiled is not None:
             steps.append(("compiled", step_compiled))
         if regional is not None:

@@ -29,7 +29,10 @@ __all__ = ["decode_together"]
 
 
 def _hooked(mod: torch.nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+    """Forward hooks, or a ``Module.compile`` (e.g. `compile_blocks`): what a lockstep run,
+    calling the steps of ``forward`` itself, would bypass."""
+    compiled = getattr(mod, "_compiled_call_impl", None) is not None
+    return compiled or bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
 def _stock(dec: CrossMAEDecoder) -> bool:
@@ -79,8 +82,9 @@ def decode_together(
     variable-length kernel for every decoder (CUDA, half precision, padded context, no
     attention dropout) and the decoders have the same depth and heads, each layer makes
     one kernel call for all decoders instead of one per decoder. Otherwise, or when a
-    decoder, block or attention module has forward hooks or an overridden ``forward``
-    (which a lockstep run would bypass), the decoders simply run one after the other.
+    decoder, block or attention module has forward hooks, an overridden ``forward`` or was
+    compiled in place (``Module.compile``, `compile_blocks`), all of which a lockstep run
+    would bypass, the decoders simply run one after the other.
 
     Args:
         decoders: a non-empty sequence of `CrossMAEDecoder` (each with its own parameters,

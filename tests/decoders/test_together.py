@@ -203,6 +203,24 @@ def test_hooks_and_overridden_forward_are_honoured(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(got[1], 2 * plain[1])
 
 
+def test_blocks_compiled_in_place_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_blocks` compiles each block's ``forward``: those blocks keep running it."""
+    decs = decoders(8, (1, 1))
+    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
+         "seed": 4}  # fmt: skip
+    ctx, cpad, ids, qpads = inputs(c)
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    ref = one_by_one(decs, ctx, cpad, ids, qpads)
+    torch._dynamo.reset()
+    assert cm.compile_blocks(decs[0], backend="eager") == 1
+    calls.clear()
+    got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    torch._dynamo.reset()
+    assert len(calls) == 2  # one call per decoder: no lockstep
+    assert_rows_close(got, ref, qpads)
+
+
 def test_without_padding_every_decoder_runs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     decs = decoders(6, (1, 1))
     ctx = torch.randn(2, 4, E, dtype=torch.float64)
