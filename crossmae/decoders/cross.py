@@ -439,6 +439,10 @@ class CrossMAEDecoder(_QueryEmbeddings):
             "query_padding_mask", query_padding_mask, ids.shape, "ids_predict [b, p]"
         )
         x = self.queries(ids, pos)
+        if cpad is not None and self.wfm is not None:
+            # Zero padded slots before the mixing and the norms too: their backward would
+            # otherwise turn a NaN stored in padding into a NaN gradient (0 · NaN).
+            raw = raw.masked_fill(cpad[..., None], 0.0)
         ctx = self.contexts(raw)
         # Under autocast every layer's kv projection would cast the (float32) context again:
         # cast it once here instead.

@@ -166,6 +166,30 @@ def test_padded_context_never_reaches_the_output(monkeypatch: pytest.MonkeyPatch
         torch.testing.assert_close(g[0], a[0], atol=1e-12, rtol=1e-12)  # sample 0 has no key
 
 
+@pytest.mark.parametrize("together", [False, True])
+def test_nan_in_padded_context_gets_a_zero_gradient(
+    together: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN stored in padded context slots (WFM: mixed and normed per layer) gives those
+    slots an exact 0 gradient and every other gradient finite, alone and in lockstep."""
+    decs = decoders(3, (2, 2), wfm=True)
+    c = {"b": 3, "m": 6, "p": [4, 3], "wfm": True, "self_attn": False, "query_pad": False,
+         "seed": 9}  # fmt: skip
+    ctx, cpad, ids, qpads = inputs(c)
+    packed_route(monkeypatch)
+    x = ctx.detach().requires_grad_(True)
+    if together:
+        outs = cm.decode_together(decs, x, ids, context_padding_mask=cpad)
+    else:
+        outs = one_by_one(decs, x, cpad, ids, qpads)
+    sum(o.square().sum() for o in outs).backward()  # type: ignore[union-attr]
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[:, cpad] == 0).all()
+    for d in decs:
+        assert all(torch.isfinite(p.grad).all() for p in d.parameters() if p.grad is not None)
+
+
 def test_differing_depths_run_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
     decs = decoders(4, (1, 2))
     c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
