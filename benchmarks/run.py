@@ -120,12 +120,18 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
     ids_keep = torch.rand(b, n, device=dev).argsort(1)[:, :keep]
     results = {}
     modes = ["eager", "compiled", "compiled-cudagraphs"] if compile_ else ["eager"]
+    # env CROSSMAE_BENCH_DECODER_MODES / _RATIOS: a subset, e.g. "compiled-cudagraphs" / "0.25"
+    wanted = [m for m in os.environ.get("CROSSMAE_BENCH_DECODER_MODES", "").split(",") if m]
+    modes = [m for m in modes if not wanted or m in wanted]
+    ratios = tuple(
+        float(r) for r in os.environ.get("CROSSMAE_BENCH_DECODER_RATIOS", "0.25,0.75").split(",")
+    )
     for tag in modes:
         compiled = tag != "eager"
         mode = "reduce-overhead" if tag == "compiled-cudagraphs" else None
         mae = MAEDecoder(enc_dim, dim, depth, heads, 768, n).to(dev)
         fmae = torch.compile(mae, mode=mode) if compiled else mae
-        for pr in (0.25, 0.75):
+        for pr in ratios:
             p = int(n * pr)
             ids_pred = torch.rand(b, n, device=dev).argsort(1)[:, :p].sort(1).values
             cross = CrossMAEDecoder(enc_dim, dim, depth, heads, 768, num_tokens=n).to(dev)
@@ -538,7 +544,11 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     sdpa = ("flash", "cudnn", "efficient", "math") if cuda else ("math",)
     suggestions: list[str] = []
+    # env CROSSMAE_BENCH_SMALLHEAD: shapes whose name starts with one of these, e.g. "image"
+    only = [x for x in os.environ.get("CROSSMAE_BENCH_SMALLHEAD", "").split(",") if x]
     for name, nq, nk, d, *bh in SMALLHEAD_SHAPES:
+        if only and not any(name.startswith(x) for x in only):
+            continue
         b, h = bh if bh and not small else (b0, h0)
         nq, nk = max(nq // div, 8), max(nk // div, 8)
         g = torch.Generator().manual_seed(1)
@@ -984,6 +994,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "reference" in names and REFERENCE_DIR is None:
         ap.error("section 'reference' needs --reference DIR")
     torch.backends.cuda.matmul.allow_tf32 = True
+    rules = kernel_rules_from_env()
+    if rules:
+        cm.set_kernel_table(rules)
+        log(f"kernel table (CROSSMAE_BENCH_KERNEL_RULES): {rules}")
     log(
         f"# crossmae benchmarks  torch {torch.__version__}  device "
         f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}"
@@ -1002,6 +1016,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(args.markdown, "w") as f:
             f.write(rows_markdown(ROWS))
     return 1 if failures else 0
+
+
+def kernel_rules_from_env() -> list[cm.KernelRule]:
+    """`KernelRule` s from env CROSSMAE_BENCH_KERNEL_RULES, a JSON list of their keyword
+    arguments, e.g. ``[{"head_dim": 32, "max_keys": 64, "padded": false,
+    "sdpa_backends": ["math"]}]`` (to time a kernel table end to end)."""
+    raw = os.environ.get("CROSSMAE_BENCH_KERNEL_RULES", "")
+    if not raw:
+        return []
+    items = json.loads(raw)
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ValueError(f"CROSSMAE_BENCH_KERNEL_RULES must be a JSON list of objects, got {raw!r}")
+    return [
+        cm.KernelRule(**{k: tuple(v) if isinstance(v, list) else v for k, v in i.items()})
+        for i in items
+    ]
 
 
 def rows_markdown(rows: list[dict[str, Any]]) -> str:
