@@ -9,7 +9,8 @@ call. `decode_together` runs them layer by layer instead: at layer ``j`` every d
 projects its queries and its keys/values, then **one** packed variable-length kernel call
 serves all of them (segments per decoder and sample), then every decoder finishes its
 block. The results equal running each decoder alone (same parameters, same arithmetic per
-segment); only the number of kernel launches changes.
+segment); only the number of kernel launches changes (and, while training with dropout or
+drop path, the order in which random masks are drawn).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _shares_kernel(decoders: Sequence[CrossMAEDecoder], states: Sequence[Decoder
             return False
         if st.plan.kernel != "varlen" or not st.plan.trailing:
             return False
+        if dec.training and ca.attn_drop > 0.0:  # the packed kernel takes no dropout
+            return False
         if st.context_padding_mask is None:
             return False
     return True
@@ -85,6 +88,11 @@ def decode_together(
     decoder, block or attention module has forward hooks, an overridden ``forward`` or was
     compiled in place (``Module.compile``, `compile_blocks`), all of which a lockstep run
     would bypass, the decoders simply run one after the other.
+
+    While training with ``drop``/``drop_path`` (attention dropout rules the packed kernel
+    out), a lockstep run draws the same random masks in another order (layer by layer
+    instead of decoder by decoder): the same distribution, not the same numbers as the
+    one-by-one run for a given seed.
 
     Args:
         decoders: a non-empty sequence of `CrossMAEDecoder` (each with its own parameters,

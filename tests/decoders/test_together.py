@@ -32,7 +32,8 @@ def counting(calls: list[int]) -> Callable[..., torch.Tensor]:
 
 def packed_route(monkeypatch: pytest.MonkeyPatch, calls: Optional[list[int]] = None) -> None:
     """Make the backend plan the packed kernel on CPU (with the reference kernel)."""
-    monkeypatch.setattr(_varlen, "supports", lambda *a: True)
+    # as on CUDA in half precision: any head dim, no attention dropout
+    monkeypatch.setattr(_varlen, "supports", lambda dev, dtype, d, p: p == 0.0)
     monkeypatch.setattr(_varlen, "_VARLEN", counting([] if calls is None else calls))
 
 
@@ -331,3 +332,35 @@ def test_fuse_decoders_must_be_a_bool() -> None:
     model = tiny_water_model()
     with pytest.raises(TypeError, match="fuse_decoders"):
         cm.MultimodalMAE(dict(model.modalities), model.fusion, fuse_decoders=1)  # type: ignore[arg-type]
+
+
+def test_training_mode_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In train mode without stochastic layers the results are equal; with drop path they
+    still run in lockstep (one call per layer) and every sample is finite; with attention
+    dropout the packed kernel is out, so the decoders run alone."""
+    c = {"b": 3, "m": 5, "p": [4, 2], "wfm": False, "self_attn": False, "query_pad": False,
+         "seed": 12}  # fmt: skip
+    ctx, cpad, ids, qpads = inputs(c)
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    decs = [d.train() for d in decoders(9, (2, 2))]
+    ref = one_by_one(decs, ctx, cpad, ids, qpads)
+    calls.clear()
+    got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+    assert len(calls) == 2
+    assert_rows_close(got, ref, qpads)
+    torch.manual_seed(0)
+    dropping = [
+        cm.CrossMAEDecoder(E, 8, 2, 2, out_dim=3, num_tokens=10, drop_path=0.5).double().train()
+        for _ in range(2)
+    ]
+    calls.clear()
+    outs = cm.decode_together(dropping, ctx, ids, context_padding_mask=cpad)
+    assert len(calls) == 2 and all(torch.isfinite(o).all() for o in outs)
+    attn_drop = [
+        cm.CrossMAEDecoder(E, 8, 2, 2, out_dim=3, num_tokens=10, attn_drop=0.1).double().train()
+        for _ in range(2)
+    ]
+    calls.clear()
+    cm.decode_together(attn_drop, ctx, ids, context_padding_mask=cpad)
+    assert calls == []  # attention dropout: masked SDPA per decoder, not the packed kernel
