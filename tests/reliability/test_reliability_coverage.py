@@ -3,7 +3,8 @@
 `FiLMProjection`, `visible_patch_mean`, `visible_site_mean`, `SpatioTemporalQueryPos`,
 `token_valid_mask_from_pixels`, `ModalityLoss`, `padding_wins`, `AttentionPlan`,
 `KernelRule`, `set_kernel_table`, `kernel_table`, `MaskSplit.validate` / `.to` /
-`.collate`, and `crossmae.distributed.global_sample_mean` / `global_multimodal_loss`:
+`.collate`, `crossmae.distributed.global_sample_mean` / `global_multimodal_loss`,
+`decode_together` and `compile_blocks`:
 wrong type → ``TypeError`` naming the argument, wrong shape or value → ``ValueError``
 naming it, raised before any work; plus empty batches, NaN in padded and in real inputs,
 and non-contiguous inputs where the callable takes tensors.
@@ -1250,6 +1251,84 @@ def _postnorm_cases() -> list[Case]:
     ]
 
 
+# --------------------------------------------------------------------------- decode_together
+def _decs(count: int = 2) -> list[cm.CrossMAEDecoder]:
+    torch.manual_seed(0)
+    return [cm.CrossMAEDecoder(8, 8, 1, 2, 3 + i, num_tokens=10) for i in range(count)]
+
+
+def _together_cases() -> list[Case]:
+    decs = _decs()
+    ctx = randn(3, 5, 8)
+    pad = torch.tensor([[False, False, True, False, True]] * 3)
+    ids = [torch.tensor([[0, 1, 2]] * 3), torch.tensor([[3, 4]] * 3)]
+
+    def run(c: torch.Tensor = ctx, i: Any = ids, **kw: Any) -> Any:
+        return cm.decode_together(decs, c, i, context_padding_mask=pad, **kw)
+
+    zeroed = ctx.masked_fill(pad[..., None], 0.0)
+    poisoned = ctx.masked_fill(pad[..., None], float("nan"))
+    sample1 = ctx.clone()
+    sample1[1, 0, 0] = float("nan")  # a real slot of sample 1
+    api = "decode_together"
+    return [
+        Case(api, "decoders one module, not a sequence",
+             lambda: cm.decode_together(decs[0], ctx, ids),  # type: ignore[arg-type]
+             Raises(("decoders",), ("CrossMAEDecoder",))),
+        Case(api, "decoders empty", lambda: cm.decode_together([], ctx, []),
+             Raises(("decoders",), ("empty",))),
+        Case(api, "decoders holding an MAEDecoder",
+             lambda: cm.decode_together([cm.MAEDecoder(8, 8, 1, 2, 3, 10)], ctx, ids[:1]),  # type: ignore[list-item]
+             Raises(("decoders[0]",), ("MAEDecoder",))),
+        Case(api, "ids_predict one tensor, not a sequence", lambda: run(i=ids[0]),
+             Raises(("ids_predict",), ("Tensor",))),
+        Case(api, "ids_predict for 1 of 2 decoders", lambda: run(i=ids[:1]),
+             Raises(("ids_predict",), ("1",))),
+        Case(api, "float ids_predict", lambda: run(i=[x.float() for x in ids]),
+             Raises(("decoders[0]", "ids_predict"), ("float32",))),
+        Case(api, "query_padding_masks for 1 of 2 decoders",
+             lambda: run(query_padding_masks=[None]), Raises(("query_padding_masks",), ("1",))),
+        Case(api, "context width 5 for context_dim=8", lambda: run(c=randn(3, 5, 5)),
+             Raises(("context",), ("(3, 5, 5)",))),
+        Case(api, "empty batch b=0",
+             lambda: cm.decode_together(decs, randn(0, 5, 8), [x[:0] for x in ids]),
+             Returns("empty [0, p, o] per decoder", shape_is(0, 3, 3))),
+        Case(api, "one decoder predicting no token (p=0)",
+             lambda: run(i=[ids[0], ids[1][:, :0]]),
+             Returns("[3, 0, 4] for it", lambda r: _assert(tuple(r[1].shape) == (3, 0, 4),
+                                                           str(tuple(r[1].shape))))),
+        Case(api, "NaN in padded context slots", lambda: run(c=poisoned),
+             Returns("same as zeros there", _eq(lambda: run(c=zeroed)))),
+        Case(api, "NaN in a real context slot of sample 1", lambda: run(c=sample1),
+             Returns("NaN reaches sample 1 only", nan_in_sample_only(1, pick=lambda r: r[0]),
+                     finite=False)),
+        Case(api, "non-contiguous context", lambda: run(c=nc(ctx)),
+             Returns("same as contiguous", _eq(lambda: run()))),
+        Case(api, "equal to each decoder alone", lambda: run(),
+             Returns("decoder i's own forward", same_as(lambda: [
+                 d(ctx, i, context_padding_mask=pad) for d, i in zip(decs, ids)]))),
+    ]  # fmt: skip
+
+
+def _assert(ok: bool, msg: str) -> None:
+    assert ok, msg
+
+
+# --------------------------------------------------------------------------- compile_blocks
+def _compile_blocks_cases() -> list[Case]:
+    api = "compile_blocks"
+    return [
+        Case(api, "model an int", lambda: cm.compile_blocks(3),  # type: ignore[arg-type]
+             Raises(("model",), ("int",))),
+        Case(api, "types a list", lambda: cm.compile_blocks(_decs(1)[0], types=[cm.Block]),  # type: ignore[arg-type]
+             Raises(("types",), ("[",))),
+        Case(api, "types empty", lambda: cm.compile_blocks(_decs(1)[0], types=()),
+             Raises(("types",), ("()",))),
+        Case(api, "a model without blocks", lambda: cm.compile_blocks(torch.nn.Linear(2, 2)),
+             Raises(("model",), ("Linear",))),
+    ]  # fmt: skip
+
+
 CASES = (
     _film_cases()
     + _vpm_cases()
@@ -1262,6 +1341,8 @@ CASES = (
     + _split_cases()
     + _dist_cases()
     + _postnorm_cases()
+    + _together_cases()
+    + _compile_blocks_cases()
 )
 
 
