@@ -168,6 +168,9 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
     # Every decoder reordered the same mask with the same stable permutation: one mask.
     key_lengths = (~cpad).sum(dim=1)
     empty = (key_lengths == 0)[:, None, None]  # [b 1 1]: samples with no real key
+    # one layout for every layer: the boundaries are computed once
+    counts = [st.queries.shape[1] for st in states]
+    segments = _varlen.together_segments(counts, cpad.shape[1], key_lengths)
     xs = [st.queries for st in states]
     for j in range(len(decoders[0].blocks)):
         blocks = [cast(CrossAttentionBlock, dec.blocks[j]) for dec in decoders]
@@ -182,7 +185,7 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
             kv = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim))  # [b m 2 h d]
             ks.append(kv[:, :, 0])
             vs.append(kv[:, :, 1])
-        outs = _varlen.varlen_together(qs, ks, vs, key_lengths)
+        outs = _varlen.varlen_together(qs, ks, vs, key_lengths, segments=segments)
         for i, (blk, out) in enumerate(zip(blocks, outs)):
             attended = out.flatten(-2).masked_fill(empty, 0.0)  # [b p (h d)]
             xs[i] = blk.after_cross(xs[i], blk.cross_attn.output(attended))

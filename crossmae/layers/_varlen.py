@@ -178,12 +178,35 @@ def varlen_attend(
     return out
 
 
+def together_segments(
+    query_counts: list[int], num_keys: int, key_lengths: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Segment boundaries of `varlen_together` (int32 ``cu_q``, ``cu_k``), computed once
+    and reusable for every layer that shares the layout: call ``i`` has ``query_counts[i]``
+    queries per sample, all real; its keys are ``num_keys`` slots per sample whose first
+    ``key_lengths[j]`` are real (int ``[b]``). Two segments per call and sample (real keys,
+    then the padded ones with no query)."""
+    b, m = key_lengths.shape[0], num_keys
+    k_bounds = _segments(key_lengths, m)[:-1]  # [2b], real then padded keys per sample
+    starts = torch.arange(b, device=key_lengths.device, dtype=torch.int32)
+    cu_q, cu_k, q_off = [], [], 0
+    for i, n in enumerate(query_counts):
+        ends = (starts + 1) * n + q_off  # sample j's queries end here; its dummy segment is empty
+        cu_q.append(torch.stack([starts * n + q_off, ends], dim=1).reshape(-1))
+        cu_k.append(k_bounds + i * b * m)
+        q_off += b * n
+    end_q = key_lengths.new_full((1,), q_off, dtype=torch.int32)
+    end_k = key_lengths.new_full((1,), len(query_counts) * b * m, dtype=torch.int32)
+    return torch.cat([*cu_q, end_q]).to(torch.int32), torch.cat([*cu_k, end_k]).to(torch.int32)
+
+
 def varlen_together(
     qs: list[Tensor],
     ks: list[Tensor],
     vs: list[Tensor],
     key_lengths: Tensor,
     *,
+    segments: Optional[tuple[Tensor, Tensor]] = None,
     kernel: Optional[VarlenFn] = None,
 ) -> list[Tensor]:
     """Several attention calls over one key layout in **one** packed kernel call.
@@ -193,27 +216,23 @@ def varlen_together(
     ``key_lengths[j]`` slots (int ``[b]``, the same for every call; padded keys finite).
     Every query attends to the real keys of its own call and sample. Returns the outputs
     ``[b, n_i, h, d]``; rows of samples with no real key are left for the caller to zero.
-    Boundaries come from on-device sums over the static strides: no host sync.
+    ``segments``: `together_segments` for this layout, when the caller computed them once
+    for several layers. Boundaries come from on-device sums over the static strides: no
+    host sync.
     """
     fn = kernel if kernel is not None else _kernel()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
-    b, m = ks[0].shape[:2]
-    k_bounds = _segments(key_lengths, m)[:-1]  # [2b], real then padded keys per sample
-    cu_q, cu_k, q_off = [], [], 0
-    for i, q in enumerate(qs):
-        n = q.shape[1]
-        cu_q.append(_segments(key_lengths.new_full((b,), n), n)[:-1] + q_off)
-        cu_k.append(k_bounds + i * b * m)
-        q_off += b * n
-    end_q = key_lengths.new_full((1,), q_off, dtype=torch.int32)
-    end_k = key_lengths.new_full((1,), len(ks) * b * m, dtype=torch.int32)
+    m = ks[0].shape[1]
+    if segments is None:
+        segments = together_segments([q.shape[1] for q in qs], m, key_lengths)
+    cu_q, cu_k = segments
     out = fn(
         torch.cat([q.flatten(0, 1) for q in qs]),
         torch.cat(ks).flatten(0, 1),  # [(calls b m) h d]: one copy of strided views
         torch.cat(vs).flatten(0, 1),
-        torch.cat([*cu_q, end_q]).to(torch.int32),
-        torch.cat([*cu_k, end_k]).to(torch.int32),
+        cu_q,
+        cu_k,
         max(max(q.shape[1] for q in qs), 1),
         max(m, 1),
     )

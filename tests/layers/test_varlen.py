@@ -159,3 +159,28 @@ def test_multimodal_model_same_loss_on_the_packed_route(monkeypatch: pytest.Monk
         torch.testing.assert_close(
             out.sample_losses[name], ref.sample_losses[name], atol=1e-4, rtol=1e-5
         )
+
+
+@given(
+    st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    st.integers(0, 7),
+    st.lists(st.integers(0, 7), min_size=1, max_size=4),
+)
+def test_together_segments_pair_every_call_and_sample(counts, m, lengths) -> None:  # type: ignore[no-untyped-def]
+    """Segment ``2 (i b + j)`` holds call i's sample-j queries and that sample's real keys
+    (offset by call i's block of keys), segment ``+1`` no query and its padded keys."""
+    key_lengths = torch.tensor([min(x, m) for x in lengths])
+    b = key_lengths.shape[0]
+    cu_q, cu_k = _varlen.together_segments(counts, m, key_lengths)
+    assert cu_q.dtype == cu_k.dtype == torch.int32
+    assert cu_q.shape == cu_k.shape == (2 * b * len(counts) + 1,)
+    q_off = 0
+    for i, n in enumerate(counts):
+        for j in range(b):
+            s = 2 * (i * b + j)
+            assert (int(cu_q[s]), int(cu_q[s + 1]), int(cu_q[s + 2])) == (
+                q_off + j * n, q_off + (j + 1) * n, q_off + (j + 1) * n)  # fmt: skip
+            k0 = i * b * m + j * m
+            assert (int(cu_k[s]), int(cu_k[s + 1]), int(cu_k[s + 2])) == (
+                k0, k0 + int(key_lengths[j]), k0 + m)  # fmt: skip
+        q_off += b * n
