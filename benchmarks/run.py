@@ -675,31 +675,6 @@ def _fusion_rows(
 
 
 # --------------------------------------------------------------------------- 8. CUDA graphs
-def capture_step(
-    step: Callable[[], None],
-    before_capture: Callable[[], None],
-    generators: tuple[torch.Generator, ...] = (),
-) -> Callable[[], None]:
-    """Capture ``step`` (forward, backward, optimizer step: static tensors, no host sync)
-    in one CUDA graph and return its replay (warm-up on a side stream first, as the
-    PyTorch docs prescribe). ``before_capture`` runs right before the capture (e.g.
-    ``opt.zero_grad(set_to_none=True)`` so the captured backward writes fresh grads)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            before_capture()
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    for g in generators:
-        graph.register_generator_state(g)
-    before_capture()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 GRAPH_MODES = ("eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled")
 
 
@@ -779,9 +754,7 @@ def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
                 with peak_memory(dev) as mem:
                     run = step
                     if graph:
-                        run = capture_step(
-                            step, lambda opt=opt: opt.zero_grad(set_to_none=True), (gen,)
-                        )
+                        run, _ = cm.capture_step(step, optimizers=[opt], generators=[gen])
                     bad.zero_()
                     ms = bench(run, dev, warmup=3, iters=10)
                 record("cudagraph", f"{wname} {mode}", ms=ms, nonfinite_steps=int(bad), **mem)

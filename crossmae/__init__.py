@@ -23,7 +23,7 @@ from ._config import (
     set_padded_attention_kernel,
     use_fused_attn,
 )
-from .compile import compile_blocks
+from .compile import capture_step, compile_blocks
 from .decoders import CrossMAEDecoder, MAEDecoder, SpatioTemporalQueryPos, decode_together
 from .encoders import (
     EncoderOutput,
@@ -171,6 +171,7 @@ __all__ = [
     "build_image_crossmae",
     "build_mae_decoder",
     "build_water_mae",
+    "capture_step",
     "channel_masking",
     "chunk_masking",
     "compile_blocks",

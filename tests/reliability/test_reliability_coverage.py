@@ -4,7 +4,7 @@
 `token_valid_mask_from_pixels`, `ModalityLoss`, `padding_wins`, `AttentionPlan`,
 `KernelRule`, `set_kernel_table`, `kernel_table`, `MaskSplit.validate` / `.to` /
 `.collate`, `crossmae.distributed.global_sample_mean` / `global_multimodal_loss`,
-`decode_together` and `compile_blocks`:
+`decode_together`, `compile_blocks` and `capture_step`:
 wrong type → ``TypeError`` naming the argument, wrong shape or value → ``ValueError``
 naming it, raised before any work; plus empty batches, NaN in padded and in real inputs,
 and non-contiguous inputs where the callable takes tensors.
@@ -1329,6 +1329,23 @@ def _compile_blocks_cases() -> list[Case]:
     ]  # fmt: skip
 
 
+def _capture_cases() -> list[Case]:
+    api = "capture_step"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], capturable=False)
+    return [
+        Case(api, "step an int", lambda: cm.capture_step(3),  # type: ignore[arg-type]
+             Raises(("step",), ("int",))),
+        Case(api, "an optimizer built with capturable=False",
+             lambda: cm.capture_step(lambda: None, optimizers=[opt]),
+             Raises(("optimizers[0]",), ("capturable=False",))),
+        Case(api, "a CPU generator",
+             lambda: cm.capture_step(lambda: None, generators=[torch.Generator()]),
+             Raises(("generators[0]",), ("cpu",))),
+        Case(api, "warmup=0", lambda: cm.capture_step(lambda: None, warmup=0),
+             Raises(("warmup",), ("0",))),
+    ]  # fmt: skip
+
+
 CASES = (
     _film_cases()
     + _vpm_cases()
@@ -1343,6 +1360,7 @@ CASES = (
     + _postnorm_cases()
     + _together_cases()
     + _compile_blocks_cases()
+    + _capture_cases()
 )
 
 
