@@ -155,20 +155,24 @@ def varlen_attend(
         k = _take(k, kperm)
         v = _take(v, kperm)
     k_len = (~key_padding_mask).sum(dim=1)
+    cu_k = _segments(k_len, m)
     qperm = None
     if query_padding_mask is None:
-        q_len = torch.full_like(k_len, n)
+        cu_q = _segments(torch.full_like(k_len, n), n)
     else:
         if not queries_sorted:
             qperm = real_first_permutation(query_padding_mask)
             q = _take(q, qperm)
-        q_len = (~query_padding_mask).sum(dim=1)
+        if query_padding_mask is key_padding_mask and n == m:
+            cu_q = cu_k  # self-attention: the same segments (fewer launches per call)
+        else:
+            cu_q = _segments((~query_padding_mask).sum(dim=1), n)
     out = fn(
         rearrange(q, "b h n d -> (b n) h d").contiguous(),
         rearrange(k, "b h m d -> (b m) h d").contiguous(),
         rearrange(v, "b h m d -> (b m) h d").contiguous(),
-        _segments(q_len, n),
-        _segments(k_len, m),
+        cu_q,
+        cu_k,
         n,
         m,
     )

@@ -364,3 +364,32 @@ def test_training_mode_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     cm.decode_together(attn_drop, ctx, ids, context_padding_mask=cpad)
     assert calls == []  # attention dropout: masked SDPA per decoder, not the packed kernel
+
+
+def _traceable_kernel(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-def]
+    """A stand-in for the CUDA kernel that dynamo can trace (reads every input)."""
+    return q * 1.0 + (cu_q.sum() + cu_k.sum() + k.sum() + v.sum()).to(q.dtype) * 0.0
+
+
+def test_lockstep_and_padded_encoder_compile_in_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA route (plan, reordering, segments, one packed call per layer) traces with
+    ``fullgraph=True``: no graph break on the code a CPU never runs otherwise."""
+    monkeypatch.setattr(_varlen, "supports", lambda dev, dtype, d, p: p == 0.0)
+    monkeypatch.setattr(_varlen, "_VARLEN", _traceable_kernel)
+    torch.manual_seed(0)
+    enc = cm.TransformerEncoder(E, 2, 2).eval()
+    decs = [cm.CrossMAEDecoder(E, 8, 2, 2, 3 + i, num_tokens=10).eval() for i in range(3)]
+    x = torch.randn(3, 6, E)
+    pad = torch.tensor([[False, True, False, False, True, True]] * 3)
+    ids = [torch.randint(0, 10, (3, 2 + i)) for i in range(3)]
+
+    def run(t: torch.Tensor) -> list[torch.Tensor]:
+        keys = enc(t, pad).tokens
+        return cm.decode_together(decs, keys, ids, context_padding_mask=pad)
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(run, fullgraph=True, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    assert [tuple(o.shape) for o in out] == [(3, 2, 3), (3, 3, 4), (3, 4, 5)]
