@@ -879,6 +879,24 @@ def count_ops(fwd: Callable[[], torch.Tensor]) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def cuda_route(dev: torch.device) -> Iterator[None]:
+    """Off-CUDA, plan the packed kernel for padded attention as CUDA does and run a one-op
+    stand-in for it (``q.clone()``), so op counts match the CUDA route; on CUDA, nothing."""
+    from crossmae.layers import _varlen
+
+    if dev.type == "cuda":
+        yield
+        return
+    saved = (_varlen.supports, _varlen._VARLEN)
+    _varlen.supports = lambda device_type, dtype, head_dim, dropout_p: dropout_p == 0.0  # type: ignore[assignment]
+    _varlen._VARLEN = lambda q, *rest: q.clone()
+    try:
+        yield
+    finally:
+        _varlen.supports, _varlen._VARLEN = saved
+
+
 def section_ops(dev: torch.device, small: bool, compile_: bool) -> None:
     """Eager steps on the GPU are bounded by the host launching kernels one by one: the op
     count per training step is the deterministic measure of that bound (any device)."""
@@ -897,6 +915,15 @@ def section_ops(dev: torch.device, small: bool, compile_: bool) -> None:
 
     water()  # first call: lazy initialisation outside the count
     record("ops", "water_mae_small, 5 modalities, b=8", **count_ops(water))
+    # The CUDA route (packed kernel for padded attention), decoders in lockstep and one by
+    # one; off-CUDA a one-op stand-in replaces the kernel, so the count is the CUDA count.
+    with cuda_route(dev):
+        for fuse in (True, False):
+            model.fuse_decoders = fuse
+            water()
+            tag = "lockstep decoders" if fuse else "decoders one by one"
+            record("ops", f"water_mae_small, packed route, {tag}", **count_ops(water))
+        model.fuse_decoders = True
     n = 196
     ctx = torch.randn(8, 1 + 49, 96, device=dev, requires_grad=True)
     ids_keep = torch.rand(8, n, device=dev).argsort(1)[:, :49]
