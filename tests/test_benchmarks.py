@@ -67,9 +67,13 @@ def test_cpu_variant_prints_every_section(
     ratios = [r[k] for r in rows for k in keys if k in r]
     assert len(ratios) == 3 and all(math.isfinite(x) and x > 0 for x in ratios)
     ops = [r for r in rows if r["section"] == "ops"]
-    assert len(ops) == 3
+    assert len(ops) == 5
     for r in ops:
         assert 0 < r["fwd_kernels"] <= r["fwd"] and 0 < r["bwd_kernels"] <= r["bwd"], r
+    by_name = {r["name"]: r for r in ops}
+    fused = by_name["water_mae_small, packed route, lockstep decoders"]
+    alone = by_name["water_mae_small, packed route, decoders one by one"]
+    assert fused["fwd_kernels"] < alone["fwd_kernels"]  # lockstep launches fewer kernels
 
 
 def test_count_ops_splits_forward_backward_and_views(bench: ModuleType) -> None:
