@@ -67,6 +67,12 @@ def case(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+def small_case(seed: int, *, b: int, m: int, p: list[int], **flags: bool) -> dict[str, Any]:
+    """A fixed `case` (no WFM, no self-attention, no query padding unless given)."""
+    base = {"wfm": False, "self_attn": False, "query_pad": False}
+    return {"b": b, "m": m, "p": p, **base, **flags, "seed": seed}
+
+
 def inputs(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[Any]]:
     g = generator(c["seed"])
     b, m = c["b"], c["m"]
@@ -123,8 +129,7 @@ def test_lockstep_equals_each_decoder_alone(c: dict[str, Any]) -> None:
 
 
 def test_lockstep_gradients_equal() -> None:
-    c = {"b": 3, "m": 6, "p": [4, 2, 5], "wfm": True, "self_attn": False, "query_pad": True,
-         "seed": 3}  # fmt: skip
+    c = small_case(3, b=3, m=6, p=[4, 2, 5], wfm=True, query_pad=True)
     decs = decoders(1, (2, 2, 2), wfm=True)
     ctx, cpad, ids, qpads = inputs(c)
     ctx = ctx.nan_to_num(0.0).requires_grad_(True)
@@ -155,8 +160,7 @@ def test_padded_context_never_reaches_the_output(monkeypatch: pytest.MonkeyPatch
     """NaN in padded keys, a sample with none at all: finite, and that sample's outputs
     equal the decoder's queries-only prediction (attention contributes exactly 0)."""
     decs = decoders(2, (1, 1))
-    c = {"b": 2, "m": 5, "p": [3, 4], "wfm": False, "self_attn": False, "query_pad": False,
-         "seed": 7}  # fmt: skip
+    c = small_case(7, b=2, m=5, p=[3, 4])
     ctx, cpad, ids, _ = inputs(c)
     packed_route(monkeypatch)
     got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
@@ -174,8 +178,7 @@ def test_nan_in_padded_context_gets_a_zero_gradient(
     """NaN stored in padded context slots (WFM: mixed and normed per layer) gives those
     slots an exact 0 gradient and every other gradient finite, alone and in lockstep."""
     decs = decoders(3, (2, 2), wfm=True)
-    c = {"b": 3, "m": 6, "p": [4, 3], "wfm": True, "self_attn": False, "query_pad": False,
-         "seed": 9}  # fmt: skip
+    c = small_case(9, b=3, m=6, p=[4, 3], wfm=True)
     ctx, cpad, ids, qpads = inputs(c)
     packed_route(monkeypatch)
     x = ctx.detach().requires_grad_(True)
@@ -193,8 +196,7 @@ def test_nan_in_padded_context_gets_a_zero_gradient(
 
 def test_differing_depths_run_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
     decs = decoders(4, (1, 2))
-    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
-         "seed": 1}  # fmt: skip
+    c = small_case(1, b=2, m=4, p=[3, 2])
     ctx, cpad, ids, qpads = inputs(c)
     calls: list[int] = []
     packed_route(monkeypatch, calls)
@@ -206,8 +208,7 @@ def test_differing_depths_run_one_by_one(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_hooks_and_overridden_forward_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lockstep run would bypass a forward hook or a subclass's forward: those run alone."""
     decs = decoders(5, (1, 1))
-    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
-         "seed": 2}  # fmt: skip
+    c = small_case(2, b=2, m=4, p=[3, 2])
     ctx, cpad, ids, _ = inputs(c)
     calls: list[int] = []
     packed_route(monkeypatch, calls)
@@ -231,8 +232,7 @@ def test_hooks_and_overridden_forward_are_honoured(monkeypatch: pytest.MonkeyPat
 def test_blocks_compiled_in_place_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """`compile_blocks` compiles each block's ``forward``: those blocks keep running it."""
     decs = decoders(8, (1, 1))
-    c = {"b": 2, "m": 4, "p": [3, 2], "wfm": False, "self_attn": False, "query_pad": False,
-         "seed": 4}  # fmt: skip
+    c = small_case(4, b=2, m=4, p=[3, 2])
     ctx, cpad, ids, qpads = inputs(c)
     calls: list[int] = []
     packed_route(monkeypatch, calls)
@@ -338,8 +338,7 @@ def test_training_mode_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
     """In train mode without stochastic layers the results are equal; with drop path they
     still run in lockstep (one call per layer) and every sample is finite; with attention
     dropout the packed kernel is out, so the decoders run alone."""
-    c = {"b": 3, "m": 5, "p": [4, 2], "wfm": False, "self_attn": False, "query_pad": False,
-         "seed": 12}  # fmt: skip
+    c = small_case(12, b=3, m=5, p=[4, 2])
     ctx, cpad, ids, qpads = inputs(c)
     calls: list[int] = []
     packed_route(monkeypatch, calls)
