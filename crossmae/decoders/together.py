@@ -52,7 +52,8 @@ def _stock(dec: CrossMAEDecoder) -> bool:
 
 def _shares_kernel(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]) -> bool:
     """Whether the decoders can share one packed call per layer: same depth and heads, every
-    plan the packed kernel over trailing padding."""
+    plan the packed kernel over trailing padding (one context means one compute dtype:
+    each decoder checks the context's dtype against its own)."""
     first = cast(CrossAttentionBlock, decoders[0].blocks[0]).cross_attn
     for dec, st in zip(decoders, states):
         ca = cast(CrossAttentionBlock, dec.blocks[0]).cross_attn

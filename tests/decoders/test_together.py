@@ -246,6 +246,15 @@ def test_blocks_compiled_in_place_run_alone(monkeypatch: pytest.MonkeyPatch) -> 
     assert_rows_close(got, ref, qpads)
 
 
+def test_a_decoder_of_another_dtype_is_named() -> None:
+    """One context, one dtype: a float32 decoder beside float64 ones is refused by name."""
+    decs = decoders(10, (1, 1))
+    decs[1] = decs[1].float()
+    ctx, cpad, ids, _ = inputs(small_case(5, b=2, m=4, p=[3, 2]))
+    with pytest.raises(TypeError, match=r"decoders\[1\]: context has dtype torch.float64"):
+        cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+
+
 def test_without_padding_every_decoder_runs_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     decs = decoders(6, (1, 1))
     ctx = torch.randn(2, 4, E, dtype=torch.float64)
