@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from .cross import CrossMAEDecoder
+from .cross import CrossMAEDecoder, DecoderState
 from .mae import MAEDecoder
 from .query_pos import SpatioTemporalQueryPos
 from .together import decode_together
 
-__all__ = ["CrossMAEDecoder", "MAEDecoder", "SpatioTemporalQueryPos", "decode_together"]
+__all__ = [
+    "CrossMAEDecoder",
+    "DecoderState",
+    "MAEDecoder",
+    "SpatioTemporalQueryPos",
+    "decode_together",
+]

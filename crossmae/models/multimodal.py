@@ -733,7 +733,8 @@ class MultimodalMAE(nn.Module):
             lockstep with `decode_together`: where the packed CUDA kernel serves (half
             precision, padded keys), one attention call per layer serves every decoder
             instead of one per decoder. Results are the same either way; False runs the
-            decoders one by one (e.g. to compare).
+            decoders one by one (e.g. to compare). Also an attribute:
+            ``model.fuse_decoders = False`` on a built model (e.g. from `water_mae_small`).
 
     Feature maps may instead come from **each modality's own encoder**: give every
     `Modality` the same number of taps (``Modality(fm_layers=...)``); map ``j`` of the
