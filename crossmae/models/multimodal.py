@@ -795,6 +795,8 @@ class MultimodalMAE(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "fusion" and value is not None:
             _check_encoder("fusion", value)
+        if name == "fuse_decoders":
+            check_bool("fuse_decoders", value)
         super().__setattr__(name, value)
 
     def _check_feature_maps(self) -> None:

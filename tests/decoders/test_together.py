@@ -341,6 +341,9 @@ def test_fuse_decoders_must_be_a_bool() -> None:
     model = tiny_water_model()
     with pytest.raises(TypeError, match="fuse_decoders"):
         cm.MultimodalMAE(dict(model.modalities), model.fusion, fuse_decoders=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fuse_decoders"):
+        model.fuse_decoders = "no"  # type: ignore[assignment]
+    assert model.fuse_decoders is True
 
 
 def test_training_mode_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
