@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.nn as nn
 
+from .decoders import together
 from .encoders.postnorm import PostNormBlock
 from .layers.blocks import Block, CrossAttentionBlock
 
@@ -39,6 +40,10 @@ def compile_blocks(
     **compile_kwargs: Any,
 ) -> int:
     """Compile every block of ``model`` in place with ``Module.compile(**compile_kwargs)``.
+
+    A `CrossAttentionBlock` also gets its lockstep steps compiled (the parts of its forward
+    before and after the attention kernel), so decoders run by `decode_together` (e.g. a
+    `MultimodalMAE`'s) keep sharing one attention call per layer.
 
     Args:
         model: any ``nn.Module`` holding crossmae blocks (a model, an encoder, a decoder).
@@ -75,8 +80,16 @@ def compile_blocks(
             f"model ({type(model).__name__}) holds no module of types ({names}): nothing to "
             "compile; pass types= with your block classes, or torch.compile the model"
         )
+    steps: Optional[tuple[Callable[..., Any], Callable[..., Any]]] = None
     for mod in found:
         mod.compile(**compile_kwargs)
+        if isinstance(mod, CrossAttentionBlock):
+            if steps is None:  # compiled once: every block of one shape shares the graphs
+                steps = (
+                    torch.compile(together.before_step, **compile_kwargs),
+                    torch.compile(together.after_step, **compile_kwargs),
+                )
+            setattr(mod, together.STEPS_ATTR, steps)
     return len(found)
 
 

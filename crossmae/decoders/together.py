@@ -23,16 +23,45 @@ from torch import Tensor
 
 from ..layers import _varlen
 from ..layers.attention import CrossAttention
+from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
 from .cross import CrossMAEDecoder, DecoderState
 
 __all__ = ["decode_together"]
 
 
+#: Attribute `compile_blocks` sets on a `CrossAttentionBlock`: its compiled lockstep steps
+#: (``(before, after)``, compiled versions of `before_step` / `after_step`).
+STEPS_ATTR = "_crossmae_lockstep_steps"
+
+
+def before_step(
+    blk: CrossAttentionBlock,
+    x: Tensor,
+    query_padding_mask: Optional[Tensor],
+    query_plan: Optional[AttentionPlan],
+    context: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A block's lockstep step before the shared kernel call: ``(x, q, kv)``, the queries
+    after `CrossAttentionBlock.before_cross`, their projection ``q [b, p, c]`` and the
+    context's ``kv [b, m, 2c]``."""
+    x = blk.before_cross(x, query_padding_mask, query_plan)
+    ca = blk.cross_attn
+    return x, ca.q(blk.norm1(x)), ca.kv(context)
+
+
+def after_step(blk: CrossAttentionBlock, x: Tensor, attended: Tensor) -> Tensor:
+    """A block's lockstep step after the shared kernel call: output projection of the
+    attended values ``[b, p, c]``, residual and MLP."""
+    return blk.after_cross(x, blk.cross_attn.output(attended))
+
+
 def _hooked(mod: torch.nn.Module) -> bool:
-    """Forward hooks, or a ``Module.compile`` (e.g. `compile_blocks`): what a lockstep run,
-    calling the steps of ``forward`` itself, would bypass."""
+    """Forward hooks, or a ``Module.compile`` without compiled lockstep steps: what a
+    lockstep run, calling the steps of ``forward`` itself, would bypass."""
     compiled = getattr(mod, "_compiled_call_impl", None) is not None
+    if compiled and getattr(mod, STEPS_ATTR, None) is not None:
+        compiled = False  # `compile_blocks` compiled its lockstep steps too
     return compiled or bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
@@ -87,8 +116,9 @@ def decode_together(
     attention dropout) and the decoders have the same depth and heads, each layer makes
     one kernel call for all decoders instead of one per decoder. Otherwise, or when a
     decoder, block or attention module has forward hooks, an overridden ``forward`` or was
-    compiled in place (``Module.compile``, `compile_blocks`), all of which a lockstep run
-    would bypass, the decoders simply run one after the other.
+    compiled in place with ``Module.compile``, all of which a lockstep run would bypass,
+    the decoders simply run one after the other. Blocks compiled by `compile_blocks` keep
+    lockstep: it compiles their lockstep steps too (shared by every block of one shape).
 
     While training with ``drop``/``drop_path`` (attention dropout rules the packed kernel
     out), a lockstep run draws the same random masks in another order (layer by layer
@@ -178,16 +208,16 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
         qs, ks, vs = [], [], []
         for i, (blk, st) in enumerate(zip(blocks, states)):
             ca = blk.cross_attn
-            xs[i] = blk.before_cross(xs[i], st.query_padding_mask, st.query_plan)
+            before = getattr(blk, STEPS_ATTR, (before_step, after_step))[0]
             ctx = st.context[j] if st.context.ndim == 4 else st.context
-            q = ca.q(blk.norm1(xs[i]))
-            kv = ca.kv(ctx)
+            xs[i], q, kv = before(blk, xs[i], st.query_padding_mask, st.query_plan, ctx)
             qs.append(q.unflatten(-1, (ca.num_heads, ca.head_dim)))  # [b p h d]
             kv = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim))  # [b m 2 h d]
             ks.append(kv[:, :, 0])
             vs.append(kv[:, :, 1])
         outs = _varlen.varlen_together(qs, ks, vs, key_lengths, segments=segments)
         for i, (blk, out) in enumerate(zip(blocks, outs)):
+            after = getattr(blk, STEPS_ATTR, (before_step, after_step))[1]
             attended = out.flatten(-2).masked_fill(empty, 0.0)  # [b p (h d)]
-            xs[i] = blk.after_cross(xs[i], blk.cross_attn.output(attended))
+            xs[i] = after(blk, xs[i], attended)
     return [dec.predict(x) for dec, x in zip(decoders, xs)]

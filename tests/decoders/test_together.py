@@ -230,20 +230,44 @@ def test_hooks_and_overridden_forward_are_honoured(monkeypatch: pytest.MonkeyPat
 
 
 def test_blocks_compiled_in_place_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`compile_blocks` compiles each block's ``forward``: those blocks keep running it."""
+    """``Module.compile`` compiles a block's ``forward`` only: that block keeps running it."""
     decs = decoders(8, (1, 1))
-    c = small_case(4, b=2, m=4, p=[3, 2])
-    ctx, cpad, ids, qpads = inputs(c)
+    ctx, cpad, ids, qpads = inputs(small_case(4, b=2, m=4, p=[3, 2]))
     calls: list[int] = []
     packed_route(monkeypatch, calls)
     ref = one_by_one(decs, ctx, cpad, ids, qpads)
     torch._dynamo.reset()
-    assert cm.compile_blocks(decs[0], backend="eager") == 1
+    decs[0].blocks[0].compile(backend="eager")
     calls.clear()
     got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
     torch._dynamo.reset()
     assert len(calls) == 2  # one call per decoder: no lockstep
     assert_rows_close(got, ref, qpads)
+
+
+def test_compile_blocks_keeps_lockstep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_blocks` also compiles the lockstep steps: the decoders still share one call
+    per layer, results are equal, and blocks of one shape share the compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    decs = decoders(8, (2, 2, 2))
+    ctx, cpad, ids, qpads = inputs(small_case(4, b=2, m=4, p=[3, 2, 4]))
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    ref = one_by_one(decs, ctx, cpad, ids, qpads)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for d in decs:
+            assert cm.compile_blocks(d, backend="eager") == 2
+        calls.clear()
+        got = cm.decode_together(decs, ctx, ids, context_padding_mask=cpad)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 2  # depth 2: one call per layer for the three decoders
+    assert_rows_close(got, ref, qpads)
+    assert 2 <= graphs <= 6  # before/after steps; not one pair per block (6 blocks)
 
 
 def test_a_decoder_of_another_dtype_is_named() -> None:
@@ -404,3 +428,34 @@ def test_lockstep_and_padded_encoder_compile_in_one_graph(monkeypatch: pytest.Mo
     finally:
         torch._dynamo.reset()
     assert [tuple(o.shape) for o in out] == [(3, 2, 3), (3, 3, 4), (3, 4, 5)]
+
+
+def test_multimodal_model_with_compile_blocks_keeps_lockstep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regional compilation and lockstep decoding combine: same loss as eager, five decoder
+    calls per layer become one."""
+    model = tiny_water_model().double()
+    inputs_, static = tiny_water_batch(model.names, generator(11))
+    inputs_ = {k: v.double() for k, v in inputs_.items()}
+    calls: list[int] = []
+    packed_route(monkeypatch, calls)
+    with torch.no_grad():
+        ref = model(inputs_, static=static.double(), generator=generator(5))
+        eager_calls = len(calls)
+        torch._dynamo.reset()
+        try:
+            cm.compile_blocks(model, backend="eager")
+            model.fuse_decoders = False
+            calls.clear()
+            alone = model(inputs_, static=static.double(), generator=generator(5))
+            alone_calls = len(calls)
+            model.fuse_decoders = True
+            calls.clear()
+            got = model(inputs_, static=static.double(), generator=generator(5))
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(alone.loss, ref.loss, atol=1e-10, rtol=1e-10)
+    assert len(calls) == eager_calls  # lockstep, as without compilation
+    assert alone_calls - len(calls) == len(model.names) - 1  # depth 1: five calls → one
