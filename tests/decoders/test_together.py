@@ -361,6 +361,52 @@ def test_multimodal_model_fuses_its_decoders(monkeypatch: pytest.MonkeyPatch) ->
     assert ref_calls - got_calls == decoders_ - 1  # depth 1: five calls became one
 
 
+_TINY_WATER = tiny_water_model().double()
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.lists(st.booleans(), min_size=5, max_size=5),
+    st.lists(st.booleans(), min_size=2, max_size=2),
+    seeds(),
+)
+def test_lockstep_equals_one_by_one_under_any_missing_pattern(
+    missing_mods: list[bool], which: list[bool], seed: int
+) -> None:
+    """Any modality missing for any sample (none, some, all): lockstep and one-by-one
+    decoding give the same loss, per-sample losses and predictions on real slots."""
+    model = _TINY_WATER
+    inputs_, static = tiny_water_batch(model.names, generator(seed))
+    inputs_ = {k: v.double() for k, v in inputs_.items()}
+    missing = {
+        name: torch.tensor(which) if flag else torch.zeros(2, dtype=torch.bool)
+        for name, flag in zip(model.names, missing_mods)
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        calls: list[int] = []
+        packed_route(mp, calls)
+        outs, counts = {}, {}
+        with torch.no_grad():
+            for fuse in (False, True):
+                model.fuse_decoders = fuse
+                calls.clear()
+                outs[fuse] = model(
+                    inputs_, static=static.double(), missing=missing, generator=generator(seed)
+                )
+                counts[fuse] = len(calls)
+        model.fuse_decoders = True
+    assert counts[False] - counts[True] == len(model.names) - 1  # lockstep really ran
+    ref, got = outs[False], outs[True]
+    torch.testing.assert_close(got.loss, ref.loss, atol=1e-10, rtol=1e-10, equal_nan=True)
+    for name in model.names:
+        torch.testing.assert_close(
+            got.sample_losses[name], ref.sample_losses[name], atol=1e-10, rtol=1e-10,
+            equal_nan=True,
+        )  # fmt: skip
+        real = ~got.splits[name].predict_padding_mask
+        torch.testing.assert_close(got.preds[name][real], ref.preds[name][real])
+
+
 def test_fuse_decoders_must_be_a_bool() -> None:
     model = tiny_water_model()
     with pytest.raises(TypeError, match="fuse_decoders"):
