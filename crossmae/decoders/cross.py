@@ -165,8 +165,9 @@ class DecoderState(NamedTuple):
 
     Attributes:
         queries: ``[b, p, c]`` queries (the blocks' input).
-        context: ``[b, m, e]`` or per-layer ``[depth, b, m, e]`` contexts, padded tokens
-            zeroed, in the compute dtype; reordered when ``plan.trailing``.
+        context: ``[b, m, e]`` or per-layer ``[depth, b, m, e]`` contexts in the compute
+            dtype, padded tokens finite (zeroed before the WFM mix and the norms); reordered
+            when ``plan.trailing``.
         context_padding_mask: bool ``[b, m]`` (True = padding) matching ``context``'s order,
             or None.
         query_padding_mask: bool ``[b, p]`` or None.
@@ -423,7 +424,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
         pos: Optional[Tensor] = None,
     ) -> DecoderState:
         """Everything `forward` does before its blocks (arguments as in `forward`, checked
-        here): the queries, the per-layer contexts (padding zeroed, moved to the end of
+        here): the queries, the per-layer contexts (padding finite, moved to the end of
         every row when the plan asks) and the attention plans, as a `DecoderState`. Used
         by callers that run the blocks of several decoders together."""
         raw = self._check_context(context)
@@ -439,9 +440,10 @@ class CrossMAEDecoder(_QueryEmbeddings):
             "query_padding_mask", query_padding_mask, ids.shape, "ids_predict [b, p]"
         )
         x = self.queries(ids, pos)
-        if cpad is not None and self.wfm is not None:
-            # Zero padded slots before the mixing and the norms too: their backward would
-            # otherwise turn a NaN stored in padding into a NaN gradient (0 · NaN).
+        if cpad is not None:
+            # Zeroed once, before the WFM mix and the per-layer norms: padded slots then stay
+            # finite in every layer's context, and a NaN stored there gets a zero gradient
+            # (zeroing after the norms would leave their backward 0 · NaN).
             raw = raw.masked_fill(cpad[..., None], 0.0)
         ctx = self.contexts(raw)
         # Under autocast every layer's kv projection would cast the (float32) context again:
@@ -466,13 +468,11 @@ class CrossMAEDecoder(_QueryEmbeddings):
                 dropout_p=first.self_attn.attn_drop if self.training else 0.0,
                 fused=first.self_attn.fused_attn,
             )
-        if cpad is not None:
-            ctx = ctx.masked_fill(cpad[..., None], 0.0)  # once for every layer
-            if plan.reorder:
-                # Key order is irrelevant to attention: move padding to the end of every row
-                # once, so the packed CUDA path needs no per-layer reordering copy.
-                perm = backend.real_first_permutation(cpad)
-                ctx = backend.reorder_tokens(ctx, perm, ctx.ndim - 2)
-                cpad = torch.gather(cpad, 1, perm)
-                plan = plan.reordered()
+        if cpad is not None and plan.reorder:
+            # Key order is irrelevant to attention: move padding to the end of every row
+            # once, so the packed CUDA path needs no per-layer reordering copy.
+            perm = backend.real_first_permutation(cpad)
+            ctx = backend.reorder_tokens(ctx, perm, ctx.ndim - 2)
+            cpad = torch.gather(cpad, 1, perm)
+            plan = plan.reordered()
         return DecoderState(x, ctx, cpad, qpad, plan, query_plan)
