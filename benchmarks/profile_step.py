@@ -3,19 +3,26 @@ share of the step (profiler self device time / step time) as a markdown table.
 
     python benchmarks/profile_step.py image water --compile --out $OUT/profiles
     python benchmarks/profile_step.py decoder                # eager, prints the tables
+    python benchmarks/profile_step.py image image-mae --reference .reference/CrossMAE
 
 Workloads: ``image`` (CrossMAE ViT-B/16, B=256, predict 0.25 + WFM over 12 blocks and the
-input, fused AdamW), ``water`` (the water model, B=8, half the batch without river flow,
+input, fused AdamW), ``image-075`` (predict 0.75, no WFM), ``image-mae`` (the MAE decoder),
+``water`` (the water model, B=8, half the batch without river flow,
 AdamW), ``decoder`` (CrossMAE decoder only, ViT-B widths, B=256, predict 0.25). All under
 bf16 autocast. ``--cpu`` runs tiny versions on the CPU (for the tests: the tables then
-show CPU time, not device time).
+show CPU time, not device time). ``--reference DIR`` profiles the reference CrossMAE/MAE
+model of every image workload right after crossmae's (same process, same inputs; see
+reference.py). Every profile ends with the step's device time by kernel family (GEMM,
+attention, norms, elementwise, ...), so two profiles compare family by family.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -23,7 +30,35 @@ from typing import Any, Callable, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-WORKLOADS = ("image", "water", "decoder")
+WORKLOADS = ("image", "image-075", "image-mae", "water", "decoder")
+
+# crossmae_vit_base keyword arguments of the image workloads; the index is the matching
+# configuration in reference.IMAGE_CONFIGS.
+IMAGE_WORKLOADS: dict[str, tuple[dict[str, Any], int]] = {
+    "image": (dict(predict_ratio=0.25, use_weighted_fm=True, use_input=True), 0),
+    "image-075": (dict(predict_ratio=0.75, use_weighted_fm=False), 1),
+    "image-mae": (dict(use_cross_attn=False, predict_ratio=0.75, use_weighted_fm=False), 2),
+}
+
+# Kernel families, first match wins (names of CUDA kernels; on the CPU, aten op names).
+FAMILIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"flash|fmha|cudnn|attention|sdpa|efficient|_efficient_attention"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("norm", r"layer_?norm|LayerNorm|rms_?norm"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul|addmm|\bmm\b|linear|conv|wgrad|dgrad"),
+    ("fused (triton)", r"^triton_"),
+    ("reduction", r"reduce|sum|mean|norm_kernel"),
+    ("copy / gather / cat", r"copy|cat|gather|scatter|index|clone|contiguous|fill|masked"),
+    ("elementwise", r"elementwise|vectorized|unrolled|gelu|softmax|mul|add"),
+)
+
+
+def family(name: str) -> str:
+    """The kernel family of kernel (or op) ``name`` (see `FAMILIES`; else ``other``)."""
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return fam
+    return "other"
 
 
 def workload(
@@ -43,7 +78,7 @@ def workload(
         ids = torch.rand(b, n, device=dev).argsort(1)[:, : n // 4].sort(1).values
         model: torch.nn.Module = CrossMAEDecoder(e, c, depth, heads, 768, num_tokens=n).to(dev)
         return model, (ctx, ids), {}
-    if what == "image":
+    if what in IMAGE_WORKLOADS:
         from crossmae.models.factories import crossmae_vit_base
 
         extra: dict[str, Any] = {}
@@ -52,9 +87,7 @@ def workload(
             b, size = 2, 32
             extra = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2,
                          decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=2)  # fmt: skip
-        model = crossmae_vit_base(
-            img_size=size, predict_ratio=0.25, use_weighted_fm=True, use_input=True, **extra
-        ).to(dev)
+        model = crossmae_vit_base(img_size=size, **IMAGE_WORKLOADS[what][0], **extra).to(dev)
         return model, (torch.randn(b, 3, size, size, device=dev),), {}
     if what == "water":
         from crossmae.models.water import water_mae_small
@@ -81,10 +114,38 @@ def workload(
     raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
 
 
-def build(what: str, dev: torch.device, small: bool) -> Callable[[], Any]:
-    """A zero-argument training step of workload ``what`` (see `workload`)."""
-    model, args, kwargs = workload(what, dev, small)
+def _reference_module() -> Any:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import reference
+
+    return reference
+
+
+def build(
+    what: str, dev: torch.device, small: bool, reference_dir: Optional[str] = None
+) -> Callable[[], Any]:
+    """A zero-argument training step of workload ``what`` (see `workload`); with
+    ``reference_dir``, of the reference model of image workload ``what`` instead (B=256
+    at 224 px; no small version)."""
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    if reference_dir is not None:
+        if what not in IMAGE_WORKLOADS:
+            raise ValueError(f"--reference profiles image workloads only, not {what!r}")
+        ref = _reference_module()
+        cfg = ref.IMAGE_CONFIGS[IMAGE_WORKLOADS[what][1]]
+        net = ref.build_reference(ref.load_reference(reference_dir), cfg).to(dev)
+        opt_r = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev.type == "cuda")
+        imgs = torch.randn(256, 3, 224, 224, device=dev)
+
+        def ref_loss(f: Any) -> torch.Tensor:
+            with ref.reference_autocast(torch.bfloat16):
+                out = f(imgs, **cfg.forward_kwargs)
+            return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
+
+        return _step(net, opt_r, ref_loss, amp)
+    model, args, kwargs = workload(what, dev, small)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     if what == "decoder":
         ctx = args[0]
@@ -155,15 +216,17 @@ def profile_workload(
     steps: int = 5,
     rows: int = 15,
     mode: Optional[str] = None,
+    reference_dir: Optional[str] = None,
 ) -> tuple[str, dict[str, float]]:
     """Profile ``steps`` steps of ``what``; returns the markdown and a summary dict
-    (``step_ms``, ``device_ms`` per step, ``busy_share``). ``mode``: ``torch.compile``'s
-    (e.g. ``"reduce-overhead"``: forward and backward in CUDA graphs), with ``compile_``."""
+    (``step_ms``, ``device_ms`` per step, ``busy_share``, and ``family:<name>`` ms per step).
+    ``mode``: ``torch.compile``'s (e.g. ``"reduce-overhead"``: forward and backward in CUDA
+    graphs), with ``compile_``. ``reference_dir``: profile the reference model instead."""
     if mode is not None and not compile_:
         raise ValueError(f"mode={mode!r} needs compile_=True")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    step = build(what, dev, small)
+    step = build(what, dev, small, reference_dir)
     if compile_:
         step.holder["f"] = torch.compile(step.holder["f"], mode=mode)  # type: ignore[attr-defined]
         step.holder["graphed"] = mode == "reduce-overhead"  # type: ignore[attr-defined]
@@ -188,8 +251,9 @@ def profile_workload(
     busy = device_ms / step_ms if step_ms > 0 else float("nan")
     tag = ("compiled" + (f", {mode}" if mode else "")) if compile_ else "eager"
     unit = "device" if dev.type == "cuda" else "CPU (no device: not a GPU-busy share)"
+    side = "reference " if reference_dir is not None else ""
     lines = [
-        f"### {what} ({tag}, {dev.type})",
+        f"### {side}{what} ({tag}, {dev.type})",
         "",
         f"step {step_ms:.2f} ms (median of {steps}, no profiler); profiler self {unit} time "
         f"{device_ms:.2f} ms per step; **busy share {busy:.0%}**",
@@ -201,8 +265,22 @@ def profile_workload(
         name = key.replace("|", "/")
         name = name if len(name) <= 90 else name[:87] + "..."
         lines.append(f"| `{name}` | {ms:.3f} | {ms / step_ms:.1%} |")
+    fams: dict[str, list[float]] = {}
+    for key, ms in kernels:
+        acc = fams.setdefault(family(key), [0.0, 0.0])
+        acc[0] += ms
+        acc[1] += 1
+    lines += [
+        "",
+        "| kernel family | ms / step | distinct kernels | share of step |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for fam, (ms, n) in sorted(fams.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {fam} | {ms:.3f} | {int(n)} | {ms / step_ms:.1%} |")
     lines.append("")
-    return "\n".join(lines), {"step_ms": step_ms, "device_ms": device_ms, "busy_share": busy}
+    summary = {"step_ms": step_ms, "device_ms": device_ms, "busy_share": busy}
+    summary.update({f"family:{f}": v[0] for f, v in fams.items()})
+    return "\n".join(lines), summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -219,9 +297,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
     ap.add_argument("--out", default="", help="write profiles.md (and print) here")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        metavar="DIR",
+        help="also profile the reference model of every image workload (see reference.py)",
+    )
     args = ap.parse_args(argv)
     if args.mode and not args.compile:
         ap.error("--mode needs --compile")
+    if args.reference is not None:
+        try:
+            _reference_module().check_reference_dir(args.reference)
+        except ValueError as e:
+            ap.error(str(e))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
     parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}\n"]
@@ -238,6 +327,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             print(md, flush=True)
             parts.append(md)
+            if args.reference is not None and what in IMAGE_WORKLOADS:
+                md, _ = profile_workload(
+                    what,
+                    dev,
+                    small=False,
+                    compile_=comp,
+                    steps=args.steps,
+                    rows=args.rows,
+                    mode=args.mode if comp else None,
+                    reference_dir=args.reference,
+                )
+                print(md, flush=True)
+                parts.append(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profiles.md"), "w") as f:

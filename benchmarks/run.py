@@ -675,7 +675,9 @@ def _fusion_rows(
 
 
 # --------------------------------------------------------------------------- 8. CUDA graphs
-GRAPH_MODES = ("eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled")
+GRAPH_MODES = (
+    "eager", "compiled", "reduce-overhead", "graph-eager", "graph-compiled", "graph-regional"
+)  # fmt: skip
 
 
 def graph_modes() -> tuple[str, ...]:
@@ -687,12 +689,27 @@ def graph_modes() -> tuple[str, ...]:
     return tuple(env) or GRAPH_MODES
 
 
+def graph_water_batches() -> tuple[int, ...]:
+    """Water batch sizes of section 8 (env CROSSMAE_BENCH_GRAPH_WATER_BATCHES, e.g. "8,16")."""
+    raw = os.environ.get("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", "8")
+    try:
+        out = tuple(int(b) for b in raw.split(",") if b)
+    except ValueError:
+        out = ()
+    if not out or any(b < 2 or b % 2 for b in out):
+        raise ValueError(
+            f"CROSSMAE_BENCH_GRAPH_WATER_BATCHES: even batch sizes >= 2, e.g. '8,16'; got {raw!r}"
+        )
+    return out
+
+
 def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
     """The whole training step in CUDA graphs (issue 11 item 3): image model (predict 0.25
     + WFM, B=256) and water model (B=8, half missing river flow), each as eager, compiled,
     ``torch.compile(mode="reduce-overhead")`` and one captured CUDA graph of the whole step
-    (eager or compiled forward; AdamW ``capturable=True, fused=True``; masks drawn from a
-    device generator inside the graph)."""
+    (eager forward, whole-model compiled forward, or ``graph-regional``: every block compiled
+    by ``cm.compile_blocks``, the rest eager; AdamW ``capturable=True, fused=True``; masks
+    drawn from a device generator inside the graph)."""
     if dev.type != "cuda":
         log("\n## 8. CUDA graphs: GPU only (the CPU test checks the step is sync-free)")
         return
@@ -712,16 +729,18 @@ def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
             return m, lambda f, g: f(imgs, generator=g).loss
 
         workloads.append(("image predict0.25+wfm b=256", image))
-    if "water" in wanted:
-        inputs, static = water_batch(dev, 8, 30, (290, 180), 604, half_missing=True)
+    for wb in graph_water_batches() if "water" in wanted else ():
+        inputs, static = water_batch(dev, wb, 30, (290, 180), 604, half_missing=True)
 
-        def water() -> tuple[torch.nn.Module, Callable[..., Any]]:
+        def water(
+            inputs: Any = inputs, static: Any = static
+        ) -> tuple[torch.nn.Module, Callable[..., Any]]:
             m = water_mae_small()
             for mod in m.modalities.values():  # host-known split widths: no sync, static
                 mod.masking = grouped_masking_fn(0.39, static_shape=True)
             return m, lambda f, g: f(inputs, static=static, generator=g).loss
 
-        workloads.append(("water b=8 half_missing", water))
+        workloads.append((f"water b={wb} half_missing", water))
     for wname, build in workloads:
         for mode in graph_modes():
             torch._dynamo.reset()
@@ -735,6 +754,8 @@ def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
             elif mode == "reduce-overhead":
                 fwd = torch.compile(model, mode="reduce-overhead")
             else:
+                if mode == "graph-regional":
+                    log(f"{wname}: compile_blocks compiled {cm.compile_blocks(model)} blocks")
                 fwd = model
             gen = torch.Generator(device=dev).manual_seed(0)
             bad = torch.zeros((), dtype=torch.int64, device=dev)

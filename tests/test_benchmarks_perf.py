@@ -183,6 +183,40 @@ def test_profile_tables_on_cpu(tmp_path: Path) -> None:
         prof.main(["decoder", "--cpu", "--mode", "reduce-overhead"])  # --mode needs --compile
     with pytest.raises(ValueError, match="needs compile_=True"):
         prof.profile_workload("decoder", torch.device("cpu"), small=True, compile_=False, mode="x")
+    assert "| kernel family |" in text and "| GEMM |" in text
+    assert summary["family:GEMM"] > 0
+    assert sum(v for k, v in summary.items() if k.startswith("family:")) == pytest.approx(
+        summary["device_ms"]
+    )
+    with pytest.raises(SystemExit):  # a reference folder without the reference files
+        prof.main(["image", "--cpu", "--reference", str(tmp_path)])
+    with pytest.raises(ValueError, match="image workloads only"):
+        prof.build("water", torch.device("cpu"), True, reference_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name, fam",
+    [
+        ("nvjet_tst_192x192_64x4_1x2_h_bz_coopB_TNT", "GEMM"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "GEMM"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_knob_7", "attention"),
+        ("void at::native::(anonymous namespace)::layer_norm_grad_input_kernel", "norm"),
+        ("void at::native::(anonymous namespace)::fused_adamw_kernel", "optimizer"),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "reduction"),
+        ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copy / gather / cat"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernel>",
+            "elementwise",
+        ),
+        ("triton_per_fused_native_layer_norm_0", "norm"),
+        ("triton_poi_fused_add_1", "fused (triton)"),
+        ("some_unknown_kernel", "other"),
+    ],
+)
+def test_kernel_families(name: str, fam: str) -> None:
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    assert prof.family(name) == fam
 
 
 def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,3 +229,10 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "turbo")
     with pytest.raises(ValueError, match="turbo"):
         bench.graph_modes()
+    assert bench.graph_water_batches() == (8,)
+    monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", "8,16")
+    assert bench.graph_water_batches() == (8, 16)
+    for bad in ("7", "x", ""):
+        monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", bad)
+        with pytest.raises(ValueError, match="GRAPH_WATER_BATCHES"):
+            bench.graph_water_batches()
