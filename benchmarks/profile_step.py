@@ -114,10 +114,14 @@ def workload(
     raise ValueError(f"unknown workload {what!r}; choose from {WORKLOADS}")
 
 
-def _reference_module() -> Any:
+def _on_path() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
+
+
+def _reference_module() -> Any:
+    _on_path()
     import reference
 
     return reference
@@ -217,11 +221,14 @@ def profile_workload(
     rows: int = 15,
     mode: Optional[str] = None,
     reference_dir: Optional[str] = None,
+    gaps: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """Profile ``steps`` steps of ``what``; returns the markdown and a summary dict
     (``step_ms``, ``device_ms`` per step, ``busy_share``, and ``family:<name>`` ms per step).
     ``mode``: ``torch.compile``'s (e.g. ``"reduce-overhead"``: forward and backward in CUDA
-    graphs), with ``compile_``. ``reference_dir``: profile the reference model instead."""
+    graphs), with ``compile_``. ``reference_dir``: profile the reference model instead.
+    ``gaps``: profile two more steps with Python stacks and add where the device waited
+    for the host (gaps.py; summary key ``idle_ms``)."""
     if mode is not None and not compile_:
         raise ValueError(f"mode={mode!r} needs compile_=True")
     torch._dynamo.reset()
@@ -280,6 +287,27 @@ def profile_workload(
     lines.append("")
     summary = {"step_ms": step_ms, "device_ms": device_ms, "busy_share": busy}
     summary.update({f"family:{f}": v[0] for f, v in fams.items()})
+    if gaps:
+        import tempfile
+
+        _on_path()
+        import gaps as gap_mod
+
+        with profile(activities=acts, with_stack=True) as prof2:
+            for _ in range(2):
+                step()
+            sync()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof2.export_chrome_trace(path)
+            report = gap_mod.analyze_gaps(gap_mod.load_trace(path))
+        lines += [
+            "Where the device waits for the host (2 more steps, profiled with Python stacks, "
+            "which slows the host: read the split, not the total):",
+            "",
+            gap_mod.gap_table(report, 2, rows),
+        ]
+        summary["idle_ms"] = report.idle_us / 1e3 / 2
     return "\n".join(lines), summary
 
 
@@ -297,6 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
     ap.add_argument("--out", default="", help="write profiles.md (and print) here")
+    ap.add_argument(
+        "--gaps", action="store_true", help="also show where the device waits for the host"
+    )
     ap.add_argument(
         "--reference",
         default=None,
@@ -324,6 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 steps=args.steps,
                 rows=args.rows,
                 mode=args.mode if comp else None,
+                gaps=args.gaps,
             )
             print(md, flush=True)
             parts.append(md)
@@ -337,6 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     rows=args.rows,
                     mode=args.mode if comp else None,
                     reference_dir=args.reference,
+                    gaps=args.gaps,
                 )
                 print(md, flush=True)
                 parts.append(md)

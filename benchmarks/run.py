@@ -799,6 +799,14 @@ def _image_extra(small: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def ref_rounds() -> int:
+    """Eager rounds of section 6 (env CROSSMAE_BENCH_REF_ROUNDS, default 3)."""
+    raw = os.environ.get("CROSSMAE_BENCH_REF_ROUNDS", "3")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"CROSSMAE_BENCH_REF_ROUNDS: a positive integer, got {raw!r}")
+    return int(raw)
+
+
 def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
     """crossmae and the reference CrossMAE/MAE code (``--reference DIR``) in one process:
     the three image configurations of issue 11, eager and compiled, bf16 autocast, fused
@@ -826,8 +834,12 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
         for cfg in ref.IMAGE_CONFIGS:
             if wanted and not any(w in cfg.name for w in wanted):
                 continue
-            times: dict[str, float] = {}
-            for side in ("crossmae", "reference"):
+            times: dict[str, list[float]] = {"crossmae": [], "reference": []}
+            # Eager: the pair is timed `ref_rounds()` times, alternating sides, and each side's
+            # median is kept (the shared GPU drifts between runs by more than the ratios'
+            # gaps). Compiled: once (a second compile of each side would double the cost).
+            sides = ("crossmae", "reference") * (ref_rounds() if not compiled else 1)
+            for side in sides:
                 torch._dynamo.reset()
                 torch.manual_seed(0)
                 if side == "crossmae":
@@ -858,14 +870,18 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
                         inner()
 
                 with peak_memory(dev) as mem:
-                    times[side] = bench(step, dev, warmup=4 if compiled else 3, iters=10)
-                record("reference", f"{tag} {cfg.name} {side}", ms=times[side], **mem)
+                    times[side].append(bench(step, dev, warmup=4 if compiled else 3, iters=10))
+                record("reference", f"{tag} {cfg.name} {side}", ms=times[side][-1], **mem)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+            med = {k: statistics.median(v) for k, v in times.items()}
             record(
                 "reference",
                 f"{tag} {cfg.name} ratio",
-                speedup_crossmae=times["reference"] / times["crossmae"],
+                speedup_crossmae=med["reference"] / med["crossmae"],
+                rounds=len(times["crossmae"]),
+                crossmae_ms=med["crossmae"],
+                reference_ms=med["reference"],
             )
     torch._dynamo.reset()
 

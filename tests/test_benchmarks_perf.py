@@ -86,6 +86,7 @@ def test_reference_section_times_both_sides_per_config(
     resets = []
     real_reset = torch._dynamo.reset
     monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset()))
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_ROUNDS", "2")
     threads = torch.get_num_threads()
     try:
         assert bench.main(["--cpu", "--only", "reference", "--reference", str(fake_reference)]) == 0
@@ -99,6 +100,16 @@ def test_reference_section_times_both_sides_per_config(
             assert f"eager {cfg.name} {side}" in names, names
     ratios = [r["speedup_crossmae"] for r in rows if r["name"].endswith("ratio")]
     assert len(ratios) == 3 and all(x > 0 for x in ratios)
+    for cfg in ref.IMAGE_CONFIGS:  # two alternating rounds per side; the ratio of medians
+        per_side = {
+            side: [r["ms"] for r in rows if r["name"] == f"eager {cfg.name} {side}"]
+            for side in ("crossmae", "reference")
+        }
+        assert all(len(v) == 2 for v in per_side.values()), per_side
+        (row,) = [r for r in rows if r["name"] == f"eager {cfg.name} ratio"]
+        assert row["rounds"] == 2
+        assert row["crossmae_ms"] == pytest.approx(sum(per_side["crossmae"]) / 2)
+        assert row["speedup_crossmae"] == pytest.approx(row["reference_ms"] / row["crossmae_ms"])
     # the reference was built and called as issue 11's table says
     utils = sys.modules["transformer_utils"]
     assert (
@@ -229,6 +240,13 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_MODES", "turbo")
     with pytest.raises(ValueError, match="turbo"):
         bench.graph_modes()
+    assert bench.ref_rounds() == 3
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_ROUNDS", "5")
+    assert bench.ref_rounds() == 5
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("CROSSMAE_BENCH_REF_ROUNDS", bad)
+        with pytest.raises(ValueError, match="REF_ROUNDS"):
+            bench.ref_rounds()
     assert bench.graph_water_batches() == (8,)
     monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", "8,16")
     assert bench.graph_water_batches() == (8, 16)
