@@ -127,6 +127,39 @@ def _reference_module() -> Any:
     return reference
 
 
+GRAPHS = ("eager", "regional")
+
+
+def build_graphed(what: str, dev: torch.device, small: bool, graph: str) -> Callable[[], Any]:
+    """The water training step captured in one CUDA graph (`crossmae.capture_step`), with
+    an eager forward (``graph="eager"``) or every block compiled first (``"regional"``,
+    `crossmae.compile_blocks`); masks from the workload's device generator with static
+    split widths, capturable fused AdamW. Returns the replay."""
+    import crossmae as cm
+    from crossmae.models import grouped_masking_fn
+
+    if what != "water":
+        raise ValueError(f"--graph profiles the water workload only, not {what!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    model, args, kwargs = workload(what, dev, small)
+    for mod in model.modalities.values():  # type: ignore[union-attr]
+        mod.masking = grouped_masking_fn(0.39, static_shape=True)
+    if graph == "regional":
+        cm.compile_blocks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    gen = kwargs["generator"]
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(*args, **kwargs).loss
+        loss.backward()
+        opt.step()
+
+    replay, _ = cm.capture_step(step, optimizers=[opt], generators=[gen])
+    return replay
+
+
 def build(
     what: str, dev: torch.device, small: bool, reference_dir: Optional[str] = None
 ) -> Callable[[], Any]:
@@ -222,18 +255,25 @@ def profile_workload(
     mode: Optional[str] = None,
     reference_dir: Optional[str] = None,
     gaps: bool = False,
+    graph: Optional[str] = None,
 ) -> tuple[str, dict[str, float]]:
     """Profile ``steps`` steps of ``what``; returns the markdown and a summary dict
     (``step_ms``, ``device_ms`` per step, ``busy_share``, and ``family:<name>`` ms per step).
     ``mode``: ``torch.compile``'s (e.g. ``"reduce-overhead"``: forward and backward in CUDA
     graphs), with ``compile_``. ``reference_dir``: profile the reference model instead.
     ``gaps``: profile two more steps with Python stacks and add where the device waited
-    for the host (gaps.py; summary key ``idle_ms``)."""
+    for the host (gaps.py; summary key ``idle_ms``).
+    ``graph``: profile the water step captured in one CUDA graph (`build_graphed`)."""
     if mode is not None and not compile_:
         raise ValueError(f"mode={mode!r} needs compile_=True")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    step = build(what, dev, small, reference_dir)
+    if graph is not None and (compile_ or reference_dir is not None):
+        raise ValueError("graph= profiles crossmae's own step, without compile_ or reference_dir")
+    if graph is not None:
+        step = build_graphed(what, dev, small, graph)
+    else:
+        step = build(what, dev, small, reference_dir)
     if compile_:
         step.holder["f"] = torch.compile(step.holder["f"], mode=mode)  # type: ignore[attr-defined]
         step.holder["graphed"] = mode == "reduce-overhead"  # type: ignore[attr-defined]
@@ -257,6 +297,8 @@ def profile_workload(
     device_ms = sum(ms for _, ms in kernels)
     busy = device_ms / step_ms if step_ms > 0 else float("nan")
     tag = ("compiled" + (f", {mode}" if mode else "")) if compile_ else "eager"
+    if graph is not None:
+        tag = f"one CUDA graph, {graph} forward"
     unit = "device" if dev.type == "cuda" else "CPU (no device: not a GPU-busy share)"
     side = "reference " if reference_dir is not None else ""
     lines = [
@@ -326,6 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
     ap.add_argument("--out", default="", help="write profiles.md (and print) here")
     ap.add_argument(
+        "--graph",
+        choices=GRAPHS,
+        default=None,
+        help="water only: profile the step captured in one CUDA graph (eager or regional)",
+    )
+    ap.add_argument(
         "--gaps", action="store_true", help="also show where the device waits for the host"
     )
     ap.add_argument(
@@ -337,6 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.mode and not args.compile:
         ap.error("--mode needs --compile")
+    if args.graph is not None and (args.compile or args.reference is not None):
+        ap.error("--graph profiles crossmae's own eager or regional step: no --compile/--reference")
+    if args.graph is not None and args.cpu:
+        ap.error("--graph needs a CUDA device")
     if args.reference is not None:
         try:
             _reference_module().check_reference_dir(args.reference)
@@ -356,6 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows=args.rows,
                 mode=args.mode if comp else None,
                 gaps=args.gaps,
+                graph=args.graph,
             )
             print(md, flush=True)
             parts.append(md)

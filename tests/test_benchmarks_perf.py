@@ -201,6 +201,18 @@ def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit):  # a reference folder without the reference files
         prof.main(["image", "--cpu", "--reference", str(tmp_path)])
+    with pytest.raises(SystemExit):  # --graph: water on CUDA, crossmae's own step
+        prof.main(["water", "--cpu", "--graph", "regional"])
+    with pytest.raises(SystemExit):
+        prof.main(["water", "--graph", "eager", "--compile"])
+    with pytest.raises(ValueError, match="water workload only"):
+        prof.build_graphed("image", torch.device("cpu"), True, "eager")
+    with pytest.raises(ValueError, match="graph must be one of"):
+        prof.build_graphed("water", torch.device("cpu"), True, "turbo")
+    with pytest.raises(ValueError, match="without compile_"):
+        prof.profile_workload(
+            "water", torch.device("cpu"), small=True, compile_=True, graph="eager"
+        )
     with pytest.raises(ValueError, match="image workloads only"):
         prof.build("water", torch.device("cpu"), True, reference_dir=str(tmp_path))
 
