@@ -201,7 +201,9 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
     empty = (key_lengths == 0)[:, None, None]  # [b 1 1]: samples with no real key
     # one layout for every layer: the boundaries are computed once
     counts = [st.queries.shape[1] for st in states]
-    segments = _varlen.together_segments(counts, cpad.shape[1], key_lengths)
+    # a decoder with no real query in a sample (a modality it lacks) skips that sample's keys
+    qpads = [st.query_padding_mask for st in states]
+    segments = _varlen.together_segments(counts, cpad.shape[1], key_lengths, query_padding=qpads)
     xs = [st.queries for st in states]
     for j in range(len(decoders[0].blocks)):
         blocks = [cast(CrossAttentionBlock, dec.blocks[j]) for dec in decoders]

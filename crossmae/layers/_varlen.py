@@ -15,6 +15,7 @@ CUDA-graph-friendly), and padded keys cost nothing to real queries.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
@@ -183,21 +184,44 @@ def varlen_attend(
 
 
 def together_segments(
-    query_counts: list[int], num_keys: int, key_lengths: Tensor
+    query_counts: list[int],
+    num_keys: int,
+    key_lengths: Tensor,
+    *,
+    query_padding: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Segment boundaries of `varlen_together` (int32 ``cu_q``, ``cu_k``), computed once
     and reusable for every layer that shares the layout: call ``i`` has ``query_counts[i]``
-    queries per sample, all real; its keys are ``num_keys`` slots per sample whose first
-    ``key_lengths[j]`` are real (int ``[b]``). Two segments per call and sample (real keys,
-    then the padded ones with no query)."""
+    queries per sample; its keys are ``num_keys`` slots per sample whose first
+    ``key_lengths[j]`` are real (int ``[b]``). Two segments per call and sample: the
+    queries with the real keys, then no query with the padded keys.
+
+    ``query_padding``: per call a bool ``[b, n_i]`` mask (True = padding) or None. A sample
+    whose queries are **all** padding (e.g. a modality the sample lacks) attends to at most
+    one key instead of all of them (its rows are meaningless; the work of a full segment
+    is skipped); the rest of its keys move to the query-less segment. Partly padded
+    samples keep every real key (their real rows need them)."""
     b, m = key_lengths.shape[0], num_keys
+    if query_padding is not None and len(query_padding) != len(query_counts):
+        raise ValueError(
+            f"query_padding has {len(query_padding)} masks for {len(query_counts)} calls"
+        )
     k_bounds = _segments(key_lengths, m)[:-1]  # [2b], real then padded keys per sample
     starts = torch.arange(b, device=key_lengths.device, dtype=torch.int32)
     cu_q, cu_k, q_off = [], [], 0
     for i, n in enumerate(query_counts):
         ends = (starts + 1) * n + q_off  # sample j's queries end here; its dummy segment is empty
         cu_q.append(torch.stack([starts * n + q_off, ends], dim=1).reshape(-1))
-        cu_k.append(k_bounds + i * b * m)
+        qpad = None if query_padding is None else query_padding[i]
+        if qpad is not None and n > 0:
+            if tuple(qpad.shape) != (b, n):
+                raise ValueError(
+                    f"query_padding[{i}] has shape {tuple(qpad.shape)}, expected {(b, n)}"
+                )
+            lengths = torch.where(qpad.all(dim=1), key_lengths.clamp(max=1), key_lengths)
+            cu_k.append(_segments(lengths, m)[:-1] + i * b * m)
+        else:
+            cu_k.append(k_bounds + i * b * m)
         q_off += b * n
     end_q = key_lengths.new_full((1,), q_off, dtype=torch.int32)
     end_k = key_lengths.new_full((1,), len(query_counts) * b * m, dtype=torch.int32)

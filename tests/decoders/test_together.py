@@ -354,8 +354,9 @@ def test_multimodal_model_fuses_its_decoders(monkeypatch: pytest.MonkeyPatch) ->
     assert len(got_g) == len(ref_g)
     for g, r in zip(got_g, ref_g):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
-    for name in model.names:
-        torch.testing.assert_close(got.preds[name], ref.preds[name])
+    for name in model.names:  # padded rows are meaningless (a sample lacking a modality
+        real = ~got.splits[name].predict_padding_mask  # attends to one key in lockstep)
+        torch.testing.assert_close(got.preds[name][real], ref.preds[name][real])
     assert list(got.preds) == model.names  # modality order kept
     decoders_ = len(model.names)
     assert ref_calls - got_calls == decoders_ - 1  # depth 1: five calls became one
@@ -505,3 +506,51 @@ def test_multimodal_model_with_compile_blocks_keeps_lockstep(
     torch.testing.assert_close(alone.loss, ref.loss, atol=1e-10, rtol=1e-10)
     assert len(calls) == eager_calls  # lockstep, as without compilation
     assert alone_calls - len(calls) == len(model.names) - 1  # depth 1: five calls → one
+
+
+def test_samples_without_a_real_query_skip_the_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder whose queries are all padding in a sample (a modality the sample lacks)
+    attends there to one key, not to all: the packed call's work (sum of queries x keys
+    over segments) drops by that sample's share, real rows and gradients are unchanged."""
+    c = small_case(5, b=3, m=6, p=[4, 3], query_pad=True)
+    decs = decoders(2, (1, 1))
+    ctx, cpad, ids, qpads = inputs(c)
+    ctx = ctx.nan_to_num(0.0).requires_grad_(True)
+    cpad[1:] = False  # samples 1, 2: every key real
+    qpads[0][1] = True  # decoder 0 has no real query in sample 1
+    qpads[1][:] = False
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def kernel(*a: Any) -> torch.Tensor:
+        seen.append((a[3].clone(), a[4].clone()))
+        return reference_varlen(*a)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_varlen, "supports", lambda dev, dtype, d, p: p == 0.0)
+    monkeypatch.setattr(_varlen, "_VARLEN", kernel)
+
+    def run(fn: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], Any]:
+        outs = fn()
+        loss = sum(o.masked_fill(q[..., None], 0.0).sin().sum() for o, q in zip(outs, qpads))
+        params = [ctx, *[p for d in decs for p in d.parameters()]]
+        return outs, torch.autograd.grad(loss, params, allow_unused=True)  # type: ignore[arg-type]
+
+    ref, ref_g = run(lambda: one_by_one(decs, ctx, cpad, ids, qpads))
+    seen.clear()
+    got, got_g = run(
+        lambda: cm.decode_together(
+            decs, ctx, ids, context_padding_mask=cpad, query_padding_masks=qpads
+        )
+    )
+    assert_rows_close(got, ref, qpads)
+    for g, r in zip(got_g, ref_g):
+        if r is not None:
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+    ((cu_q, cu_k),) = seen  # one packed call for the one layer
+    work = ((cu_q[1:] - cu_q[:-1]) * (cu_k[1:] - cu_k[:-1])).tolist()
+    b, m = 3, 6
+    # call 0, sample 1: segment 2 holds its 4 queries against one key, segment 3 the rest
+    assert work[2] == 4 * 1 and int(cu_k[3] - cu_k[2]) == 1 and int(cu_k[4] - cu_k[3]) == m - 1
+    assert work[4] == 4 * m  # call 0, sample 2: real queries, every key
+    real_keys = (~cpad).sum(1).tolist()
+    assert sum(work) == 4 * (real_keys[0] + 1 + m) + 3 * (real_keys[0] + 2 * m)
+    assert len(work) == 2 * b * 2

@@ -184,3 +184,42 @@ def test_together_segments_pair_every_call_and_sample(counts, m, lengths) -> Non
             assert (int(cu_k[s]), int(cu_k[s + 1]), int(cu_k[s + 2])) == (
                 k0, k0 + int(key_lengths[j]), k0 + m)  # fmt: skip
         q_off += b * n
+
+
+@given(
+    st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    st.integers(1, 6),
+    st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    seeds(),
+)
+def test_together_segments_skip_samples_without_a_real_query(counts, m, lengths, seed) -> None:  # type: ignore[no-untyped-def]
+    """With ``query_padding``, a sample whose queries are all padding pairs them with at
+    most one key; every other segment is the plain layout's, and the key boundaries still
+    tile each sample's ``m`` slots."""
+    key_lengths = torch.tensor([min(x, m) for x in lengths])
+    b = key_lengths.shape[0]
+    g = generator(seed)
+    qpad = [torch.rand(b, n, generator=g) < 0.5 for n in counts]
+    for q in qpad:
+        if q.shape[1]:
+            q[0] = True  # one sample without a real query in every call
+    plain_q, plain_k = _varlen.together_segments(counts, m, key_lengths)
+    cu_q, cu_k = _varlen.together_segments(counts, m, key_lengths, query_padding=qpad)
+    torch.testing.assert_close(cu_q, plain_q)
+    for i, n in enumerate(counts):
+        for j in range(b):
+            s = 2 * (i * b + j)
+            k0 = i * b * m + j * m
+            assert int(cu_k[s]) == k0 and int(cu_k[s + 2]) == k0 + m  # tiles the sample
+            if n > 0 and bool(qpad[i][j].all()):
+                assert int(cu_k[s + 1]) - k0 == min(int(key_lengths[j]), 1)
+            else:
+                assert int(cu_k[s + 1]) == int(plain_k[s + 1])
+    none = _varlen.together_segments(counts, m, key_lengths, query_padding=[None] * len(counts))
+    torch.testing.assert_close(none[1], plain_k)
+    with pytest.raises(ValueError, match="masks for"):
+        _varlen.together_segments(counts, m, key_lengths, query_padding=[*qpad, None])
+    if counts[0] > 0:
+        bad = [torch.zeros(b, counts[0] + 1, dtype=torch.bool), *qpad[1:]]
+        with pytest.raises(ValueError, match="expected"):
+            _varlen.together_segments(counts, m, key_lengths, query_padding=bad)
