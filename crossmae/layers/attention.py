@@ -473,9 +473,11 @@ class Attention(nn.Module):
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        q, k, v = rearrange(
-            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
-        ).unbind(0)
+        # b n (three h d) -> three b h n d, as native views (einops' parsing costs host
+        # time on every call, and eager steps are bound by the host)
+        q, k, v = (
+            self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         out = _attend(
             q,
             k,
@@ -486,7 +488,7 @@ class Attention(nn.Module):
             query_padding_mask=pad,
             plan=plan,
         )
-        out = rearrange(out, "b h n d -> b n (h d)")
+        out = out.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
         return self.proj_drop(self.proj(out))
 
     def forward_packed(
@@ -504,16 +506,14 @@ class Attention(nn.Module):
         this path. ``plan``: a packed-layout `AttentionPlan` from the stack, or None.
         """
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype, ndim=2)
-        q, k, v = rearrange(
-            self.qkv(x), "t (three h d) -> three t h d", three=3, h=self.num_heads
-        ).unbind(0)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(1, 0, 2, 3).unbind(0)
         if plan is None:
             out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
         else:
             cu = _check_cu_seqlens(cu_seqlens, q)
             kernel = plan.kernel if self.fused_attn else "manual"
             out = _packed_attend(q, k, v, cu, max_seqlen, kernel)
-        return self.proj_drop(self.proj(rearrange(out, "t h d -> t (h d)")))
+        return self.proj_drop(self.proj(out.flatten(1)))  # t h d -> t (h d)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, fused_attn={self.fused_attn}"
@@ -606,10 +606,9 @@ class CrossAttention(nn.Module):
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
-        k, v = rearrange(
-            self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads
-        ).unbind(0)
+        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # b h n d
+        kv = self.kv(context).unflatten(-1, (2, self.num_heads, -1))  # b m two h d
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = _attend(
             q,
             k,
@@ -619,7 +618,7 @@ class CrossAttention(nn.Module):
             fused=self.fused_attn,
             plan=plan,
         )
-        return self.output(rearrange(out, "b h n d -> b n (h d)"))
+        return self.output(out.transpose(1, 2).flatten(2))  # b h n d -> b n (h d)
 
     def output(self, attended: Tensor) -> Tensor:
         """The output projection (and its dropout) of the attended values ``[..., c]``, heads
