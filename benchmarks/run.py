@@ -689,6 +689,27 @@ def graph_modes() -> tuple[str, ...]:
     return tuple(env) or GRAPH_MODES
 
 
+def water_loss_fn(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], static: torch.Tensor
+) -> Callable[[Any, torch.Generator], torch.Tensor]:
+    """``loss_of(f, g)`` for section 8's water steps. ``f`` is ``model`` itself (eager, or
+    blocks compiled in place): it draws its masks from ``g``. Any other ``f`` (a
+    ``torch.compile`` of the whole model) gets splits drawn eagerly by ``model`` from ``g``
+    (tokenize without gradients for the padding, then ``make_splits``), as a compiled
+    training step draws them in data preparation: dynamo cannot trace a generator, and
+    every draw inside the compiled forward would break its graph."""
+
+    def loss_of(f: Any, g: torch.Generator) -> torch.Tensor:
+        if f is model:
+            return f(inputs, static=static, generator=g).loss  # type: ignore[no-any-return]
+        with torch.no_grad():
+            pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}  # type: ignore[operator]
+        splits = model.make_splits(pads, generator=g)  # type: ignore[operator]
+        return f(inputs, static=static, splits=splits).loss  # type: ignore[no-any-return]
+
+    return loss_of
+
+
 def graph_water_batches() -> tuple[int, ...]:
     """Water batch sizes of section 8 (env CROSSMAE_BENCH_GRAPH_WATER_BATCHES, e.g. "8,16")."""
     raw = os.environ.get("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", "8")
@@ -738,7 +759,7 @@ def section_cudagraph(dev: torch.device, small: bool, compile_: bool) -> None:
             m = water_mae_small()
             for mod in m.modalities.values():  # host-known split widths: no sync, static
                 mod.masking = grouped_masking_fn(0.39, static_shape=True)
-            return m, lambda f, g: f(inputs, static=static, generator=g).loss
+            return m, water_loss_fn(m, inputs, static)
 
         workloads.append((f"water b={wb} half_missing", water))
     for wname, build in workloads:

@@ -10,6 +10,7 @@ import textwrap
 import types
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -266,3 +267,26 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", bad)
         with pytest.raises(ValueError, match="GRAPH_WATER_BATCHES"):
             bench.graph_water_batches()
+
+
+def test_water_loss_draws_splits_outside_a_compiled_model(bench: ModuleType) -> None:
+    """Section 8's compiled water steps get their splits drawn eagerly from the same
+    generator: the loss equals the eager model's, which draws them itself."""
+    from tests.strategies import generator, tiny_water_batch, tiny_water_model
+
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(4))
+    loss_of = bench.water_loss_fn(model, inputs, static)
+    calls: list[dict[str, Any]] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:  # stands for torch.compile(model)
+        calls.append(kwargs)
+        return model(*args, **kwargs)
+
+    with torch.no_grad():
+        eager = loss_of(model, generator(9))
+        compiled = loss_of(wrapper, generator(9))
+        other = loss_of(wrapper, generator(10))
+    assert "splits" in calls[0] and "generator" not in calls[0]
+    torch.testing.assert_close(compiled, eager)
+    assert not torch.allclose(other, eager)  # the generator really draws the masks
