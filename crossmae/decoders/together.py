@@ -8,8 +8,8 @@ fused keys. Run one after the other, every layer of every decoder pays its own a
 call. `decode_together` runs them layer by layer instead: at layer ``j`` every decoder
 projects its queries and its keys/values, then **one** packed variable-length kernel call
 serves all of them (segments per decoder and sample), then every decoder finishes its
-block. The results equal running each decoder alone (same parameters, same arithmetic per
-segment); only the number of kernel launches changes (and, while training with dropout or
+block. The results equal running each decoder alone on every real query row (same
+parameters, same arithmetic per segment); only the number of kernel launches changes (and, while training with dropout or
 drop path, the order in which random masks are drawn).
 """
 
@@ -111,7 +111,10 @@ def decode_together(
 
     ``decode_together(decs, ctx, ids, context_padding_mask=cpad, query_padding_masks=qpads)``
     returns ``[decs[i](ctx, ids[i], context_padding_mask=cpad,
-    query_padding_mask=qpads[i]) for i ...]``. Where the attention backend plans the packed
+    query_padding_mask=qpads[i]) for i ...]`` on every real query row. Padded query rows
+    are finite and meaningless on both routes, and may differ: in lockstep, a decoder
+    whose queries are all padding in a sample attends there to one key only, which skips
+    that sample's work. Where the attention backend plans the packed
     variable-length kernel for every decoder (CUDA, half precision, padded context, no
     attention dropout) and the decoders have the same depth and heads, each layer makes
     one kernel call for all decoders instead of one per decoder. Otherwise, or when a
