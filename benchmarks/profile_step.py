@@ -398,31 +398,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
     parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}\n"]
     for what in args.what:
+        sides: list[Optional[str]] = [None]  # crossmae, then the reference where asked
+        if args.reference is not None and what in IMAGE_WORKLOADS:
+            sides.append(args.reference)
         for comp in modes:
-            md, _ = profile_workload(
-                what,
-                dev,
-                small=dev.type == "cpu",
-                compile_=comp,
-                steps=args.steps,
-                rows=args.rows,
-                mode=args.mode if comp else None,
-                gaps=args.gaps,
-                graph=args.graph,
-            )
-            print(md, flush=True)
-            parts.append(md)
-            if args.reference is not None and what in IMAGE_WORKLOADS:
+            for ref_dir in sides:
                 md, _ = profile_workload(
                     what,
                     dev,
-                    small=False,
+                    small=dev.type == "cpu" and ref_dir is None,
                     compile_=comp,
                     steps=args.steps,
                     rows=args.rows,
                     mode=args.mode if comp else None,
-                    reference_dir=args.reference,
+                    reference_dir=ref_dir,
                     gaps=args.gaps,
+                    graph=args.graph if ref_dir is None else None,
                 )
                 print(md, flush=True)
                 parts.append(md)
