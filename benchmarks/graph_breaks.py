@@ -49,10 +49,7 @@ def build(
     if what == "image":
         kwargs = {"generator": torch.Generator(device=dev).manual_seed(0)}
     elif what == "water":
-        with torch.no_grad():
-            pads = {k: p for k, (_, p) in model.tokenize(args[0]).items()}  # type: ignore[operator]
-        splits = model.make_splits(pads, generator=kwargs.pop("generator"))  # type: ignore[operator]
-        kwargs["splits"] = splits
+        kwargs["splits"] = model.draw_splits(args[0], generator=kwargs.pop("generator"))  # type: ignore[operator]
     return model, args, kwargs
 
 

@@ -297,8 +297,8 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     h, w = (60, 40) if small else (290, 180)
     sites = 40 if small else 604
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    # Compiled: masks are drawn in data preparation (tokenize for the padding masks, then
-    # make_splits, eager) and the forward is one graph given the splits.
+    # Compiled: masks are drawn outside the compiled forward (`draw_splits`, eager) and the
+    # forward is one graph given the splits.
     backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
     # modes: eager, eager-unfused (decoders one by one), compiled, regional
     modes = os.environ.get("CROSSMAE_BENCH_WATER_MODES", "eager,compiled,regional").split(",")
@@ -335,9 +335,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
 
         def step_compiled() -> None:
             assert compiled is not None
-            with torch.no_grad(), autocast(dev, dev.type == "cuda"):
-                pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}
-            splits = model.make_splits(pads, generator=g)
+            splits = model.draw_splits(inputs, generator=g)
             with autocast(dev, dev.type == "cuda"):
                 out = compiled(inputs, static=static, splits=splits)
             out.loss.backward()
@@ -694,17 +692,14 @@ def water_loss_fn(
 ) -> Callable[[Any, torch.Generator], torch.Tensor]:
     """``loss_of(f, g)`` for section 8's water steps. ``f`` is ``model`` itself (eager, or
     blocks compiled in place): it draws its masks from ``g``. Any other ``f`` (a
-    ``torch.compile`` of the whole model) gets splits drawn eagerly by ``model`` from ``g``
-    (tokenize without gradients for the padding, then ``make_splits``), as a compiled
-    training step draws them in data preparation: dynamo cannot trace a generator, and
-    every draw inside the compiled forward would break its graph."""
+    ``torch.compile`` of the whole model) gets splits drawn eagerly by
+    ``model.draw_splits(inputs, generator=g)``: dynamo cannot trace a generator, and every
+    draw inside the compiled forward would break its graph."""
 
     def loss_of(f: Any, g: torch.Generator) -> torch.Tensor:
         if f is model:
             return f(inputs, static=static, generator=g).loss  # type: ignore[no-any-return]
-        with torch.no_grad():
-            pads = {k: p for k, (_, p) in model.tokenize(inputs).items()}  # type: ignore[operator]
-        splits = model.make_splits(pads, generator=g)  # type: ignore[operator]
+        splits = model.draw_splits(inputs, generator=g)  # type: ignore[operator]
         return f(inputs, static=static, splits=splits).loss  # type: ignore[no-any-return]
 
     return loss_of

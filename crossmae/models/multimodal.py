@@ -878,6 +878,38 @@ class MultimodalMAE(nn.Module):
             for name, mod in self._items()
         }
 
+    def draw_splits(
+        self,
+        inputs: Mapping[str, Tensor],
+        *,
+        tokenizer_kwargs: Optional[Mapping[str, Mapping[str, object]]] = None,
+        site_padding_mask: Optional[Tensor] = None,
+        missing: Optional[Mapping[str, Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, MaskSplit]:
+        """The splits ``forward(inputs, ..., generator=generator)`` would draw, drawn before
+        it: tokenize without gradients for the padding masks, then `make_splits`.
+
+        For a compiled forward: dynamo cannot trace a ``torch.Generator``, so masks drawn
+        inside a compiled forward break its graph at every draw. Draw them here, eagerly
+        (inside a captured CUDA graph too: with static split widths nothing syncs), and
+        pass ``forward(inputs, splits=...)``. The draws equal forward's own for the same
+        generator state.
+
+        Args:
+            inputs, tokenizer_kwargs, site_padding_mask, missing: as in `forward`.
+            generator: RNG for the masking functions.
+
+        Returns:
+            name → `MaskSplit`, for every modality.
+        """
+        check_generator("generator", generator)
+        self._check_names("missing", missing)
+        with torch.no_grad():
+            tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
+        pads = {name: pad for name, (_, pad) in tokenized.items()}
+        return self.make_splits(pads, missing=missing, generator=generator)
+
     def splits_from_masks(
         self,
         hidden_masks: Mapping[str, Tensor],

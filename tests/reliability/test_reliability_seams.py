@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from reliability_helpers import Case, Raises, Recorder, Returns, randn, run_case
+from reliability_helpers import Case, Raises, Recorder, Returns, randn, run_case, water_inputs
 from strategies import tiny_image_model
 
 import crossmae as cm
@@ -48,6 +48,7 @@ def _gen_cases() -> list[Case]:
         "MultimodalMAE.make_splits": lambda g: _water().make_splits(
             {name: torch.zeros(2, 1, dtype=torch.bool) for name in _water().names}, generator=g
         ),
+        "MultimodalMAE.draw_splits": lambda g: _water().draw_splits(water_inputs(), generator=g),
     }
     return [
         Case(api, f"generator={g!r}", (lambda f=fn, g=g: f(g)), Raises(("generator",), (repr(g),)))
