@@ -290,3 +290,39 @@ def test_water_loss_draws_splits_outside_a_compiled_model(bench: ModuleType) -> 
     assert "splits" in calls[0] and "generator" not in calls[0]
     torch.testing.assert_close(compiled, eager)
     assert not torch.allclose(other, eager)  # the generator really draws the masks
+
+
+@pytest.mark.parametrize("graph", ["eager", "compiled"])
+def test_graphed_water_step_builds(graph: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`profile_step.build_graphed` on the CPU, with the capture and the compiler replaced
+    by stand-ins: the whole-model compiled step passes splits drawn outside the compiled
+    forward (never the generator), and the replay is what the capture returned."""
+    import crossmae as cm
+
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    seen: list[dict[str, Any]] = []
+
+    def fake_compile(model: Any, **_: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            seen.append(kwargs)
+            return model(*args, **kwargs)
+
+        return run
+
+    captured: list[Any] = []
+
+    def fake_capture(step: Any, **kwargs: Any) -> Any:
+        captured.append(kwargs)
+        step()
+        return step, None
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(cm, "capture_step", fake_capture)
+    replay = prof.build_graphed("water", torch.device("cpu"), True, graph)
+    replay()
+    assert len(captured) == 1 and len(captured[0]["optimizers"]) == 1
+    assert isinstance(captured[0]["generators"][0], torch.Generator)
+    if graph == "compiled":
+        assert len(seen) == 2 and all("splits" in k and "generator" not in k for k in seen)
+    else:
+        assert seen == []
