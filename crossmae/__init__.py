@@ -53,7 +53,13 @@ from .layers import (
     sincos_pos_embed_2d_from_coords,
     unpack_tokens,
 )
-from .layers.backend import AttentionPlan, KernelRule, kernel_table, set_kernel_table
+from .layers.backend import (
+    DEFAULT_KERNEL_TABLE,
+    AttentionPlan,
+    KernelRule,
+    kernel_table,
+    set_kernel_table,
+)
 from .losses import (
     MaskedMSELoss,
     masked_mse_loss,
@@ -122,6 +128,7 @@ from .tokenizers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_KERNEL_TABLE",
     "PADDED_ATTENTION_KERNELS",
     "Attention",
     "AttentionPlan",

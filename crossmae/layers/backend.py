@@ -38,6 +38,7 @@ from .._config import padded_attention_kernel, use_fused_attn
 from . import _flex, _varlen
 
 __all__ = [
+    "DEFAULT_KERNEL_TABLE",
     "SDPA_BACKENDS",
     "AttentionPlan",
     "KernelRule",
@@ -162,26 +163,44 @@ class KernelRule:
         return not (self.max_keys is not None and (keys is None or keys > self.max_keys))
 
 
-# The default table is empty: PyTorch's SDPA choice and the policy below. The benchmark
-# section ``smallhead`` (benchmarks/run.py) prints the rules its measurements support.
-_TABLE: tuple[KernelRule, ...] = ()
+#: The kernel table crossmae starts with (`set_kernel_table` ``(None)`` restores it). One
+#: rule, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01 session 7): unpadded
+#: attention at head dim 32 over at most 256 keys (the CrossMAE decoder's cross-attention,
+#: 49 queries x 50 keys) runs the memory-efficient kernel first. In isolation (b=256,
+#: 16 heads, fwd+bwd) it takes 0.52 ms against flash 0.58 and cuDNN 0.67; the compiled
+#: decoder-only step with CUDA graphs drops from 9.53 to 8.86 ms, while the MAE decoder
+#: (197 keys, the same rule) stays at 26.8 ms. Everything else: PyTorch's SDPA choice and
+#: the policy of `decide`. The benchmark section ``smallhead`` prints the rules its
+#: measurements support.
+DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
+    KernelRule(
+        head_dim=32, max_keys=256, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
+    ),
+)
+_TABLE: tuple[KernelRule, ...] = DEFAULT_KERNEL_TABLE
 
 
-def set_kernel_table(rules: Sequence[KernelRule]) -> None:
+def set_kernel_table(rules: Optional[Sequence[KernelRule]]) -> None:
     """Replace the per-shape kernel table, process-wide (read at every stack forward).
 
     The first rule that matches a call decides (``kernel`` for padded calls,
-    ``sdpa_backends`` for unpadded ones); pass ``()`` to restore the default policy.
+    ``sdpa_backends`` for unpadded ones). ``None`` restores `DEFAULT_KERNEL_TABLE`; ``()``
+    leaves no rule (PyTorch's SDPA choice and the default policy for every call).
 
     Raises:
-        TypeError: ``rules`` is not a sequence of `KernelRule`.
+        TypeError: ``rules`` is not None nor a sequence of `KernelRule`.
     """
+    global _TABLE
+    if rules is None:
+        _TABLE = DEFAULT_KERNEL_TABLE
+        return
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-        raise TypeError(f"rules must be a sequence of KernelRule, got {type(rules).__name__}")
+        raise TypeError(
+            f"rules must be None or a sequence of KernelRule, got {type(rules).__name__}"
+        )
     for r in rules:
         if not isinstance(r, KernelRule):
             raise TypeError(f"rules must hold KernelRule objects, got {type(r).__name__}")
-    global _TABLE
     _TABLE = tuple(rules)
 
 

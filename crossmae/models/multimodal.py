@@ -264,6 +264,19 @@ def grouped_masking_fn(
     return fn
 
 
+class _DrawnDense(MaskSplit):
+    """A `MaskSplit` that `MultimodalMAE.draw_splits` drew for a never-padded modality with
+    no sample missing. Its slots hold no padding, exactly like the split forward draws
+    itself, so a forward given it plans the same unmasked attention (no key mask, no
+    reordering). An edited copy (``_replace``) is a plain `MaskSplit`: the mark does not
+    survive a change."""
+
+    __slots__ = ()
+
+    def _replace(self, /, **changes: Any) -> MaskSplit:  # type: ignore[override]
+        return MaskSplit(*self)._replace(**changes)
+
+
 def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
     """The same split with every padding token (``padding_mask`` True) neither visible nor
     predicted: its slots become padding slots. Widths are unchanged and nothing syncs with
@@ -574,7 +587,7 @@ class Modality(nn.Module):
             split = self.masking(padding_mask, steps, generator, self.never_padded)
         else:
             split = given
-        if not self.never_padded or given is not None:
+        if not self.never_padded or (given is not None and not isinstance(given, _DrawnDense)):
             split = padding_wins(split, padding_mask)
         if missing is not None:
             split = mask_missing_samples(split, missing)
@@ -894,7 +907,10 @@ class MultimodalMAE(nn.Module):
         inside a compiled forward break its graph at every draw. Draw them here, eagerly
         (inside a captured CUDA graph too: with static split widths nothing syncs), and
         pass ``forward(inputs, splits=...)``. The draws equal forward's own for the same
-        generator state.
+        generator state, and so does the attention plan: the split of a never-padded
+        modality with no sample missing is marked dense (still a `MaskSplit`), so the
+        forward given it runs that encoder unmasked, as with its own draws. An edited copy
+        (``split._replace(...)``) loses the mark.
 
         Args:
             inputs, tokenizer_kwargs, site_padding_mask, missing: as in `forward`.
@@ -908,7 +924,11 @@ class MultimodalMAE(nn.Module):
         with torch.no_grad():
             tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
         pads = {name: pad for name, (_, pad) in tokenized.items()}
-        return self.make_splits(pads, missing=missing, generator=generator)
+        splits = self.make_splits(pads, missing=missing, generator=generator)
+        for name, mod in self._items():  # as dense as forward's own draws (see forward)
+            if mod.never_padded and (missing is None or name not in missing):
+                splits[name] = _DrawnDense(*splits[name])
+        return splits
 
     def splits_from_masks(
         self,
@@ -1081,13 +1101,16 @@ class MultimodalMAE(nn.Module):
             for name, flag in dense.items():
                 check_bool(f"dense[{name!r}]", flag)
         # A modality's visible slots are dense (no padding: unmasked kernels) when promised,
-        # or when drawn here without padding and no sample of it is removed.
+        # or when drawn without padding (here or by draw_splits) and no sample of it is removed.
         # Only a promise drops the padding masks of the decoders and the fusion too.
         out: dict[str, bool] = {}
         promised: dict[str, bool] = {}
         for name, mod in self._items():
-            given = (splits is not None and name in splits) or name in (hidden_masks or {})
-            auto = not given and mod.never_padded and (missing is None or name not in missing)
+            split = None if splits is None else splits.get(name)
+            given = split is not None or name in (hidden_masks or {})
+            drawn = isinstance(split, _DrawnDense)  # by draw_splits: as dense as our own
+            auto = (not given or drawn) and mod.never_padded
+            auto = auto and (missing is None or name not in missing)
             promise = dense.get(name) if isinstance(dense, Mapping) else dense
             out[name] = auto if promise is None else promise
             promised[name] = bool(promise)
@@ -1218,8 +1241,8 @@ class MultimodalMAE(nn.Module):
                 hidden real token); must lie inside ``hidden_masks``.
             dense: promise that the visible slots of the named modalities (True: of all)
                 hold no padding, so attention runs unmasked (flash kernels). Default: True
-                only for a split drawn here by a never-padded modality. A false promise
-                gives wrong results.
+                only for a split of a never-padded modality drawn here or by
+                `draw_splits` (and not edited since). A false promise gives wrong results.
             generator: RNG for the model's own masking (a `torch.Generator`).
 
         Tokenizer padding always wins: a padding token is never visible, never predicted,

@@ -29,7 +29,7 @@ BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float6
 @pytest.fixture(autouse=True)
 def _reset() -> Iterator[None]:
     yield
-    backend.set_kernel_table(())
+    backend.set_kernel_table(None)
     cm.set_padded_attention_kernel("auto")
 
 
@@ -126,6 +126,26 @@ def test_kernel_table_rules() -> None:
     assert decide("cpu", BF16, 32, padded=False, **kw).sdpa_backends is None
     backend.set_kernel_table(())
     assert decide("cuda", BF16, 16, padded=True, keys=7892, **kw).kernel == "varlen"
+
+
+def test_default_table_sends_short_unpadded_head_dim_32_to_efficient() -> None:
+    """The one default rule (measured on the H200): unpadded, head dim 32, <= 256 keys."""
+    assert backend.kernel_table() == cm.DEFAULT_KERNEL_TABLE == backend.DEFAULT_KERNEL_TABLE
+    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True}
+    short = decide("cuda", BF16, 32, padded=False, keys=50, **kw)
+    assert short == AttentionPlan("sdpa", sdpa_backends=("efficient", "flash", "cudnn"))
+    assert decide("cuda", BF16, 32, padded=False, keys=256, **kw).sdpa_backends is not None
+    # outside the rule: PyTorch's own choice
+    assert decide("cuda", BF16, 32, padded=False, keys=257, **kw).sdpa_backends is None
+    assert decide("cuda", BF16, 32, padded=False, **kw).sdpa_backends is None  # keys unknown
+    assert decide("cuda", BF16, 64, padded=False, keys=50, **kw).sdpa_backends is None
+    assert decide("cuda", BF16, 32, padded=True, keys=50, **kw).kernel == "varlen"
+    assert decide("cpu", BF16, 32, padded=False, keys=50, **kw).sdpa_backends is None
+    backend.set_kernel_table(())  # no rule at all
+    assert backend.kernel_table() == ()
+    assert decide("cuda", BF16, 32, padded=False, keys=50, **kw).sdpa_backends is None
+    backend.set_kernel_table(None)  # the default again
+    assert decide("cuda", BF16, 32, padded=False, keys=50, **kw) == short
 
 
 @pytest.mark.parametrize(

@@ -60,3 +60,97 @@ def test_no_gradient_and_arguments_checked_first() -> None:
     with pytest.raises(ValueError, match="missing"):
         model.draw_splits(inputs, missing={"nope": torch.zeros(2, dtype=torch.bool)})
     assert calls == []  # refused before any tokenizer ran
+
+
+class _PlanLog:
+    """Records every attention plan `backend.decide` makes: ``(head_dim, padded, kernel)``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from crossmae.layers import backend
+
+        self.calls: list[tuple[int, bool, str]] = []
+        real = backend.decide
+
+        def spy(*args: object, **kwargs: object) -> backend.AttentionPlan:
+            plan = real(*args, **kwargs)  # type: ignore[arg-type]
+            self.calls.append((int(args[2]), bool(kwargs["padded"]), plan.kernel))  # type: ignore[call-overload]
+            return plan
+
+        monkeypatch.setattr(backend, "decide", spy)
+
+    def take(self) -> list[tuple[int, bool, str]]:
+        out, self.calls = sorted(self.calls), []
+        return out
+
+
+def _never_padded(model: object) -> list[str]:
+    return [n for n, m in model.modalities.items() if m.never_padded]  # type: ignore[attr-defined]
+
+
+def test_drawn_splits_plan_the_same_attention_as_forwards_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_water_model()
+    dense = _never_padded(model)
+    assert dense and len(dense) < len(model.names)  # rasters never padded, series padded
+    inputs, static = tiny_water_batch(model.names, generator(4))
+    log = _PlanLog(monkeypatch)
+    with torch.no_grad():
+        own = model(inputs, static=static, generator=generator(3))
+        own_plans = log.take()
+        splits = model.draw_splits(inputs, generator=generator(3))
+        log.take()  # draw_splits tokenizes only: no attention
+        given = model(inputs, static=static, splits=splits)
+        given_plans = log.take()
+    assert given_plans == own_plans
+    assert any(not padded for _, padded, _ in own_plans)  # the unmasked encoders exist
+    torch.testing.assert_close(given.loss, own.loss)
+    from crossmae.masking.split import MaskSplit
+
+    assert all(isinstance(s, MaskSplit) for s in splits.values())
+
+
+def test_edited_or_missing_splits_plan_masked_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark means 'drawn by the model's masking, nothing removed': a copy edited with
+    ``_replace`` or a modality with ``missing=`` flags is planned with its padding mask."""
+    model = tiny_water_model()
+    name = _never_padded(model)[0]
+    inputs, static = tiny_water_batch(model.names, generator(5))
+    log = _PlanLog(monkeypatch)
+    with torch.no_grad():
+        splits = model.draw_splits(inputs, generator=generator(1))
+        model(inputs, static=static, splits=splits)
+        marked = log.take()
+        edited = dict(splits)
+        edited[name] = splits[name]._replace(ids_keep=splits[name].ids_keep.clone())
+        assert type(edited[name]).__name__ == "MaskSplit"
+        out_edited = model(inputs, static=static, splits=edited)
+        after_edit = log.take()
+        missing = {name: torch.zeros(inputs[name].shape[0], dtype=torch.bool)}
+        drawn = model.draw_splits(inputs, missing=missing, generator=generator(1))
+        assert type(drawn[name]).__name__ == "MaskSplit"
+        model(inputs, static=static, splits=drawn, missing=missing)
+        with_missing = log.take()
+        out_marked = model(inputs, static=static, splits=splits)
+    unmasked = lambda plans: sum(1 for _, padded, _ in plans if not padded)  # noqa: E731
+    assert unmasked(after_edit) < unmasked(marked)
+    assert unmasked(with_missing) < unmasked(marked)
+    # same tokens either way: the masked plan only costs time
+    torch.testing.assert_close(out_edited.loss, out_marked.loss)
+
+
+def test_drawn_splits_keep_the_unmasked_plan_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(6))
+    log = _PlanLog(monkeypatch)
+    with torch.no_grad():
+        splits = model.draw_splits(inputs, generator=generator(2))
+        eager = model(inputs, static=static, splits=splits)
+        eager_plans = log.take()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        out = compiled(inputs, static=static, splits=splits)
+        traced_plans = log.take()
+    torch._dynamo.reset()
+    assert traced_plans == eager_plans
+    torch.testing.assert_close(out.loss, eager.loss)

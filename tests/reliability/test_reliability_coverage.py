@@ -704,6 +704,9 @@ def _backend_cases() -> list[Case]:
         finally:
             cm.set_kernel_table(old)
 
+    def is_default_table(t: Any) -> None:
+        assert t == cm.DEFAULT_KERNEL_TABLE and len(t) >= 1, repr(t)
+
     def is_tuple_of_rules(t: Any) -> None:
         assert isinstance(t, tuple) and all(isinstance(r, KR) for r in t), repr(t)
 
@@ -805,6 +808,18 @@ def _backend_cases() -> list[Case]:
             "a list of one rule",
             lambda: set_and_restore([KR(kernel="flex", head_dim=8)]),
             Returns("kernel_table() is that rule, as a tuple", one_rule),
+        ),
+        Case(
+            "set_kernel_table",
+            "None (restore the default)",
+            lambda: set_and_restore(None),
+            Returns("kernel_table() is DEFAULT_KERNEL_TABLE", is_default_table),
+        ),
+        Case(
+            "set_kernel_table",
+            "an empty tuple (no rule)",
+            lambda: set_and_restore(()),
+            Returns("kernel_table() is ()", lambda t: _assert(t == (), repr(t))),
         ),
         Case(
             "kernel_table",
