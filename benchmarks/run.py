@@ -1048,9 +1048,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("section 'reference' needs --reference DIR")
     torch.backends.cuda.matmul.allow_tf32 = True
     rules = kernel_rules_from_env()
-    if rules:
+    if rules is not None:
         cm.set_kernel_table(rules)
         log(f"kernel table (CROSSMAE_BENCH_KERNEL_RULES): {rules}")
+    if mix_order_reduction_from_env() is False:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.mix_order_reduction = False
+        log("inductor triton.mix_order_reduction off (CROSSMAE_BENCH_MIX_ORDER_REDUCTION=0)")
     log(
         f"# crossmae benchmarks  torch {torch.__version__}  device "
         f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}"
@@ -1071,13 +1076,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if failures else 0
 
 
-def kernel_rules_from_env() -> list[cm.KernelRule]:
+def mix_order_reduction_from_env() -> Optional[bool]:
+    """Env CROSSMAE_BENCH_MIX_ORDER_REDUCTION: ``0`` turns inductor's mix-order reduction
+    off (its LayerNorm backward then needs no final ATen sum over partial rows), ``1``
+    leaves it on; unset: None (torch's default)."""
+    raw = os.environ.get("CROSSMAE_BENCH_MIX_ORDER_REDUCTION", "")
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"CROSSMAE_BENCH_MIX_ORDER_REDUCTION must be 0 or 1, got {raw!r}")
+    return None if raw == "" else raw == "1"
+
+
+def kernel_rules_from_env() -> Optional[list[cm.KernelRule]]:
     """`KernelRule` s from env CROSSMAE_BENCH_KERNEL_RULES, a JSON list of their keyword
     arguments, e.g. ``[{"head_dim": 32, "max_keys": 64, "padded": false,
-    "sdpa_backends": ["math"]}]`` (to time a kernel table end to end)."""
+    "sdpa_backends": ["math"]}]`` (to time a kernel table end to end); ``[]`` times
+    without any rule, unset (None) with `cm.DEFAULT_KERNEL_TABLE`."""
     raw = os.environ.get("CROSSMAE_BENCH_KERNEL_RULES", "")
     if not raw:
-        return []
+        return None
     items = json.loads(raw)
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValueError(f"CROSSMAE_BENCH_KERNEL_RULES must be a JSON list of objects, got {raw!r}")

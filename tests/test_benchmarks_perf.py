@@ -267,6 +267,18 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("CROSSMAE_BENCH_GRAPH_WATER_BATCHES", bad)
         with pytest.raises(ValueError, match="GRAPH_WATER_BATCHES"):
             bench.graph_water_batches()
+    assert bench.mix_order_reduction_from_env() is None
+    monkeypatch.setenv("CROSSMAE_BENCH_MIX_ORDER_REDUCTION", "0")
+    assert bench.mix_order_reduction_from_env() is False
+    monkeypatch.setenv("CROSSMAE_BENCH_MIX_ORDER_REDUCTION", "off")
+    with pytest.raises(ValueError, match="MIX_ORDER_REDUCTION"):
+        bench.mix_order_reduction_from_env()
+    monkeypatch.delenv("CROSSMAE_BENCH_KERNEL_RULES", raising=False)
+    assert bench.kernel_rules_from_env() is None  # unset: the default table stays
+    monkeypatch.setenv("CROSSMAE_BENCH_KERNEL_RULES", "[]")
+    assert bench.kernel_rules_from_env() == []  # no rule at all
+    monkeypatch.setenv("CROSSMAE_BENCH_KERNEL_RULES", '[{"head_dim": 32, "padded": false}]')
+    assert bench.kernel_rules_from_env() == [bench.cm.KernelRule(head_dim=32, padded=False)]
 
 
 def test_water_loss_draws_splits_outside_a_compiled_model(bench: ModuleType) -> None:

@@ -163,20 +163,21 @@ class KernelRule:
         return not (self.max_keys is not None and (keys is None or keys > self.max_keys))
 
 
-#: The kernel table crossmae starts with (`set_kernel_table` ``(None)`` restores it). One
-#: rule, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01 session 7): unpadded
-#: attention at head dim 32 over at most 256 keys (the CrossMAE decoder's cross-attention,
-#: 49 queries x 50 keys) runs the memory-efficient kernel first. In isolation (b=256,
-#: 16 heads, fwd+bwd) it takes 0.52 ms against flash 0.58 and cuDNN 0.67; the compiled
-#: decoder-only step with CUDA graphs drops from 9.53 to 8.86 ms, while the MAE decoder
-#: (197 keys, the same rule) stays at 26.8 ms. Everything else: PyTorch's SDPA choice and
-#: the policy of `decide`. The benchmark section ``smallhead`` prints the rules its
-#: measurements support.
 DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
     KernelRule(
         head_dim=32, max_keys=256, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
     ),
 )
+"""The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). One
+rule, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01 session 7): unpadded
+attention at head dim 32 over at most 256 keys (the CrossMAE decoder's cross-attention,
+49 queries x 50 keys) runs the memory-efficient kernel first. In isolation (b=256,
+16 heads, fwd+bwd) it takes 0.52 ms against flash 0.58 and cuDNN 0.67; the compiled
+decoder-only step with CUDA graphs drops from 9.53 to 8.86 ms, while the MAE decoder
+(197 keys, the same rule) stays at 26.8 ms. Everything else: PyTorch's SDPA choice and
+the policy of `decide`. The benchmark section ``smallhead`` prints the rules its
+measurements support.
+"""
 _TABLE: tuple[KernelRule, ...] = DEFAULT_KERNEL_TABLE
 
 
