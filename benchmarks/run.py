@@ -823,10 +823,28 @@ def ref_rounds() -> int:
     return int(raw)
 
 
+def reference_schedule(index: int, compiled: bool, rounds: int) -> tuple[tuple[str, bool], ...]:
+    """Section 6's order for image config ``index``: ``(side, fresh)`` per timing, where
+    ``fresh`` means the side is built (and compiled) just before it.
+
+    Eager: both sides rebuilt every round, alternating, crossmae first. Compiled: each side
+    compiled once (a second compile would double the cost), both kept, then timed in
+    ``rounds`` alternating rounds. A second model compiled in a process ran 17-24% slower
+    whichever it was (RESULTS.md, session 7), so the compile order alternates with the
+    config (crossmae first for even ``index``) and every round keeps that order."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    pair = ("crossmae", "reference")
+    if compiled and index % 2 == 1:
+        pair = ("reference", "crossmae")
+    return tuple((side, not compiled or r == 0) for r in range(rounds) for side in pair)
+
+
 def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
     """crossmae and the reference CrossMAE/MAE code (``--reference DIR``) in one process:
     the three image configurations of issue 11, eager and compiled, bf16 autocast, fused
-    AdamW, B=256 ViT-B/16, ``torch._dynamo.reset()`` before every model."""
+    AdamW, B=256 ViT-B/16, ``torch._dynamo.reset()`` before every eager model and before
+    every compiled pair; sides timed in alternating rounds (`reference_schedule`)."""
     import reference as ref
 
     from crossmae.models.factories import crossmae_vit_base
@@ -847,50 +865,62 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
     for tag in ref_modes if compile_ else ["eager"]:
         compiled = tag != "eager"
         mode = "reduce-overhead" if tag == "reduce-overhead" else None
-        for cfg in ref.IMAGE_CONFIGS:
+
+        def make_side(side: str, cfg: Any, compiled: bool = compiled, mode: Any = mode) -> Any:
+            """One side's training step (model, fused AdamW, compiled when asked)."""
+            if side == "crossmae":
+                model = crossmae_vit_base(img_size=size, **cfg.crossmae, **_image_extra(small))
+            else:
+                model = ref.build_reference(modules, cfg)
+            model = model.to(dev)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+            fwd = torch.compile(model, mode=mode) if compiled else model
+            if side == "crossmae":
+                # Masks from the global RNG, as the reference draws them (a generator=
+                # argument is a graph break under torch.compile: dynamo cannot trace it).
+
+                def step() -> None:
+                    with autocast(dev, True):
+                        out = fwd(imgs)
+                    out.loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+            else:
+                step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
+            if mode == "reduce-overhead":
+                inner = step
+
+                def step(inner: Callable[[], None] = inner) -> None:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    inner()
+
+            return step
+
+        for k, cfg in enumerate(ref.IMAGE_CONFIGS):
             if wanted and not any(w in cfg.name for w in wanted):
                 continue
             times: dict[str, list[float]] = {"crossmae": [], "reference": []}
-            # Eager: the pair is timed `ref_rounds()` times, alternating sides, and each side's
-            # median is kept (the shared GPU drifts between runs by more than the ratios'
-            # gaps). Compiled: once (a second compile of each side would double the cost).
-            sides = ("crossmae", "reference") * (ref_rounds() if not compiled else 1)
-            for side in sides:
-                torch._dynamo.reset()
-                torch.manual_seed(0)
-                if side == "crossmae":
-                    model = crossmae_vit_base(img_size=size, **cfg.crossmae, **_image_extra(small))
-                else:
-                    model = ref.build_reference(modules, cfg)
-                model = model.to(dev)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-                fwd = torch.compile(model, mode=mode) if compiled else model
-                if side == "crossmae":
-                    # Masks from the global RNG, as the reference draws them (a generator=
-                    # argument is a graph break under torch.compile: dynamo cannot trace it).
-
-                    def step() -> None:
-                        with autocast(dev, True):
-                            out = fwd(imgs)
-                        out.loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-
-                else:
-                    step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
-                if mode == "reduce-overhead":
-                    inner = step
-
-                    def step(inner: Callable[[], None] = inner) -> None:
-                        torch.compiler.cudagraph_mark_step_begin()
-                        inner()
-
+            steps: dict[str, Callable[[], None]] = {}
+            if compiled:
+                torch._dynamo.reset()  # once per config: both compiled sides stay alive
+            # CUDA graphs of two compiled models alternating would re-record: one round then
+            rounds = 1 if mode == "reduce-overhead" else ref_rounds()
+            for side, fresh in reference_schedule(k, compiled, rounds):
+                if fresh:
+                    if not compiled:
+                        torch._dynamo.reset()
+                    torch.manual_seed(0)
+                    steps[side] = make_side(side, cfg)
                 with peak_memory(dev) as mem:
-                    times[side].append(bench(step, dev, warmup=4 if compiled else 3, iters=10))
+                    warm = (4 if compiled else 3) if fresh else 1
+                    times[side].append(bench(steps[side], dev, warmup=warm, iters=10))
                 record("reference", f"{tag} {cfg.name} {side}", ms=times[side][-1], **mem)
+                if not compiled:
+                    del steps[side]  # eager: a fresh model every round
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = {name: statistics.median(v) for name, v in times.items()}
             record(
                 "reference",
                 f"{tag} {cfg.name} ratio",

@@ -122,6 +122,49 @@ def test_reference_section_times_both_sides_per_config(
     assert len(resets) >= 6  # before every model
 
 
+def test_reference_schedule_alternates_rounds_and_compile_order(bench: ModuleType) -> None:
+    eager = bench.reference_schedule(1, False, 2)
+    assert eager == (("crossmae", True), ("reference", True)) * 2  # rebuilt every round
+    even = bench.reference_schedule(0, True, 3)
+    assert [s for s, _ in even] == ["crossmae", "reference"] * 3
+    assert [f for _, f in even] == [True, True, False, False, False, False]  # compiled once
+    odd = bench.reference_schedule(1, True, 2)  # the other side compiles first
+    assert odd == (("reference", True), ("crossmae", True), ("reference", False),
+                   ("crossmae", False))  # fmt: skip
+    with pytest.raises(ValueError, match="rounds"):
+        bench.reference_schedule(0, True, 0)
+
+
+def test_compiled_reference_pairs_compile_once_and_time_in_rounds(
+    bench: ModuleType, fake_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled schedule on the CPU: ``torch.compile`` stands in as the identity."""
+    compiled: list[str] = []
+    monkeypatch.setattr(
+        torch, "compile", lambda m, mode=None: (compiled.append(type(m).__module__), m)[1]
+    )
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_MODES", "compiled")
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_ROUNDS", "2")
+    monkeypatch.setattr(bench, "REFERENCE_DIR", str(fake_reference))
+    threads = torch.get_num_threads()
+    try:
+        bench.section_reference(torch.device("cpu"), True, True)
+    finally:
+        torch.set_num_threads(threads)
+    ref = sys.modules["reference"]
+    assert len(compiled) == 2 * len(ref.IMAGE_CONFIGS)  # each side once per config
+    rows = [r for r in bench.ROWS if r["section"] == "reference"]
+    for k, cfg in enumerate(ref.IMAGE_CONFIGS):
+        timed = [
+            r["name"].split()[-1] for r in rows if r["name"].startswith(f"compiled {cfg.name} ")
+        ]
+        first = "crossmae" if k % 2 == 0 else "reference"
+        second = "reference" if first == "crossmae" else "crossmae"
+        assert timed == [first, second, first, second, "ratio"], timed
+        (row,) = [r for r in rows if r["name"] == f"compiled {cfg.name} ratio"]
+        assert row["rounds"] == 2
+
+
 def test_reference_arguments_are_checked(bench: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"models_cross\.py"):
         bench.main(["--cpu", "--reference", str(tmp_path)])
