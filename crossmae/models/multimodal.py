@@ -72,7 +72,13 @@ __all__ = [
 MaskingFn = Callable[[Tensor, int, Optional[torch.Generator], bool], MaskSplit]
 """``(padding_mask [b, n], num_steps, generator, never_padded) -> MaskSplit`` for one
 modality. With ``never_padded`` the mask is all False and may be ignored (so the output
-widths are known on the host and no device sync happens)."""
+widths are known on the host and no device sync happens).
+
+A masking function may carry the attribute ``dense_when_unpadded = True``: a promise that,
+called with ``never_padded=True``, every sample keeps the same number of tokens (no
+padding slot in ``ids_keep``). Only then does `MultimodalMAE.forward` run a never-padded
+modality's encoder unmasked without being told (`grouped_masking_fn` carries it); any other
+function's splits are attended with their padding mask."""
 
 LossFn = Callable[..., Tensor]
 """``loss(pred [b, p, o], target [b, p, o], *, padding_mask [b, p], valid_mask [b, p, o],
@@ -261,15 +267,22 @@ def grouped_masking_fn(
             static_shape=static_shape,
         )
 
+    fn.dense_when_unpadded = True  # type: ignore[attr-defined]  # exact counts per sample
     return fn
+
+
+def _drawn_dense(mod: Modality) -> bool:
+    """Whether the modality's own draws have no padding slot in ``ids_keep``: a tokenizer
+    that never pads and a masking function promising equal widths then (see `MaskingFn`)."""
+    return mod.never_padded and getattr(mod.masking, "dense_when_unpadded", False) is True
 
 
 class _DrawnDense(MaskSplit):
     """A `MaskSplit` that `MultimodalMAE.draw_splits` drew for a never-padded modality with
-    no sample missing. Its slots hold no padding, exactly like the split forward draws
-    itself, so a forward given it plans the same unmasked attention (no key mask, no
-    reordering). An edited copy (``_replace``) is a plain `MaskSplit`: the mark does not
-    survive a change."""
+    a masking function promising equal widths (see `MaskingFn`) and no sample missing. Its
+    slots hold no padding, exactly like the split forward draws itself, so a forward given
+    it plans the same unmasked attention (no key mask, no reordering). An edited copy
+    (``_replace``) is a plain `MaskSplit`: the mark does not survive a change."""
 
     __slots__ = ()
 
@@ -391,7 +404,9 @@ class Modality(nn.Module):
             is FiLM-conditioned on the static token (``cond=token [b, e]``).
         decoder: a `crossmae.QueryDecoder` (context width = the fusion width; e.g.
             `CrossMAEDecoder`) or a `crossmae.SequenceDecoder` (e.g. `MAEDecoder`).
-        masking: `MaskingFn` (default: `grouped_masking_fn(0.4)`).
+        masking: `MaskingFn` (default: `grouped_masking_fn(0.4)`). A function of your own
+            is attended with its splits' padding masks unless it carries
+            ``dense_when_unpadded = True`` (see `MaskingFn`).
         static_token: optional module ``static_token(static, [site_padding_mask]) ->
             (token [b, 1, e], padding_mask [b, 1])`` (e.g. `StaticToken`); its token is
             appended to the encoded sequence (never padding) and conditions the encoder.
@@ -926,7 +941,7 @@ class MultimodalMAE(nn.Module):
         pads = {name: pad for name, (_, pad) in tokenized.items()}
         splits = self.make_splits(pads, missing=missing, generator=generator)
         for name, mod in self._items():  # as dense as forward's own draws (see forward)
-            if mod.never_padded and (missing is None or name not in missing):
+            if _drawn_dense(mod) and (missing is None or name not in missing):
                 splits[name] = _DrawnDense(*splits[name])
         return splits
 
@@ -1109,7 +1124,7 @@ class MultimodalMAE(nn.Module):
             split = None if splits is None else splits.get(name)
             given = split is not None or name in (hidden_masks or {})
             drawn = isinstance(split, _DrawnDense)  # by draw_splits: as dense as our own
-            auto = (not given or drawn) and mod.never_padded
+            auto = (not given or drawn) and _drawn_dense(mod)
             auto = auto and (missing is None or name not in missing)
             promise = dense.get(name) if isinstance(dense, Mapping) else dense
             out[name] = auto if promise is None else promise
@@ -1241,8 +1256,10 @@ class MultimodalMAE(nn.Module):
                 hidden real token); must lie inside ``hidden_masks``.
             dense: promise that the visible slots of the named modalities (True: of all)
                 hold no padding, so attention runs unmasked (flash kernels). Default: True
-                only for a split of a never-padded modality drawn here or by
-                `draw_splits` (and not edited since). A false promise gives wrong results.
+                only for a split of a never-padded modality whose masking function
+                promises equal widths (`MaskingFn`, e.g. `grouped_masking_fn`), drawn here
+                or by `draw_splits` (and not edited since). A false promise gives wrong
+                results.
             generator: RNG for the model's own masking (a `torch.Generator`).
 
         Tokenizer padding always wins: a padding token is never visible, never predicted,

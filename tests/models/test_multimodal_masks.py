@@ -232,3 +232,42 @@ def test_loader_splits_on_cuda_match_hidden_masks() -> None:
         a = sub(xs, generator=torch.Generator("cuda").manual_seed(0))
         b = sub(xs, generator=torch.Generator("cuda").manual_seed(0), dense=True)
     torch.testing.assert_close(a.loss.float(), b.loss.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_custom_masking_of_unequal_widths_is_attended_with_its_padding() -> None:
+    """A never-padded modality (a raster) with a masking function of one's own that keeps
+    different counts per sample: the encoder must see the keep padding. Only a function
+    promising equal widths (``dense_when_unpadded``, as `grouped_masking_fn`) runs unmasked."""
+    from crossmae.models import grouped_masking_fn
+
+    torch.manual_seed(0)
+    model = tiny_water_model()
+    name = RASTERS[0]
+    m = mod(model, name)
+    assert m.never_padded and getattr(m.masking, "dense_when_unpadded", False) is True
+    assert grouped_masking_fn(0.5).dense_when_unpadded is True  # type: ignore[attr-defined]
+
+    def unequal(pad: Tensor, steps: int, gen: Any, never_padded: bool) -> MaskSplit:
+        b, n = pad.shape
+        vis = torch.zeros(b, n, dtype=torch.bool)
+        vis[0, : n // 2] = True  # sample 0 sees half of its tokens, sample 1 two of them
+        vis[1, :2] = True
+        return mask_split_from_masks(vis, ~vis)
+
+    m.masking = unequal
+    seen: list[Any] = []
+    m.encoder.register_forward_hook(lambda mod_, args, out: seen.append((args, out)))
+    inputs, static = tiny_water_batch(NAMES, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(inputs, static=static, generator=torch.Generator().manual_seed(1))
+        split = out.splits[name]
+        assert split.keep_padding_mask.sum(dim=1).tolist() == [0, split.ids_keep.shape[1] - 2]
+        ((args, enc_out),) = seen
+        assert args[1] is not None  # the keep padding reached the encoder
+        tokens, _ = model.tokenize(inputs, None, None)[name]
+        visible, _ = split.visible_tokens(tokens)
+        alone = m.encoder(visible[1:2, :2], None)  # sample 1's two real tokens, no padding
+    torch.testing.assert_close(enc_out.tokens[1, :2], alone.tokens[0], rtol=1e-5, atol=1e-5)
+    # draw_splits does not mark such splits dense either
+    drawn = model.draw_splits(inputs, generator=torch.Generator().manual_seed(1))
+    assert type(drawn[name]) is MaskSplit
