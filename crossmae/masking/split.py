@@ -11,7 +11,7 @@ Every real token of a sample is exactly one of: kept (visible), predicted, or sk
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -156,12 +156,12 @@ class MaskSplit(NamedTuple):
             device = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device {device!r} is not a device: {e}") from None
-        return MaskSplit(*(t.to(device, non_blocking=non_blocking) for t in self))
+        return type(self)(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     def pin_memory(self) -> MaskSplit:
         """Copy every field into page-locked memory (what ``DataLoader(pin_memory=True)``
         does to a batch), so ``.to("cuda", non_blocking=True)`` is asynchronous."""
-        return MaskSplit(*(t.pin_memory() for t in self))
+        return type(self)(*(t.pin_memory() for t in self))
 
     @staticmethod
     def collate(splits: Sequence[MaskSplit]) -> MaskSplit:
@@ -363,6 +363,19 @@ def _resolve_device(
     if generator is not None:
         return generator.device
     return torch.device("cpu")
+
+
+class _DenseSplit(MaskSplit):
+    """A `MaskSplit` drawn by crossmae's own masking without any padding: every sample
+    keeps, and predicts, the same number of tokens (no padding slot). Models given one run
+    its attention unmasked, as for their own draws (`ImageCrossMAE.random_split`,
+    `MultimodalMAE.draw_splits` make them). Moving it (``to``, ``pin_memory``) or stacking
+    copies of it keeps the mark; an edited copy (``_replace``) is a plain `MaskSplit`."""
+
+    __slots__ = ()
+
+    def _replace(self, /, **changes: Any) -> MaskSplit:  # type: ignore[override]
+        return MaskSplit(*self)._replace(**changes)
 
 
 def mask_split_from_masks(

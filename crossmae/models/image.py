@@ -36,7 +36,7 @@ from ..encoders.transformer import (
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..losses import masked_mse_loss, norm_pix_target
-from ..masking.split import MaskSplit, mask_split_from_masks, random_masking
+from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks, random_masking
 from ..masking.tokens import scatter_tokens
 from ..protocols import QueryDecoder, SequenceDecoder, cond_dim_of
 from ..tokenizers.raster import patchify, unpatchify
@@ -399,7 +399,10 @@ class ImageCrossMAE(nn.Module):
         """Draw a keep / predict split over the patches (`crossmae.random_masking`).
 
         Defaults to the model's ``mask_ratio`` and ``predict_ratio``; ``noise [b, N]``
-        (small = keep) or ``generator`` make it deterministic.
+        (small = keep) or ``generator`` make it deterministic. The split has no padding
+        slot and is marked so (it is still a `MaskSplit`): ``forward(split=...)`` runs it
+        unmasked without ``dense=True``; an edited copy (``split._replace(...)``) loses
+        the mark, a moved one (``split.to(device)``) keeps it.
         """
         check_generator("generator", generator)
         mr = self.mask_ratio if mask_ratio is None else mask_ratio
@@ -418,15 +421,17 @@ class ImageCrossMAE(nn.Module):
                     generator=generator,
                     device=generator.device,
                 )
-                return split.to(target)
-        return random_masking(
-            batch_size,
-            self.num_patches,
-            mr,
-            predict_ratio=pr,
-            noise=noise,
-            generator=generator,
-            device=device,
+                return _DenseSplit(*split).to(target)
+        return _DenseSplit(  # no padding: forward given it runs unmasked, as for its own draws
+            *random_masking(
+                batch_size,
+                self.num_patches,
+                mr,
+                predict_ratio=pr,
+                noise=noise,
+                generator=generator,
+                device=device,
+            )
         )
 
     # ------------------------------------------------------------------ parts
@@ -602,10 +607,10 @@ class ImageCrossMAE(nn.Module):
             noise: ``[b, N]`` ordering scores for the random split (small = visible).
             dense: whether the split has no padding slot, so attention can run without
                 masks (much faster on GPUs: the flash kernels refuse masks). Default: True
-                for a split drawn here (always dense), False for a given ``split`` (safe
-                for any split; pass True for a `crossmae.random_masking` split drawn
-                without ``padding_mask``). ``dense=True`` with a padded split gives wrong
-                results.
+                for a split drawn here or by `random_split` (and not edited since), False
+                for any other given ``split`` (safe for any split; pass True for a
+                `crossmae.random_masking` split drawn without ``padding_mask``).
+                ``dense=True`` with a padded split gives wrong results.
 
         Returns:
             `ImageCrossMAEOutput` ``(loss, pred [b, p, o], split, target [b, p, o])``.
@@ -613,7 +618,8 @@ class ImageCrossMAE(nn.Module):
         check_generator("generator", generator)
         x = self._check_imgs(imgs)
         check_optional_bool("dense", dense)
-        is_dense = split is None if dense is None else dense
+        drawn = split is None or isinstance(split, _DenseSplit)  # here or by random_split
+        is_dense = drawn if dense is None else dense
         if split is not None:  # a given split is checked once here (values too on the CPU)
             split = self._check_split(split, x.shape[0])
         if split is None:

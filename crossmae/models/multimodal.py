@@ -50,7 +50,7 @@ from ..decoders.together import decode_together
 from ..encoders.film import visible_patch_mean
 from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
-from ..masking.split import MaskSplit, mask_split_from_masks
+from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks
 from ..masking.strategies import grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
 from ..protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer, cond_dim_of
@@ -275,19 +275,6 @@ def _drawn_dense(mod: Modality) -> bool:
     """Whether the modality's own draws have no padding slot in ``ids_keep``: a tokenizer
     that never pads and a masking function promising equal widths then (see `MaskingFn`)."""
     return mod.never_padded and getattr(mod.masking, "dense_when_unpadded", False) is True
-
-
-class _DrawnDense(MaskSplit):
-    """A `MaskSplit` that `MultimodalMAE.draw_splits` drew for a never-padded modality with
-    a masking function promising equal widths (see `MaskingFn`) and no sample missing. Its
-    slots hold no padding, exactly like the split forward draws itself, so a forward given
-    it plans the same unmasked attention (no key mask, no reordering). An edited copy
-    (``_replace``) is a plain `MaskSplit`: the mark does not survive a change."""
-
-    __slots__ = ()
-
-    def _replace(self, /, **changes: Any) -> MaskSplit:  # type: ignore[override]
-        return MaskSplit(*self)._replace(**changes)
 
 
 def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
@@ -602,7 +589,7 @@ class Modality(nn.Module):
             split = self.masking(padding_mask, steps, generator, self.never_padded)
         else:
             split = given
-        if not self.never_padded or (given is not None and not isinstance(given, _DrawnDense)):
+        if not self.never_padded or (given is not None and not isinstance(given, _DenseSplit)):
             split = padding_wins(split, padding_mask)
         if missing is not None:
             split = mask_missing_samples(split, missing)
@@ -942,7 +929,7 @@ class MultimodalMAE(nn.Module):
         splits = self.make_splits(pads, missing=missing, generator=generator)
         for name, mod in self._items():  # as dense as forward's own draws (see forward)
             if _drawn_dense(mod) and (missing is None or name not in missing):
-                splits[name] = _DrawnDense(*splits[name])
+                splits[name] = _DenseSplit(*splits[name])
         return splits
 
     def splits_from_masks(
@@ -1123,7 +1110,7 @@ class MultimodalMAE(nn.Module):
         for name, mod in self._items():
             split = None if splits is None else splits.get(name)
             given = split is not None or name in (hidden_masks or {})
-            drawn = isinstance(split, _DrawnDense)  # by draw_splits: as dense as our own
+            drawn = isinstance(split, _DenseSplit)  # by draw_splits: as dense as our own
             auto = (not given or drawn) and _drawn_dense(mod)
             auto = auto and (missing is None or name not in missing)
             promise = dense.get(name) if isinstance(dense, Mapping) else dense

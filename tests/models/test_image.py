@@ -384,3 +384,53 @@ def test_constructor_checks_parts() -> None:
         ImageCrossMAE(ref.patch_embed, film_encoder, ref.decoder, fm_layers="all", **kwargs)
     with pytest.raises(TypeError, match="encoder"):
         ImageCrossMAE(ref.patch_embed, ref.decoder, ref.decoder, **kwargs)  # type: ignore[arg-type]
+
+
+def _padded_flags(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records ``padded`` of every attention plan `backend.decide` makes."""
+    from crossmae.layers import backend
+
+    flags: list[bool] = []
+    real = backend.decide
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        flags.append(bool(kwargs["padded"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "decide", spy)
+    return flags
+
+
+def test_random_split_is_marked_dense_and_runs_unmasked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split from `random_split` has no padding slot: forward given it plans the unmasked
+    attention without ``dense=True``. Moving it keeps the mark; editing it drops it."""
+    import pickle
+
+    from strategies import tiny_image_model
+
+    torch.manual_seed(0)
+    model = tiny_image_model(32, 4, 32, 4)
+    imgs = torch.randn(3, 3, 16, 16)
+    split = model.random_split(3, generator=torch.Generator().manual_seed(4))
+    assert isinstance(split, MaskSplit)
+    assert not split.keep_padding_mask.any() and not split.predict_padding_mask.any()
+    flags = _padded_flags(monkeypatch)
+    with torch.no_grad():
+        auto = model(imgs, split=split)
+        auto_flags, flags[:] = list(flags), []
+        promised = model(imgs, split=split, dense=True)
+        promised_flags, flags[:] = list(flags), []
+        edited = split._replace(ids_keep=split.ids_keep.clone())
+        assert type(edited) is MaskSplit
+        masked = model(imgs, split=edited)
+        masked_flags, flags[:] = list(flags), []
+    assert auto_flags and not any(auto_flags) and auto_flags == promised_flags
+    assert any(masked_flags)  # an edited split is attended with its (empty) masks
+    torch.testing.assert_close(auto.loss, promised.loss)
+    torch.testing.assert_close(masked.loss, auto.loss)
+    moved = split.to("cpu")
+    assert type(moved) is type(split)
+    assert type(pickle.loads(pickle.dumps(split))) is type(split)  # DataLoader workers
+    # a split built by hand stays a plain MaskSplit, attended with its masks
+    plain = mask_split_from_masks(split.visible_mask, split.predict_mask)
+    assert type(plain) is MaskSplit
