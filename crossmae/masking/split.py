@@ -370,9 +370,20 @@ class _DenseSplit(MaskSplit):
     keeps, and predicts, the same number of tokens (no padding slot). Models given one run
     its attention unmasked, as for their own draws (`ImageCrossMAE.random_split`,
     `MultimodalMAE.draw_splits` make them). Moving it (``to``, ``pin_memory``) or stacking
-    copies of it keeps the mark; an edited copy (``_replace``) is a plain `MaskSplit`."""
+    copies of it keeps the mark; an edited copy (``_replace``) is a plain `MaskSplit`.
+    Built from fields that hold a padding slot (``default_collate`` stacking it with a
+    padded split, say) it is a plain `MaskSplit` wherever that is free to see (CPU
+    tensors, not compiling)."""
 
     __slots__ = ()
+
+    def __new__(cls, *fields: Tensor) -> MaskSplit:  # type: ignore[misc]
+        split = super().__new__(cls, *fields)
+        if _split_is_host_checkable(split) and bool(
+            split.keep_padding_mask.any() or split.predict_padding_mask.any()
+        ):
+            return MaskSplit(*split)
+        return split
 
     def _replace(self, /, **changes: Any) -> MaskSplit:  # type: ignore[override]
         return MaskSplit(*self)._replace(**changes)

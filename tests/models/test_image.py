@@ -434,3 +434,15 @@ def test_random_split_is_marked_dense_and_runs_unmasked(monkeypatch: pytest.Monk
     # a split built by hand stays a plain MaskSplit, attended with its masks
     plain = mask_split_from_masks(split.visible_mask, split.predict_mask)
     assert type(plain) is MaskSplit
+    # stacking per-sample splits: marked only while no padding slot comes in
+    from torch.utils.data import default_collate
+
+    one = type(split)(*(t[0] for t in split))
+    assert type(one) is type(split)
+    fields = [t[1].clone() for t in split]
+    fields[1][-1] = True  # sample 1's last kept slot becomes padding
+    fields[0][-1] = 0
+    padded = MaskSplit(*fields)
+    assert type(default_collate([one, one])) is type(split)
+    assert type(default_collate([one, padded])) is MaskSplit
+    assert type(type(split)(*padded)) is MaskSplit  # the mark is never put on padding
