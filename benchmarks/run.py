@@ -904,7 +904,7 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
             steps: dict[str, Callable[[], None]] = {}
             if compiled:
                 torch._dynamo.reset()  # once per config: both compiled sides stay alive
-            # CUDA graphs of two compiled models alternating would re-record: one round then
+            # reduce-overhead: one round (alternating two graphed models would re-record)
             rounds = 1 if mode == "reduce-overhead" else ref_rounds()
             for side, fresh in reference_schedule(k, compiled, rounds):
                 if fresh:

@@ -1110,9 +1110,9 @@ class MultimodalMAE(nn.Module):
         for name, mod in self._items():
             split = None if splits is None else splits.get(name)
             given = split is not None or name in (hidden_masks or {})
-            drawn = isinstance(split, _DenseSplit)  # by draw_splits: as dense as our own
-            auto = (not given or drawn) and _drawn_dense(mod)
-            auto = auto and (missing is None or name not in missing)
+            # the mark proves a given split has no padding; our own draws need the promise
+            free = isinstance(split, _DenseSplit) or (not given and _drawn_dense(mod))
+            auto = free and mod.never_padded and (missing is None or name not in missing)
             promise = dense.get(name) if isinstance(dense, Mapping) else dense
             out[name] = auto if promise is None else promise
             promised[name] = bool(promise)
