@@ -240,11 +240,16 @@ def visible_site_mean(group_size: int) -> CondFn:
 
 
 def grouped_masking_fn(
-    mask_ratio: float, predict_ratio: Optional[float] = None, *, static_shape: bool = False
+    mask_ratio: float, predict_ratio: Optional[float] = None, *, static_shape: bool = True
 ) -> MaskingFn:
     """Masking function: exact-count random masking per (sample, time step), see
-    `grouped_random_masking` (``static_shape``: split widths fixed on the host, no sync).
-    Tokens must be time-major (``n = t * l``)."""
+    `grouped_random_masking`. Tokens must be time-major (``n = t * l``).
+
+    ``static_shape`` (default True): on a padded modality, size the split's slots by the
+    largest counts any padding can give, computed on the host, so drawing inside
+    ``forward`` never syncs with the device and the shapes stay the same every step; the
+    extra slots are padding. ``False`` sizes them by the batch's largest counts instead:
+    the tightest widths, for one host sync per draw. Without padding both are the same."""
 
     def fn(
         padding_mask: Tensor,

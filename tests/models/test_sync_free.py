@@ -169,6 +169,41 @@ def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], lis
     assert not hits, "host syncs in the water training step:\n" + "\n".join(hits)
 
 
+def test_default_water_masking_is_sync_free(
+    record_syncs: Callable[[Callable[[], Any]], list[str]],
+) -> None:
+    """The water model as built (its own masking, drawn inside ``forward``) needs no
+    static-masking recipe: its padded series modalities size their splits on the host."""
+    model = tiny_water_model().train()
+    inputs, static = tiny_water_batch(model.names, generator(1))
+    assert any(not mod.never_padded for mod in model.modalities.values())
+    g = generator(2)
+
+    def forward() -> None:
+        model(inputs, static=static, generator=g).loss.backward()
+
+    forward()
+    hits = record_syncs(forward)
+    assert not hits, "host syncs in the default water forward:\n" + "\n".join(hits)
+
+
+def test_batch_sized_widths_sync_once_per_padded_draw(
+    record_syncs: Callable[[Callable[[], Any]], list[str]],
+) -> None:
+    """``grouped_masking_fn(static_shape=False)`` still gives the tightest widths, for a
+    host sync per padded modality (the recorder sees it: the default is not blind)."""
+    from crossmae.models import grouped_masking_fn
+
+    model = tiny_water_model().train()
+    padded = [n for n, mod in model.modalities.items() if not mod.never_padded]
+    for name in padded:
+        model.modalities[name].masking = grouped_masking_fn(0.39, static_shape=False)
+    inputs, static = tiny_water_batch(model.names, generator(1))
+    g = generator(2)
+    hits = record_syncs(lambda: model(inputs, static=static, generator=g))
+    assert len(hits) >= len(padded), hits
+
+
 def test_the_recorder_sees_syncs(record_syncs: Callable[[Callable[[], Any]], list[str]]) -> None:
     """The recorder is not blind: each kind of sync is reported."""
     t = torch.tensor([1.0, 0.0, 2.0])

@@ -35,7 +35,12 @@ from crossmae.decoders import CrossMAEDecoder, MAEDecoder
 from crossmae.encoders.transformer import EncoderOutput
 from crossmae.masking import MaskSplit, gather_tokens, mask_split_from_masks, scatter_tokens
 from crossmae.masking.strategies import grouped_random_masking
-from crossmae.models.multimodal import Modality, MultimodalMAE, MultimodalOutput
+from crossmae.models.multimodal import (
+    Modality,
+    MultimodalMAE,
+    MultimodalOutput,
+    grouped_masking_fn,
+)
 from crossmae.models.water import water_mae_small
 from crossmae.tokenizers.raster import RasterTokenizer
 
@@ -402,19 +407,37 @@ def test_samples_without_river_flow_give_finite_loss_and_grads(
             assert out.sample_losses["river_flow"][i].item() == 0.0
 
 
+@pytest.mark.parametrize("tight", [False, True], ids=["static-widths", "batch-widths"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_whole_batch_without_river_flow(zoo: Zoo, variant: str) -> None:
-    """Every sample lacks river flow: zero-width river-flow splits, a zero (not NaN)
-    river-flow loss with finite gradients, and the other modalities still train."""
+def test_whole_batch_without_river_flow(zoo: Zoo, variant: str, tight: bool) -> None:
+    """Every sample lacks river flow: river-flow splits with no real slot (zero-width with
+    the batch-sized widths of ``static_shape=False``, all padding with the default static
+    widths), a zero (not NaN) river-flow loss with finite gradients, and the other
+    modalities still train."""
     model = zoo[variant]
     model.zero_grad(set_to_none=True)
     wb = WaterBatch(3, 11, 0.1, (True, True, True), (0, 2, 0))
-    out = run(model, wb)
+    mod = modality(model, "river_flow")
+    saved = mod.masking
+    if tight:
+        mod.masking = grouped_masking_fn(MASK_RATIO, static_shape=False)
+    try:
+        out = run(model, wb)
+    finally:
+        mod.masking = saved
     backward(out.loss)
     assert_finite_outputs(out)
     sp = out.splits["river_flow"]
-    assert sp.ids_keep.shape == (3, 0) and sp.ids_predict.shape == (3, 0)
-    assert out.preds["river_flow"].shape == (3, 0, GROUP)
+    if tight:
+        assert sp.ids_keep.shape == (3, 0) and sp.ids_predict.shape == (3, 0)
+    else:  # the same widths as a batch with river flow, every slot padding
+        full = run(model, WaterBatch(3, 11, 0.1, (False, False, False), (0, 2, 0)))
+        assert sp.ids_keep.shape == full.splits["river_flow"].ids_keep.shape
+        assert sp.ids_predict.shape == full.splits["river_flow"].ids_predict.shape
+        assert sp.ids_keep.shape[1] > 0 and sp.ids_predict.shape[1] > 0
+        assert bool(sp.keep_padding_mask.all()) and bool(sp.predict_padding_mask.all())
+        assert int(sp.num_keep.sum()) == 0 and int(sp.num_predict.sum()) == 0
+    assert out.preds["river_flow"].shape == (3, sp.ids_predict.shape[1], GROUP)
     assert out.losses["river_flow"].item() == 0.0
     assert all(out.losses[m].item() > 0 for m in NAMES if m != "river_flow")
     assert grads_finite(model) > 0
