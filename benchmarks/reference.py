@@ -22,8 +22,9 @@ Compatibility shims are applied here, never in their files:
   it): `patch_timm_block` drops it.
 
 Every configuration is timed for crossmae and the reference back to back, eager and
-compiled, with ``torch._dynamo.reset()`` before every model (compiled state left by one
-model slowed the next by ~20%).
+compiled, with ``torch._dynamo.reset()`` before every model, in alternating rounds: the
+shared host's speed drifts by more than the ratios differ (compiled steps without CUDA
+graphs are bound by the host; RESULTS.md, session 8).
 """
 
 from __future__ import annotations

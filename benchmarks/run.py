@@ -829,9 +829,11 @@ def reference_schedule(index: int, compiled: bool, rounds: int) -> tuple[tuple[s
 
     Eager: both sides rebuilt every round, alternating, crossmae first. Compiled: each side
     compiled once (a second compile would double the cost), both kept, then timed in
-    ``rounds`` alternating rounds. A second model compiled in a process ran 17-24% slower
-    whichever it was (RESULTS.md, session 7), so the compile order alternates with the
-    config (crossmae first for even ``index``) and every round keeps that order."""
+    ``rounds`` alternating rounds. Compiled steps without CUDA graphs are bound by the
+    host, whose speed drifts within a process (RESULTS.md, session 8: one compiled model
+    took 30-34 ms from one timing to the next), so the rounds spread the drift over both
+    sides and the compile order alternates with the config (crossmae first for even
+    ``index``); every round keeps that order."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     pair = ("crossmae", "reference")
