@@ -122,12 +122,13 @@ def test_image_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], lis
     assert not hits, "host syncs in the image training step:\n" + "\n".join(hits)
 
 
-def static_masking(model: Any, mask_ratio: float = 0.39) -> None:
-    """Every modality draws its masks with host-known widths (the CUDA-graph recipe)."""
+def static_masking(model: Any, mask_ratio: float = 0.39, *, static_shape: bool = True) -> None:
+    """Every modality draws its masks with host-known widths (the default since 0.2; the
+    CUDA-graph recipe), or with the batch's widths (``static_shape=False``)."""
     from crossmae.models import grouped_masking_fn
 
     for mod in model.modalities.values():
-        mod.masking = grouped_masking_fn(mask_ratio, static_shape=True)
+        mod.masking = grouped_masking_fn(mask_ratio, static_shape=static_shape)
 
 
 def test_static_masking_keeps_shapes_and_loss_semantics() -> None:
@@ -136,6 +137,7 @@ def test_static_masking_keeps_shapes_and_loss_semantics() -> None:
     model = tiny_water_model()
     inputs, static = tiny_water_batch(model.names, generator(1))
     with torch.no_grad():
+        static_masking(model, static_shape=False)
         ref = model(inputs, static=static, generator=generator(4))
         static_masking(model)
         out = model(inputs, static=static, generator=generator(4))
@@ -148,6 +150,32 @@ def test_static_masking_keeps_shapes_and_loss_semantics() -> None:
         assert b.ids_keep.shape == again.splits[name].ids_keep.shape
         assert b.ids_predict.shape == again.splits[name].ids_predict.shape
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_static_widths_pad_more_slots_with_site_padding_and_same_loss() -> None:
+    """With padded sites (the last site group of every sample), the batch's widths shrink
+    and the default static widths do not: the extra slots are padding, the roles of every
+    token and the loss are those of the batch-sized split."""
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(1))
+    site_pad = torch.zeros(2, 12, dtype=torch.bool)
+    site_pad[:, 8:] = True
+    kw: dict[str, Any] = dict(static=static, site_padding_mask=site_pad)
+    with torch.no_grad():
+        static_masking(model, static_shape=False)
+        tight = model(inputs, generator=generator(4), **kw)
+        static_masking(model)
+        wide = model(inputs, generator=generator(4), **kw)
+    grew = 0
+    for name in ("evaporation", "river_flow"):
+        a, b = tight.splits[name], wide.splits[name]
+        assert torch.equal(a.visible_mask, b.visible_mask)
+        assert torch.equal(a.predict_mask, b.predict_mask)
+        assert b.ids_predict.shape[1] >= a.ids_predict.shape[1]
+        grew += b.ids_predict.shape[1] > a.ids_predict.shape[1]
+        assert torch.equal(b.num_predict, a.num_predict)
+    assert grew == 2
+    torch.testing.assert_close(wide.loss, tight.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], list[str]]) -> None:
