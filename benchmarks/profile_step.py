@@ -384,6 +384,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--gaps", action="store_true", help="also show where the device waits for the host"
     )
     ap.add_argument(
+        "--no-mix-order-reduction",
+        action="store_true",
+        help="turn inductor's triton.mix_order_reduction off while profiling (as run.py's "
+        "CROSSMAE_BENCH_MIX_ORDER_REDUCTION=0)",
+    )
+    ap.add_argument(
         "--reference",
         default=None,
         metavar="DIR",
@@ -402,8 +408,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as e:
             ap.error(str(e))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    import torch._inductor.config as inductor_config
+
+    saved_mix = inductor_config.triton.mix_order_reduction
+    try:
+        if args.no_mix_order_reduction:
+            inductor_config.triton.mix_order_reduction = False
+        return _profile_all(args, dev)
+    finally:
+        inductor_config.triton.mix_order_reduction = saved_mix
+
+
+def _profile_all(args: argparse.Namespace, dev: torch.device) -> int:
+    """`main` after parsing: profile every asked workload, print and write the tables."""
     modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
-    parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}\n"]
+    mix = ", inductor mix-order reduction off" if args.no_mix_order_reduction else ""
+    parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}{mix}\n"]
     for what in args.what:
         sides: list[Optional[str]] = [None]  # crossmae, then the reference where asked
         if args.reference is not None and what in IMAGE_WORKLOADS:

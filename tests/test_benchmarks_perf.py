@@ -217,6 +217,38 @@ def test_smallhead_section_and_markdown(bench: ModuleType, tmp_path: Path) -> No
     assert text.count("\n| ") >= len(rows) + 1
 
 
+def test_profile_without_mix_order_reduction_restores_the_setting(tmp_path: Path) -> None:
+    """``--no-mix-order-reduction`` turns inductor's option off while profiling (the header
+    says so) and puts torch's value back afterwards, also when a profile fails."""
+    import torch._inductor.config as inductor_config
+
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    before = inductor_config.triton.mix_order_reduction
+    seen: list[bool] = []
+    real = prof.profile_workload
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(inductor_config.triton.mix_order_reduction)
+        return real(*args, **kwargs)
+
+    prof.profile_workload = spy
+    argv = ["decoder", "--cpu", "--steps", "1", "--rows", "2", "--out", str(tmp_path)]
+    assert prof.main([*argv, "--no-mix-order-reduction"]) == 0
+    assert seen == [False] and inductor_config.triton.mix_order_reduction == before
+    assert "mix-order reduction off" in (tmp_path / "profiles.md").read_text()
+    assert prof.main(argv) == 0
+    assert seen == [False, before]
+    assert "mix-order" not in (tmp_path / "profiles.md").read_text()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("profile failed")
+
+    prof.profile_workload = broken
+    with pytest.raises(RuntimeError, match="profile failed"):
+        prof.main([*argv, "--no-mix-order-reduction"])
+    assert inductor_config.triton.mix_order_reduction == before
+
+
 def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
     assert (
