@@ -140,7 +140,7 @@ def _build_split(vis: Tensor, pred: Tensor, widths: Optional[tuple[int, int]]) -
             widths = (0, 0)
         else:
             # One host sync sizes both outputs: data preparation (a model's own masking
-            # inside forward passes static widths, `grouped_masking_fn`'s default).
+            # inside forward passes static widths on CUDA: `grouped_masking_fn`).
             wk, wp = torch.stack((n_keep.amax(), n_pred.amax())).tolist()
             widths = (int(wk), int(wp))
     ids_keep, keep_pad = _ascending_ids(vis, n_keep, widths[0])

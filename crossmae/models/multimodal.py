@@ -240,16 +240,34 @@ def visible_site_mean(group_size: int) -> CondFn:
 
 
 def grouped_masking_fn(
-    mask_ratio: float, predict_ratio: Optional[float] = None, *, static_shape: bool = True
+    mask_ratio: float,
+    predict_ratio: Optional[float] = None,
+    *,
+    static_shape: Optional[bool] = None,
 ) -> MaskingFn:
     """Masking function: exact-count random masking per (sample, time step), see
     `grouped_random_masking`. Tokens must be time-major (``n = t * l``).
 
-    ``static_shape`` (default True): on a padded modality, size the split's slots by the
-    largest counts any padding can give, computed on the host, so drawing inside
-    ``forward`` never syncs with the device and the shapes stay the same every step; the
-    extra slots are padding. ``False`` sizes them by the batch's largest counts instead:
-    the tightest widths, for one host sync per draw. Without padding both are the same."""
+    ``static_shape`` decides the slot widths of a padded modality's split (without padding
+    they are always the per-step counts):
+
+    - ``None`` (default): the batch's largest counts where reading them is free (CPU
+      tensors, not compiling), else (CUDA, ``torch.compile``) the largest counts any
+      padding can give, computed on the host. So drawing inside ``forward`` never syncs
+      with a GPU and never breaks a compiled graph, and on the CPU the widths are the
+      tightest ones. The same rule keeps `mask_missing_samples` from trimming on CUDA.
+    - ``True``: always the host-computed widths (the same shapes every step and on every
+      device; the extra slots are padding, the loss is the same).
+    - ``False``: always the batch's largest counts, for one host sync per draw on a GPU.
+
+    Raises:
+        TypeError: ``static_shape`` is not a bool or None.
+    """
+    if static_shape is not None and not isinstance(static_shape, bool):
+        raise TypeError(
+            f"static_shape must be a bool or None, got {static_shape!r} "
+            f"({type(static_shape).__name__})"
+        )
 
     def fn(
         padding_mask: Tensor,
@@ -269,11 +287,19 @@ def grouped_masking_fn(
             padding_mask=None if never_padded else padding_mask,
             generator=generator,
             device=padding_mask.device,
-            static_shape=static_shape,
+            static_shape=_static_widths(static_shape, padding_mask),
         )
 
     fn.dense_when_unpadded = True  # type: ignore[attr-defined]  # exact counts per sample
     return fn
+
+
+def _static_widths(static_shape: Optional[bool], padding_mask: Tensor) -> bool:
+    """`grouped_masking_fn`'s choice: as asked, else static unless reading the batch's
+    counts is free (a CPU tensor outside of compilation)."""
+    if static_shape is not None:
+        return static_shape
+    return padding_mask.device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def _drawn_dense(mod: Modality) -> bool:

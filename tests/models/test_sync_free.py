@@ -12,6 +12,7 @@ and records every sync, with the line that made it.
 
 from __future__ import annotations
 
+import importlib
 import traceback
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -178,6 +179,42 @@ def test_static_widths_pad_more_slots_with_site_padding_and_same_loss() -> None:
     torch.testing.assert_close(wide.loss, tight.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_default_widths_are_the_batch_s_on_cpu_and_static_when_compiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``grouped_masking_fn``'s default (``static_shape=None``) gives the batch's widths
+    where reading them is free (CPU, eager) and the host-computed ones on the path of CUDA
+    and compiled runs, with the same token roles either way."""
+    from crossmae.models import grouped_masking_fn
+
+    model = tiny_water_model()
+    inputs, static = tiny_water_batch(model.names, generator(1))
+    site_pad = torch.zeros(2, 12, dtype=torch.bool)
+    site_pad[:, 8:] = True
+    kw: dict[str, Any] = dict(static=static, site_padding_mask=site_pad)
+
+    def splits(static_shape: Any) -> dict[str, Any]:
+        for mod in model.modalities.values():
+            mod.masking = grouped_masking_fn(0.39, static_shape=static_shape)
+        with torch.no_grad():
+            return model(inputs, generator=generator(4), **kw).splits
+
+    auto, tight, wide = splits(None), splits(False), splits(True)
+    for name in model.names:
+        assert auto[name].ids_predict.shape == tight[name].ids_predict.shape
+        assert torch.equal(auto[name].predict_mask, wide[name].predict_mask)
+    assert any(wide[n].ids_predict.shape[1] > tight[n].ids_predict.shape[1] for n in model.names)
+    importlib.import_module("torch._dynamo")  # registered before the patch (`record_syncs`)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiling = splits(None)
+    for name in model.names:
+        assert compiling[name].ids_predict.shape == wide[name].ids_predict.shape
+        assert compiling[name].ids_keep.shape == wide[name].ids_keep.shape
+        assert torch.equal(compiling[name].visible_mask, wide[name].visible_mask)
+    with pytest.raises(TypeError, match="static_shape"):
+        grouped_masking_fn(0.39, static_shape=1)  # type: ignore[arg-type]
+
+
 def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], list[str]]) -> None:
     model = tiny_water_model().train()
     static_masking(model)
@@ -201,7 +238,8 @@ def test_default_water_masking_is_sync_free(
     record_syncs: Callable[[Callable[[], Any]], list[str]],
 ) -> None:
     """The water model as built (its own masking, drawn inside ``forward``) needs no
-    static-masking recipe: its padded series modalities size their splits on the host."""
+    static-masking recipe: on the path CUDA and compiled runs take, its padded series
+    modalities size their splits on the host."""
     model = tiny_water_model().train()
     inputs, static = tiny_water_batch(model.names, generator(1))
     assert any(not mod.never_padded for mod in model.modalities.values())

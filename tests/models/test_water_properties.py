@@ -407,31 +407,32 @@ def test_samples_without_river_flow_give_finite_loss_and_grads(
             assert out.sample_losses["river_flow"][i].item() == 0.0
 
 
-@pytest.mark.parametrize("tight", [False, True], ids=["static-widths", "batch-widths"])
+@pytest.mark.parametrize("static_shape", [None, False, True], ids=["auto", "batch", "static"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_whole_batch_without_river_flow(zoo: Zoo, variant: str, tight: bool) -> None:
+def test_whole_batch_without_river_flow(
+    zoo: Zoo, variant: str, static_shape: Optional[bool]
+) -> None:
     """Every sample lacks river flow: river-flow splits with no real slot (zero-width with
-    the batch-sized widths of ``static_shape=False``, all padding with the default static
-    widths), a zero (not NaN) river-flow loss with finite gradients, and the other
-    modalities still train."""
+    the batch's widths, the default on the CPU; all padding with static widths), a zero
+    (not NaN) river-flow loss with finite gradients, and the other modalities still
+    train."""
     model = zoo[variant]
     model.zero_grad(set_to_none=True)
     wb = WaterBatch(3, 11, 0.1, (True, True, True), (0, 2, 0))
     mod = modality(model, "river_flow")
     saved = mod.masking
-    if tight:
-        mod.masking = grouped_masking_fn(MASK_RATIO, static_shape=False)
+    mod.masking = grouped_masking_fn(0.39, static_shape=static_shape)
     try:
         out = run(model, wb)
+        full = run(model, WaterBatch(3, 11, 0.1, (False, False, False), (0, 2, 0)))
     finally:
         mod.masking = saved
     backward(out.loss)
     assert_finite_outputs(out)
     sp = out.splits["river_flow"]
-    if tight:
+    if not static_shape:  # None on CPU tensors: the batch's widths
         assert sp.ids_keep.shape == (3, 0) and sp.ids_predict.shape == (3, 0)
     else:  # the same widths as a batch with river flow, every slot padding
-        full = run(model, WaterBatch(3, 11, 0.1, (False, False, False), (0, 2, 0)))
         assert sp.ids_keep.shape == full.splits["river_flow"].ids_keep.shape
         assert sp.ids_predict.shape == full.splits["river_flow"].ids_predict.shape
         assert sp.ids_keep.shape[1] > 0 and sp.ids_predict.shape[1] > 0
