@@ -51,7 +51,7 @@ from ..encoders.film import visible_patch_mean
 from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
 from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks
-from ..masking.strategies import grouped_random_masking, mask_missing_samples
+from ..masking.strategies import _check_ratios, grouped_random_masking, mask_missing_samples
 from ..masking.tokens import gather_tokens
 from ..protocols import Encoder, QueryDecoder, SequenceDecoder, Tokenizer, cond_dim_of
 from ._inputs import check_mask_split
@@ -261,8 +261,10 @@ def grouped_masking_fn(
     - ``False``: always the batch's largest counts, for one host sync per draw on a GPU.
 
     Raises:
-        TypeError: ``static_shape`` is not a bool or None.
+        ValueError: ratios out of range (as `grouped_random_masking`), at construction.
+        TypeError: a ratio is not a number, or ``static_shape`` is not a bool or None.
     """
+    _check_ratios(mask_ratio, predict_ratio)  # at the door, not at the first draw
     if static_shape is not None and not isinstance(static_shape, bool):
         raise TypeError(
             f"static_shape must be a bool or None, got {static_shape!r} "

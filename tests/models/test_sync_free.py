@@ -213,6 +213,10 @@ def test_default_widths_are_the_batch_s_on_cpu_and_static_when_compiling(
         assert torch.equal(compiling[name].visible_mask, wide[name].visible_mask)
     with pytest.raises(TypeError, match="static_shape"):
         grouped_masking_fn(0.39, static_shape=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mask_ratio"):  # at construction, not at a draw
+        grouped_masking_fn(1.5)
+    with pytest.raises(ValueError, match="predict_ratio"):
+        grouped_masking_fn(0.5, 0.75)
 
 
 def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], list[str]]) -> None:
