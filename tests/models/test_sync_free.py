@@ -220,8 +220,11 @@ def test_default_widths_are_the_batch_s_on_cpu_and_static_when_compiling(
 
 
 def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], list[str]]) -> None:
+    """The water model as built, its own masking drawn inside ``forward`` (no
+    static-masking recipe): on the path CUDA and compiled runs take, its padded series
+    modalities size their splits on the host, so the whole step reads nothing back."""
     model = tiny_water_model().train()
-    static_masking(model)
+    assert any(not mod.never_padded for mod in model.modalities.values())
     opt = _optimizer(model)
     inputs, static = tiny_water_batch(model.names, generator(1))
     g = generator(2)
@@ -236,25 +239,6 @@ def test_water_step_is_sync_free(record_syncs: Callable[[Callable[[], Any]], lis
     step()
     hits = record_syncs(step)
     assert not hits, "host syncs in the water training step:\n" + "\n".join(hits)
-
-
-def test_default_water_masking_is_sync_free(
-    record_syncs: Callable[[Callable[[], Any]], list[str]],
-) -> None:
-    """The water model as built (its own masking, drawn inside ``forward``) needs no
-    static-masking recipe: on the path CUDA and compiled runs take, its padded series
-    modalities size their splits on the host."""
-    model = tiny_water_model().train()
-    inputs, static = tiny_water_batch(model.names, generator(1))
-    assert any(not mod.never_padded for mod in model.modalities.values())
-    g = generator(2)
-
-    def forward() -> None:
-        model(inputs, static=static, generator=g).loss.backward()
-
-    forward()
-    hits = record_syncs(forward)
-    assert not hits, "host syncs in the default water forward:\n" + "\n".join(hits)
 
 
 def test_batch_sized_widths_sync_once_per_padded_draw(
