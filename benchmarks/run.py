@@ -504,6 +504,9 @@ SMALLHEAD_SHAPES: tuple[tuple[Any, ...], ...] = (
     ("fusion self-attn", 7892, 7892, 32),
     ("decoder cross-attn", 1110, 7892, 16),
     ("image decoder cross-attn", 49, 50, 32, 256, 16),
+    ("image decoder cross-attn p0.75", 147, 50, 32, 256, 16),
+    ("image MAE decoder self-attn", 197, 197, 32, 256, 16),
+    ("image encoder self-attn", 50, 50, 64, 256, 12),
 )
 #: flex_attention (BLOCK_M, BLOCK_N) tried; env CROSSMAE_BENCH_FLEX_BLOCKS="128x128,64x64"
 FLEX_BLOCKS = ((128, 128), (128, 64), (64, 64))

@@ -7,7 +7,7 @@ Mask polarity: every ``*_padding_mask`` True = padding slot.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from .._checks import (
     check_optional_bool,
     check_padding_mask,
 )
+from ..layers import backend
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
 from ..masking.tokens import _check_unique_ids, gather_tokens
@@ -214,7 +215,23 @@ class MAEDecoder(_QueryEmbeddings):
         full = full + table.to(full.dtype)
         if self.modality_embed is not None:
             full = full + self.modality_embed
+        # The attention plan, decided once for every block (the kernel table applies here as
+        # in every other stack); the packed kernel gets trailing padding, reordered once.
+        attn = cast(Block, self.blocks[0]).attn
+        plan = backend.plan_for(
+            full,
+            attn.head_dim,
+            padding_mask=pad,
+            dropout_p=attn.attn_drop if self.training else 0.0,
+            fused=attn.fused_attn,
+        )
+        block_pad, perm = pad, None
+        if pad is not None and plan.reorder:
+            full, block_pad, perm = backend.trailing_order(full, pad)
+            plan = plan.reordered()
         for blk in self.blocks:
-            full = blk(full, pad)
+            full = blk(full, block_pad, plan=plan)
+        if perm is not None:
+            full, _ = backend.restore_order(perm, full)
         out = self.head(self.norm(full))
         return gather_tokens(out, ids_predict)

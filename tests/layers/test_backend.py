@@ -529,3 +529,69 @@ def test_deprecated_trailing_flags_still_refuse_non_bools() -> None:
         cm.Attention(16, 2)(x, padding_is_trailing=1)
     with pytest.raises(TypeError, match="context_padding_is_trailing must be a bool"):
         cm.CrossAttention(16, num_heads=2)(x, x, context_padding_is_trailing="yes")
+
+
+def test_mae_decoder_plans_once_and_follows_the_kernel_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The MAE decoder is a stack like the others: one plan per forward, and a kernel-table
+    rule reaches its SDPA calls (0.1's loop called each block without a plan, so the table
+    never applied there and PyTorch picked the kernel)."""
+    from crossmae.decoders import MAEDecoder
+
+    decisions: list[AttentionPlan] = []
+    contexts: list[Any] = []
+    real_decide, real_context = backend.decide, backend.sdpa_context
+
+    def on_cuda(device_type: str, *a: Any, **k: Any) -> AttentionPlan:
+        plan = real_decide("cuda", *a, **k)  # the CUDA policy, run on the CPU
+        decisions.append(plan)
+        return plan
+
+    def recording(backends: Any) -> Any:
+        contexts.append(backends)
+        return real_context(("math",) if backends else None)
+
+    monkeypatch.setattr(backend, "decide", on_cuda)
+    monkeypatch.setattr(backend, "sdpa_context", recording)
+    backend.set_kernel_table([KernelRule(head_dim=8, max_keys=6, sdpa_backends=("cudnn",))])
+    dec = MAEDecoder(16, 16, 3, 2, 5, num_tokens=6).eval()
+    ctx = torch.randn(2, 3, 16, generator=generator(2))
+    ids = torch.tensor([[0, 2, 4], [5, 1, 3]])
+    with torch.no_grad():
+        dec(ctx, ids, ids)
+    assert [p.sdpa_backends for p in decisions] == [("cudnn",)]
+    assert contexts == [("cudnn",)] * 3  # every block, under the rule's backends
+    decisions.clear()
+    contexts.clear()
+    backend.set_kernel_table([KernelRule(head_dim=8, max_keys=5, sdpa_backends=("cudnn",))])
+    with torch.no_grad():
+        dec(ctx, ids, ids)  # 6 keys: beyond the rule
+    assert [p.sdpa_backends for p in decisions] == [None] and contexts == []
+
+
+def test_mae_decoder_on_the_varlen_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a padded full sequence the MAE decoder's CUDA route (reordered once for the
+    packed kernel, then restored) gives the explicit-softmax predictions."""
+    from crossmae.decoders import MAEDecoder
+
+    g = generator(6)
+    dec = MAEDecoder(16, 16, 2, 2, 5, num_tokens=7).eval()
+    ref = MAEDecoder(16, 16, 2, 2, 5, num_tokens=7, fused_attn=False).eval()
+    ref.load_state_dict(dec.state_dict())
+    ctx = torch.randn(3, 3, 16, generator=g)
+    ids_keep = torch.tensor([[0, 2, 4], [6, 1, 3], [5, 4, 0]])
+    ids_predict = torch.tensor([[1, 3, 5, 6], [0, 2, 4, 5], [1, 2, 3, 6]])
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 6] = pad[1, 0] = True  # never-visible, never-predicted slots
+    pad[2, [1, 3]] = True
+    query_pad = torch.tensor(
+        [[False] * 3 + [True], [True] + [False] * 3, [True, False, True, False]]
+    )
+    with torch.no_grad():
+        want = ref(ctx, ids_keep, ids_predict, padding_mask=pad, query_padding_mask=query_pad)
+        calls = _force(monkeypatch, "varlen")
+        got = dec(ctx, ids_keep, ids_predict, padding_mask=pad, query_padding_mask=query_pad)
+    assert len(calls) == 2, "each block should take the packed kernel"
+    real = ~query_pad
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
