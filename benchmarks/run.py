@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/reference.py
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ref
 import crossmae as cm
 from crossmae.decoders import CrossMAEDecoder, MAEDecoder
 from crossmae.encoders import TransformerEncoder
+from crossmae.layers import backend
 
 ROWS: list[dict[str, Any]] = []
 
@@ -148,20 +150,35 @@ def section_decoder(dev: torch.device, small: bool, compile_: bool) -> None:
                 cross.zero_grad(set_to_none=True)
                 ctx.grad = None
 
-            def step_mae() -> None:
+            def step_mae(fn: Callable[..., torch.Tensor] = fmae, mod: nn.Module = mae) -> None:
                 if mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 with autocast(dev, dev.type == "cuda"):
-                    out = fmae(ctx[:, 1:], ids_keep, ids_pred)
+                    out = fn(ctx[:, 1:], ids_keep, ids_pred)
                 out.float().square().mean().backward()
-                mae.zero_grad(set_to_none=True)
+                mod.zero_grad(set_to_none=True)
                 ctx.grad = None
 
+            def step_mae_as_mae() -> None:
+                # MAE's own code lets PyTorch pick every SDPA kernel: the baseline runs
+                # without crossmae's kernel table (an empty table while it traces and runs)
+                table = backend.kernel_table()
+                backend.set_kernel_table(())
+                try:
+                    step_mae()
+                finally:
+                    backend.set_kernel_table(table)
+
             t_c = bench(step_cross, dev)
-            t_m = bench(step_mae, dev)
+            t_m = bench(step_mae_as_mae, dev)
             results[(tag, pr)] = t_m / t_c
             record("decoder", f"{tag} predict={pr} crossmae", ms=t_c)
             record("decoder", f"{tag} predict={pr} mae", ms=t_m, speedup_crossmae=t_m / t_c)
+            if dev.type == "cuda":  # crossmae's MAEDecoder under its kernel table, for the record
+                mae_t = MAEDecoder(enc_dim, dim, depth, heads, 768, n).to(dev)
+                fmae_t = torch.compile(mae_t, mode=mode) if compiled else mae_t
+                t_t = bench(lambda: step_mae(fmae_t, mae_t), dev)
+                record("decoder", f"{tag} predict={pr} mae, crossmae kernel table", ms=t_t)
 
 
 # --------------------------------------------------------------------------- 2. image model
@@ -299,11 +316,11 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     # Compiled: masks are drawn outside the compiled forward (`draw_splits`, eager) and the
     # forward is one graph given the splits.
-    backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
+    compile_backend = os.environ.get("CROSSMAE_BENCH_BACKEND", "inductor")
     # modes: eager, eager-unfused (decoders one by one), compiled, regional
     modes = os.environ.get("CROSSMAE_BENCH_WATER_MODES", "eager,compiled,regional").split(",")
     compiled = (
-        torch.compile(model, fullgraph=True, backend=backend)
+        torch.compile(model, fullgraph=True, backend=compile_backend)
         if compile_ and "compiled" in modes
         else None
     )
@@ -311,7 +328,7 @@ def section_water(dev: torch.device, small: bool, compile_: bool) -> None:
     if compile_ and "regional" in modes:
         regional = water_mae_small(**kw).to(dev)
         regional.load_state_dict(model.state_dict())
-        log(f"regional compile: {cm.compile_blocks(regional, backend=backend)} blocks")
+        log(f"regional compile: {cm.compile_blocks(regional, backend=compile_backend)} blocks")
         opt_r = torch.optim.AdamW(regional.parameters(), lr=1e-4, fused=dev.type == "cuda")
     for b, half_missing in water_batches(small):
         g = torch.Generator(device=dev).manual_seed(0)
@@ -537,7 +554,7 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
     """Flash, cuDNN, memory-efficient, varlen and flex (block sizes) at the water model's
     attention shapes, fwd+bwd; the fastest per shape as `KernelRule` lines; and the five
     decoders' cross-attention over the same keys fused into one call (heads or batch)."""
-    from crossmae.layers import _flex, _varlen, backend
+    from crossmae.layers import _flex, _varlen
 
     log("\n## 7. small-head attention at the water model's shapes (fwd+bwd)")
     cuda = dev.type == "cuda"

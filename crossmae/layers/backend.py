@@ -165,24 +165,36 @@ class KernelRule:
 
 DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
     KernelRule(
-        head_dim=32, max_keys=256, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
+        head_dim=32, max_keys=64, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
     ),
     KernelRule(
-        head_dim=64, max_keys=256, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
+        head_dim=32,
+        min_keys=65,
+        max_keys=256,
+        padded=False,
+        sdpa_backends=("cudnn", "flash", "efficient"),
+    ),
+    KernelRule(
+        head_dim=64, max_keys=64, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
     ),
 )
-"""The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). Two
-rules, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01 sessions 7 and 8):
-unpadded attention over at most 256 keys runs the memory-efficient kernel first at head
-dims 32 and 64.
+"""The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). Three
+rules for unpadded attention, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01
+sessions 7 to 9; SDPA fwd+bwd in isolation, bf16):
 
-- Head dim 32 is the CrossMAE decoder's cross-attention (49 queries x 50 keys). In
-  isolation (b=256, 16 heads, fwd+bwd) it takes 0.52 ms against flash 0.58 and cuDNN
-  0.67. The compiled decoder-only step with CUDA graphs drops from 9.53 to 8.86 ms, while
-  the MAE decoder (197 keys, the same rule) stays at 26.8 ms.
-- Head dim 64 is the ViT-B encoder over its visible tokens (50 x 50). In isolation
-  (b=256, 12 heads) it takes 0.49 ms against cuDNN 0.52 and flash 0.67. The image
-  model's step compiled with CUDA graphs drops from 29.8 to 29.0 ms.
+- Head dim 32 over at most 64 keys: the memory-efficient kernel first. This is the
+  CrossMAE decoder's cross-attention (49 or 147 queries x 50 keys, b=256, 16 heads):
+  0.52 ms against cuDNN 0.65 and flash 0.79 at 49 queries, a tie with cuDNN at 147
+  (0.81 / 0.79 ms). The compiled decoder-only step with CUDA graphs drops from 9.53 to
+  8.86 ms.
+- Head dim 32 over 65 to 256 keys: cuDNN first. This is the MAE decoder's self-attention
+  (197 x 197): cuDNN 1.25 ms, flash 1.53, memory-efficient 2.89. The efficient kernel
+  that wins at 50 keys takes twice flash's time here, so the first rule stops at 64 keys.
+- Head dim 64 over at most 64 keys: the memory-efficient kernel first. This is the ViT-B
+  encoder over its visible tokens (50 x 50, 12 heads): 0.49-0.58 ms against cuDNN
+  0.52-0.72 and flash 0.67-0.95. The image model's step compiled with CUDA graphs drops
+  from 29.8 to 29.0 ms. (It stops at 64 keys: longer sequences were not measured at this
+  head dim, and at head dim 32 the same kernel loses from 197 keys.)
 
 Everything else: PyTorch's SDPA choice and the policy of `decide`. The benchmark section
 ``smallhead`` prints the rules its measurements support.

@@ -128,22 +128,29 @@ def test_kernel_table_rules() -> None:
     assert decide("cuda", BF16, 16, padded=True, keys=7892, **kw).kernel == "varlen"
 
 
-def test_default_table_sends_short_unpadded_head_dims_32_and_64_to_efficient() -> None:
-    """The two default rules (measured on the H200): unpadded, head dim 32 or 64, <= 256
-    keys."""
+def test_default_table_by_head_dim_and_key_count() -> None:
+    """The three default rules (measured on the H200), unpadded only: head dim 32 over at
+    most 64 keys and head dim 64 over at most 64 keys to the memory-efficient kernel; head
+    dim 32 over 65 to 256 keys (the MAE decoder's 197) to cuDNN."""
     assert backend.kernel_table() == cm.DEFAULT_KERNEL_TABLE == backend.DEFAULT_KERNEL_TABLE
     kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True}
     short = decide("cuda", BF16, 32, padded=False, keys=50, **kw)
     assert short == AttentionPlan("sdpa", sdpa_backends=("efficient", "flash", "cudnn"))
-    assert decide("cuda", BF16, 32, padded=False, keys=256, **kw).sdpa_backends is not None
-    # outside the rule: PyTorch's own choice
+    assert decide("cuda", BF16, 32, padded=False, keys=64, **kw) == short
+    mid = AttentionPlan("sdpa", sdpa_backends=("cudnn", "flash", "efficient"))
+    for keys in (65, 197, 256):
+        assert decide("cuda", BF16, 32, padded=False, keys=keys, **kw) == mid
+    # outside the rules: PyTorch's own choice
     assert decide("cuda", BF16, 32, padded=False, keys=257, **kw).sdpa_backends is None
     assert decide("cuda", BF16, 32, padded=False, **kw).sdpa_backends is None  # keys unknown
     assert decide("cuda", BF16, 64, padded=False, keys=50, **kw) == short  # the ViT-B encoder
-    assert decide("cuda", BF16, 64, padded=False, keys=257, **kw).sdpa_backends is None
+    assert decide("cuda", BF16, 64, padded=False, keys=64, **kw) == short
+    for keys in (65, 197):  # not measured at head dim 64: no rule
+        assert decide("cuda", BF16, 64, padded=False, keys=keys, **kw).sdpa_backends is None
     for d in (16, 48, 128):  # other head dims: PyTorch's own choice
         assert decide("cuda", BF16, d, padded=False, keys=50, **kw).sdpa_backends is None
     assert decide("cuda", BF16, 32, padded=True, keys=50, **kw).kernel == "varlen"
+    assert decide("cuda", BF16, 32, padded=True, keys=197, **kw).kernel == "varlen"
     assert decide("cuda", BF16, 64, padded=True, keys=50, **kw).kernel == "varlen"
     assert decide("cpu", BF16, 32, padded=False, keys=50, **kw).sdpa_backends is None
     backend.set_kernel_table(())  # no rule at all
