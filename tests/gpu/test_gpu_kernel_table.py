@@ -29,6 +29,19 @@ BF16 = torch.bfloat16
 KERNEL_NAMES = {"efficient": "fmha_cutlass", "cudnn": "cudnn", "flash": "flash"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _first_sdpa_call() -> None:
+    """One SDPA call before the checks. Measured on the H200 (torch 2.11, session 9): the
+    first SDPA call of a process ran cuDNN inside an efficient-first
+    ``sdpa_kernel(..., set_priority=True)`` context; every later call, the same shape
+    included, ran the memory-efficient kernel. A training loop sees this on its first step
+    only; the checks below are about the steady state."""
+    if DEV_TYPE == "cuda":
+        q = torch.randn(1, 1, 8, 32, device=DEVICE, dtype=BF16, requires_grad=True)
+        with backend.sdpa_context(("efficient", "flash", "cudnn")):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+
 def _encoder(dim: int, fused: bool) -> nn.Module:
     return TransformerEncoder(dim, 1, 2, fused_attn=fused)
 
