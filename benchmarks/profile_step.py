@@ -13,7 +13,9 @@ bf16 autocast. ``--cpu`` runs tiny versions on the CPU (for the tests: the table
 show CPU time, not device time). ``--reference DIR`` profiles the reference CrossMAE/MAE
 model of every image workload right after crossmae's (same process, same inputs; see
 reference.py). Every profile ends with the step's device time by kernel family (GEMM,
-attention, norms, elementwise, ...), so two profiles compare family by family.
+attention, norms, elementwise, ...), so two profiles compare family by family, and with the
+rate of the GEMM family: the matmul FLOPs of one eager step (`count_matmul_flops`) over its
+time, against a bf16 matmul measured in the same process (`matmul_ceiling`).
 """
 
 from __future__ import annotations
@@ -221,6 +223,52 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, amp:
     return step
 
 
+def count_matmul_flops(step: Callable[[], Any]) -> tuple[float, float]:
+    """FLOPs of one eager call of ``step``, split into ``(gemm, attention)``: matmuls and
+    convolutions (the GEMM family's work), and the attention kernels' own matmuls, as
+    `torch.utils.flop_counter` counts them (forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return split_flops(fc.get_flop_counts().get("Global", {}))
+
+
+def split_flops(counts: dict[Any, int]) -> tuple[float, float]:
+    """``(gemm, attention)`` FLOPs of a flop counter's per-op counts (attention ops by name:
+    flash, memory-efficient, cuDNN and math SDPA kernels, forward and backward)."""
+    gemm = attn = 0.0
+    for op, flops in counts.items():
+        if "attention" in str(op):
+            attn += flops
+        else:
+            gemm += flops
+    return gemm, attn
+
+
+_CEILING: dict[str, float] = {}
+
+
+def matmul_ceiling(dev: torch.device) -> float:
+    """bf16 dense matmul TFLOP/s measured on ``dev`` now (8192² on CUDA; once per process)."""
+    if dev.type not in _CEILING:
+        n = 8192 if dev.type == "cuda" else 512
+        a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for _ in range(3):
+            a @ b
+        sync()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        _CEILING[dev.type] = 2 * n**3 / statistics.median(times) / 1e12
+    return _CEILING[dev.type]
+
+
 def _self_device_us(evt: Any) -> float:
     for attr in ("self_device_time_total", "self_cuda_time_total"):
         if hasattr(evt, attr):
@@ -280,6 +328,8 @@ def profile_workload(
         step = build_graphed(what, dev, small, graph)
     else:
         step = build(what, dev, small, reference_dir)
+    # the GEMM family's work, counted on one eager step (a captured graph cannot be counted)
+    flops = count_matmul_flops(step) if graph is None else None
     if compile_:
         step.holder["f"] = torch.compile(step.holder["f"], mode=mode)  # type: ignore[attr-defined]
         step.holder["graphed"] = mode == "reduce-overhead"  # type: ignore[attr-defined]
@@ -335,6 +385,20 @@ def profile_workload(
     lines.append("")
     summary = {"step_ms": step_ms, "device_ms": device_ms, "busy_share": busy}
     summary.update({f"family:{f}": v[0] for f, v in fams.items()})
+    gemm_ms = fams.get("GEMM", [0.0])[0]
+    if flops is not None and flops[0] > 0 and gemm_ms > 0:
+        rate = flops[0] / (gemm_ms * 1e-3) / 1e12
+        ceiling = matmul_ceiling(dev)
+        lines += [
+            f"GEMM work (counted on one eager step, forward and backward): "
+            f"{flops[0] / 1e12:.3g} TFLOP per step, plus {flops[1] / 1e12:.3g} TFLOP inside "
+            f"the attention kernels. The GEMM family ran it at **{rate:.3g} TFLOP/s**, "
+            f"{rate / ceiling:.0%} of a bf16 matmul measured now ({ceiling:.3g} TFLOP/s).",
+            "",
+        ]
+        summary.update(
+            {"gemm_tflop": flops[0] / 1e12, "gemm_tflops_per_s": rate, "ceiling_tflops": ceiling}
+        )
     if gaps:
         import tempfile
 

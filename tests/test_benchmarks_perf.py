@@ -249,6 +249,42 @@ def test_profile_without_mix_order_reduction_restores_the_setting(tmp_path: Path
     assert inductor_config.triton.mix_order_reduction == before
 
 
+def test_profile_counts_gemm_work_and_its_rate() -> None:
+    """The GEMM line of a profile: the matmul FLOPs of one eager step (forward and
+    backward: 2 + 4 FLOPs per multiply-add of a linear layer whose input needs a gradient),
+    attention's own matmuls apart, and the rate in the summary."""
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    lin = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+
+    def step() -> None:
+        q = lin(x).unflatten(-1, (2, 4)).transpose(1, 2)  # [4, 2, 5, 4]
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+    gemm, attn = prof.count_matmul_flops(step)
+    assert gemm == 6 * 4 * 5 * 16 * 8
+    assert attn == 0  # torch counts no CPU attention kernel; on CUDA they land apart:
+    aten = torch.ops.aten
+    counts = {
+        aten.mm: 10,
+        aten.addmm: 20,
+        aten.convolution: 30,
+        aten._scaled_dot_product_efficient_attention: 400,
+        aten._scaled_dot_product_cudnn_attention_backward: 5000,
+        aten._flash_attention_forward: 60000,
+    }
+    assert prof.split_flops(counts) == (60, 65400)
+    assert prof.matmul_ceiling(torch.device("cpu")) > 0
+    md, summary = prof.profile_workload(
+        "decoder", torch.device("cpu"), small=True, compile_=False, steps=1, rows=2
+    )
+    assert "GEMM work (counted on one eager step" in md
+    assert summary["gemm_tflop"] > 0
+    assert summary["gemm_tflops_per_s"] == pytest.approx(
+        summary["gemm_tflop"] / (summary["family:GEMM"] * 1e-3)
+    )
+
+
 def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
     assert (
