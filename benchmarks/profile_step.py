@@ -459,7 +459,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metavar="DIR",
         help="also profile the reference model of every image workload (see reference.py)",
     )
+    ap.add_argument(
+        "--inductor",
+        default="",
+        metavar="JSON",
+        help="inductor settings while profiling, e.g. '{\"coordinate_descent_tuning\": true}' "
+        "(as run.py's CROSSMAE_BENCH_INDUCTOR; torch's settings are restored)",
+    )
     args = ap.parse_args(argv)
+    _on_path()
+    import run
+
+    try:
+        options = run.parse_inductor_options(args.inductor, "--inductor")
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
     if args.mode and not args.compile:
         ap.error("--mode needs --compile")
     if args.graph is not None and (args.compile or args.reference is not None):
@@ -474,19 +488,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     import torch._inductor.config as inductor_config
 
-    saved_mix = inductor_config.triton.mix_order_reduction
-    try:
-        if args.no_mix_order_reduction:
-            inductor_config.triton.mix_order_reduction = False
+    if args.no_mix_order_reduction:
+        options["triton.mix_order_reduction"] = False
+    with inductor_config.patch(options):  # torch's settings are back afterwards
         return _profile_all(args, dev)
-    finally:
-        inductor_config.triton.mix_order_reduction = saved_mix
 
 
 def _profile_all(args: argparse.Namespace, dev: torch.device) -> int:
     """`main` after parsing: profile every asked workload, print and write the tables."""
     modes = [args.compile] + ([False] if args.compile and args.eager_too else [])
     mix = ", inductor mix-order reduction off" if args.no_mix_order_reduction else ""
+    if args.inductor:
+        mix += f", inductor settings {args.inductor}"
     parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}{mix}\n"]
     for what in args.what:
         sides: list[Optional[str]] = [None]  # crossmae, then the reference where asked

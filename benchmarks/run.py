@@ -1103,22 +1103,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rules is not None:
         cm.set_kernel_table(rules)
         log(f"kernel table (CROSSMAE_BENCH_KERNEL_RULES): {rules}")
-    if mix_order_reduction_from_env() is False:
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        inductor_config.triton.mix_order_reduction = False
+    options = inductor_options_from_env()
+    if mix_order_reduction_from_env() is False:
+        options["triton.mix_order_reduction"] = False
         log("inductor triton.mix_order_reduction off (CROSSMAE_BENCH_MIX_ORDER_REDUCTION=0)")
+    if options:
+        log(f"inductor options for every compile: {options}")
     log(
         f"# crossmae benchmarks  torch {torch.__version__}  device "
         f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}"
     )
     failures = 0
-    for name in names:
-        try:
-            SECTIONS[name](dev, small, compile_=not args.no_compile and dev.type == "cuda")
-        except Exception:  # one broken section must not hide the others
-            failures += 1
-            log(f"section {name} failed:\n{traceback.format_exc()}")
+    with inductor_config.patch(options):  # torch's settings are back afterwards
+        for name in names:
+            try:
+                SECTIONS[name](dev, small, compile_=not args.no_compile and dev.type == "cuda")
+            except Exception:  # one broken section must not hide the others
+                failures += 1
+                log(f"section {name} failed:\n{traceback.format_exc()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(ROWS, f, indent=1, default=str)
@@ -1136,6 +1140,44 @@ def mix_order_reduction_from_env() -> Optional[bool]:
     if raw not in ("", "0", "1"):
         raise ValueError(f"CROSSMAE_BENCH_MIX_ORDER_REDUCTION must be 0 or 1, got {raw!r}")
     return None if raw == "" else raw == "1"
+
+
+def inductor_options_from_env() -> dict[str, Any]:
+    """Env CROSSMAE_BENCH_INDUCTOR: a JSON object of inductor settings applied to every
+    compile of the run (dotted names of ``torch._inductor.config``), e.g.
+    ``{"coordinate_descent_tuning": true, "triton.mix_order_reduction": false}``; unset:
+    ``{}`` (see `parse_inductor_options`)."""
+    return parse_inductor_options(os.environ.get("CROSSMAE_BENCH_INDUCTOR", ""))
+
+
+def parse_inductor_options(raw: str, source: str = "CROSSMAE_BENCH_INDUCTOR") -> dict[str, Any]:
+    """Inductor settings from the JSON object ``raw`` (``""``: none), checked against
+    ``torch._inductor.config``: an unknown name is a ValueError, a value of another type
+    than the setting's a TypeError, both naming ``source`` and the setting (an integer is
+    taken for a float setting)."""
+    if not raw:
+        return {}
+    options = json.loads(raw)
+    if not isinstance(options, dict):
+        raise TypeError(f"{source} must be a JSON object, got {raw!r}")
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"{source}: {key!r} is not an inductor setting")
+        current = known[key]
+        if isinstance(current, float) and type(value) is int:
+            value = options[key] = float(value)
+        if current is not None and (
+            not isinstance(value, type(current))
+            or (isinstance(value, bool) and not isinstance(current, bool))
+        ):
+            raise TypeError(
+                f"{source}: {key!r} takes a {type(current).__name__} "
+                f"(now {current!r}), got {value!r}"
+            )
+    return dict(options)
 
 
 def kernel_rules_from_env() -> Optional[list[cm.KernelRule]]:

@@ -285,6 +285,31 @@ def test_profile_counts_gemm_work_and_its_rate() -> None:
     )
 
 
+def test_profile_inductor_settings_hold_while_profiling(tmp_path: Path) -> None:
+    """``--inductor JSON`` holds while the profiles run (the header names it), is restored
+    afterwards, and a bad setting is refused before any work."""
+    import torch._inductor.config as inductor_config
+
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    before = inductor_config.coordinate_descent_tuning
+    seen: list[bool] = []
+    real = prof.profile_workload
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(inductor_config.coordinate_descent_tuning)
+        return real(*args, **kwargs)
+
+    prof.profile_workload = spy
+    opts = '{"coordinate_descent_tuning": true}'
+    argv = ["decoder", "--cpu", "--steps", "1", "--rows", "2", "--out", str(tmp_path)]
+    assert prof.main([*argv, "--inductor", opts]) == 0
+    assert seen == [True] and inductor_config.coordinate_descent_tuning == before
+    assert f"inductor settings {opts}" in (tmp_path / "profiles.md").read_text()
+    with pytest.raises(SystemExit):
+        prof.main([*argv, "--inductor", '{"no_such_setting": true}'])
+    assert seen == [True]
+
+
 def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
     assert (
@@ -390,6 +415,45 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
     assert bench.kernel_rules_from_env() == []  # no rule at all
     monkeypatch.setenv("CROSSMAE_BENCH_KERNEL_RULES", '[{"head_dim": 32, "padded": false}]')
     assert bench.kernel_rules_from_env() == [bench.cm.KernelRule(head_dim=32, padded=False)]
+
+
+def test_inductor_options_apply_to_the_run_and_are_restored(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CROSSMAE_BENCH_INDUCTOR (and CROSSMAE_BENCH_MIX_ORDER_REDUCTION=0) hold while the
+    sections run and torch's settings are back afterwards; bad names and types are refused
+    with the setting named."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("CROSSMAE_BENCH_INDUCTOR", raising=False)
+    assert bench.inductor_options_from_env() == {}
+    seen: list[tuple[bool, bool]] = []
+
+    def section(dev: Any, small: bool, compile_: bool) -> None:
+        seen.append(
+            (inductor_config.coordinate_descent_tuning, inductor_config.triton.mix_order_reduction)
+        )
+
+    monkeypatch.setitem(bench.SECTIONS, "decoder", section)
+    before = (inductor_config.coordinate_descent_tuning, inductor_config.triton.mix_order_reduction)
+    monkeypatch.setenv("CROSSMAE_BENCH_INDUCTOR", '{"coordinate_descent_tuning": true}')
+    monkeypatch.setenv("CROSSMAE_BENCH_MIX_ORDER_REDUCTION", "0")
+    assert bench.main(["--cpu", "--only", "decoder"]) == 0
+    assert seen == [(True, False)]
+    after = (inductor_config.coordinate_descent_tuning, inductor_config.triton.mix_order_reduction)
+    assert after == before
+    monkeypatch.setenv("CROSSMAE_BENCH_INDUCTOR", '{"cpu_gpu_bw": 40}')  # an int for a float
+    assert bench.inductor_options_from_env() == {"cpu_gpu_bw": 40.0}
+    for raw, error, match in (
+        ('{"no_such_setting": 1}', ValueError, "'no_such_setting' is not an inductor setting"),
+        ('{"coordinate_descent_tuning": 3}', TypeError, "'coordinate_descent_tuning' takes a bool"),
+        ('["coordinate_descent_tuning"]', TypeError, "must be a JSON object"),
+        ('{"max_autotune_gemm_search_space": 1}', TypeError, "takes a str"),
+        ('{"inductor_default_autotune_warmup": true}', TypeError, "takes a int"),
+    ):
+        monkeypatch.setenv("CROSSMAE_BENCH_INDUCTOR", raw)
+        with pytest.raises(error, match=match):
+            bench.inductor_options_from_env()
 
 
 def test_water_loss_draws_splits_outside_a_compiled_model(bench: ModuleType) -> None:
