@@ -196,8 +196,10 @@ sessions 7 to 9; SDPA fwd+bwd in isolation, bf16):
   from 29.8 to 29.0 ms. (It stops at 64 keys: longer sequences were not measured at this
   head dim, and at head dim 32 the same kernel loses from 197 keys.)
 
-Everything else: PyTorch's SDPA choice and the policy of `decide`. The benchmark section
-``smallhead`` prints the rules its measurements support.
+Everything else: PyTorch's SDPA choice and the policy of `decide`. The rules apply on every
+CUDA device; each lists all three fused backends, so a GPU without one still runs a valid
+kernel, but its fastest one may differ from the H200's: the benchmark section
+``smallhead`` prints the rules its measurements support on the GPU at hand.
 """
 _TABLE: tuple[KernelRule, ...] = DEFAULT_KERNEL_TABLE
 
