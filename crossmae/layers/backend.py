@@ -401,5 +401,38 @@ def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractCont
     }
     chosen = [names[b] for b in backends]
     if _SDPA_PRIORITY:
+        if not torch.compiler.is_compiling():  # (folded away while tracing: no guard)
+            _settle_torch_priority()
         return sdpa_kernel(chosen, set_priority=True)
     return sdpa_kernel(chosen)
+
+
+_PRIORITY_SETTLED = False
+
+
+def _settle_torch_priority(device: str = "cuda") -> None:
+    """Let PyTorch choose its own SDPA priority order before a context sets one (once per
+    process, eager only).
+
+    PyTorch picks its default order lazily, at the first kernel selection of the process
+    (cuDNN first on recent GPUs), and writes it over whatever order is set at that moment.
+    Measured on the H200 (torch 2.11): the first SDPA call inside an efficient-first
+    ``sdpa_kernel(..., set_priority=True)`` ran cuDNN. Leaving the context then restored the
+    order from before that first call, so PyTorch's own cuDNN-first default was lost for
+    the rest of the process, outside crossmae too. One host-side selection query on an
+    empty tensor (no kernel runs) before the first context settles PyTorch's choice first.
+    """
+    global _PRIORITY_SETTLED
+    if _PRIORITY_SETTLED:
+        return
+    if not torch.cuda.is_available():
+        _PRIORITY_SETTLED = True  # no CUDA kernel selection to settle
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return  # not while a CUDA graph records; a later call settles it
+    _PRIORITY_SETTLED = True
+    probe = torch.empty(1, 1, 1, 8, device=device, dtype=torch.float16)
+    try:
+        torch._fused_sdp_choice(probe, probe, probe)
+    except RuntimeError:  # a build without the fused kernels: nothing to settle
+        pass

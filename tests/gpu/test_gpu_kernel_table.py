@@ -9,6 +9,9 @@ Legend: ``b`` batch, ``n`` tokens, ``m`` keys, ``p`` queries, ``c`` width.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from typing import Any, Callable
 
 import pytest
@@ -27,19 +30,6 @@ DEV_TYPE = torch.device(DEVICE).type
 BF16 = torch.bfloat16
 # kernel-name fragments of the SDPA backends in the profiler's CUDA kernel list
 KERNEL_NAMES = {"efficient": "fmha_cutlass", "cudnn": "cudnn", "flash": "flash"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _first_sdpa_call() -> None:
-    """One SDPA call before the checks. Measured on the H200 (torch 2.11, session 9): the
-    first SDPA call of a process ran cuDNN inside an efficient-first
-    ``sdpa_kernel(..., set_priority=True)`` context; every later call, the same shape
-    included, ran the memory-efficient kernel. A training loop sees this on its first step
-    only; the checks below are about the steady state."""
-    if DEV_TYPE == "cuda":
-        q = torch.randn(1, 1, 8, 32, device=DEVICE, dtype=BF16, requires_grad=True)
-        with backend.sdpa_context(("efficient", "flash", "cudnn")):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
 
 
 def _encoder(dim: int, fused: bool) -> nn.Module:
@@ -152,3 +142,53 @@ def test_compiled_mae_decoder_under_the_table_equals_eager() -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got_grad, want_grad, atol=2e-3, rtol=5e-2)
     assert cm.DEFAULT_KERNEL_TABLE == backend.kernel_table()
+
+
+_FIRST_CALL = """
+import torch
+from crossmae.encoders import TransformerEncoder
+
+enc = TransformerEncoder(64, 1, 2).cuda()
+x = torch.randn(8, 50, 64, device="cuda", requires_grad=True)
+acts = [torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=acts) as prof:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = enc(x).tokens
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+names = {e.name for e in prof.events() if str(e.device_type).endswith("CUDA")}
+print("efficient" if any("fmha_cutlass" in n for n in names) else sorted(names))
+q = torch.randn(1, 1, 8, 32, device="cuda", dtype=torch.bfloat16)
+torch.nn.functional.scaled_dot_product_attention(q, q, q)
+print(list(torch._C._get_sdp_priority_order()))
+"""
+
+_BARE = """
+import torch
+q = torch.randn(1, 1, 8, 32, device="cuda", dtype=torch.bfloat16)
+torch.nn.functional.scaled_dot_product_attention(q, q, q)
+print(list(torch._C._get_sdp_priority_order()))
+"""
+
+
+@pytest.mark.skipif(DEV_TYPE != "cuda", reason="a fresh CUDA process")
+def test_first_call_of_a_process_follows_the_table_and_keeps_torch_s_order() -> None:
+    """In a fresh process the very first SDPA call, inside the table's efficient-first
+    context, runs the memory-efficient kernel (PyTorch picks its default order lazily at the
+    first selection and used to write it over the context's), and PyTorch's own priority
+    order afterwards is the one a process without crossmae gets."""
+
+    def run(code: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()
+
+    first = run(_FIRST_CALL)
+    bare = run(_BARE)
+    assert first[0] == "efficient", first[0]
+    assert first[-1] == bare[-1]

@@ -602,3 +602,50 @@ def test_mae_decoder_on_the_varlen_route(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(calls) == 2, "each block should take the packed kernel"
     real = ~query_pad
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_context_settles_torch_s_own_priority_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the first priority context (eager), one selection query lets PyTorch choose its
+    own SDPA priority order: PyTorch does that lazily at the first selection of a process and
+    overwrote the context's order (measured on the H200). Once per process, never while a
+    CUDA graph records, never while compiling (no graph break, no guard)."""
+    seen: list[str] = []
+    real_settle = backend._settle_torch_priority
+    monkeypatch.setattr(backend, "_settle_torch_priority", lambda device="cuda": seen.append("x"))
+    q = torch.randn(1, 2, 4, 8)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with backend.sdpa_context(("math",)):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    want = f(q)
+    assert seen == ["x"]  # eager: asked at every context (it returns at once after the first)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(q)
+    assert seen == ["x"]  # compiling: not asked, and the graph did not break
+    torch.testing.assert_close(got, want)
+    with backend.sdpa_context(None):  # no backends: no context, nothing asked
+        pass
+    assert seen == ["x"]
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: calls.append(1) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(backend, "_PRIORITY_SETTLED", False)
+    real_settle(device="cpu")
+    assert calls == [] and not backend._PRIORITY_SETTLED  # recording a graph: later
+    capturing[0] = False
+    for _ in range(2):
+        real_settle(device="cpu")
+    assert calls == [1] and backend._PRIORITY_SETTLED
+
+
+def test_settling_without_cuda_marks_it_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: calls.append(1) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backend, "_PRIORITY_SETTLED", False)
+    backend._settle_torch_priority()
+    assert calls == [] and backend._PRIORITY_SETTLED
