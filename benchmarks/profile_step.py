@@ -500,7 +500,13 @@ def _profile_all(args: argparse.Namespace, dev: torch.device) -> int:
     mix = ", inductor mix-order reduction off" if args.no_mix_order_reduction else ""
     if args.inductor:
         mix += f", inductor settings {args.inductor}"
+    _on_path()
+    import run
+
+    order = ", ".join(run.sdpa_order(dev))
     parts = [f"# Step profiles, torch {torch.__version__}, {dev.type}{mix}\n"]
+    parts.append(f"PyTorch's SDPA priority order (calls outside a kernel rule): {order}\n")
+    print(parts[-1], flush=True)
     for what in args.what:
         sides: list[Optional[str]] = [None]  # crossmae, then the reference where asked
         if args.reference is not None and what in IMAGE_WORKLOADS:

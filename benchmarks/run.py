@@ -1115,6 +1115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"# crossmae benchmarks  torch {torch.__version__}  device "
         f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}  crossmae {cm.__version__}"
     )
+    log(f"SDPA priority order (PyTorch's, for every call outside a kernel rule): {sdpa_order(dev)}")
     failures = 0
     with inductor_config.patch(options):  # torch's settings are back afterwards
         for name in names:
@@ -1140,6 +1141,17 @@ def mix_order_reduction_from_env() -> Optional[bool]:
     if raw not in ("", "0", "1"):
         raise ValueError(f"CROSSMAE_BENCH_MIX_ORDER_REDUCTION must be 0 or 1, got {raw!r}")
     return None if raw == "" else raw == "1"
+
+
+def sdpa_order(dev: torch.device) -> list[str]:
+    """PyTorch's SDPA backend priority order, after letting PyTorch settle its own choice
+    on ``dev`` (it picks it lazily at the first selection of a process; the reference
+    code and any call outside a kernel rule use it)."""
+    from torch.nn.attention import SDPBackend
+
+    if dev.type == "cuda":
+        backend._settle_torch_priority()
+    return [SDPBackend(int(i)).name.lower() for i in torch._C._get_sdp_priority_order()]
 
 
 def inductor_options_from_env() -> dict[str, Any]:

@@ -304,7 +304,9 @@ def test_profile_inductor_settings_hold_while_profiling(tmp_path: Path) -> None:
     argv = ["decoder", "--cpu", "--steps", "1", "--rows", "2", "--out", str(tmp_path)]
     assert prof.main([*argv, "--inductor", opts]) == 0
     assert seen == [True] and inductor_config.coordinate_descent_tuning == before
-    assert f"inductor settings {opts}" in (tmp_path / "profiles.md").read_text()
+    text = (tmp_path / "profiles.md").read_text()
+    assert f"inductor settings {opts}" in text
+    assert "PyTorch's SDPA priority order (calls outside a kernel rule): " in text
     with pytest.raises(SystemExit):
         prof.main([*argv, "--inductor", '{"no_such_setting": true}'])
     assert seen == [True]
@@ -418,7 +420,7 @@ def test_environment_selections(bench: ModuleType, monkeypatch: pytest.MonkeyPat
 
 
 def test_inductor_options_apply_to_the_run_and_are_restored(
-    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """CROSSMAE_BENCH_INDUCTOR (and CROSSMAE_BENCH_MIX_ORDER_REDUCTION=0) hold while the
     sections run and torch's settings are back afterwards; bad names and types are refused
@@ -440,6 +442,11 @@ def test_inductor_options_apply_to_the_run_and_are_restored(
     monkeypatch.setenv("CROSSMAE_BENCH_MIX_ORDER_REDUCTION", "0")
     assert bench.main(["--cpu", "--only", "decoder"]) == 0
     assert seen == [(True, False)]
+    order = bench.sdpa_order(torch.device("cpu"))  # the run logs PyTorch's SDPA order
+    assert set(order) >= {"flash_attention", "efficient_attention", "math", "cudnn_attention"}
+    assert f"SDPA priority order (PyTorch's, for every call outside a kernel rule): {order}" in (
+        capsys.readouterr().out
+    )
     after = (inductor_config.coordinate_descent_tuning, inductor_config.triton.mix_order_reduction)
     assert after == before
     monkeypatch.setenv("CROSSMAE_BENCH_INDUCTOR", '{"cpu_gpu_bw": 40}')  # an int for a float
