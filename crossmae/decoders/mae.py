@@ -225,10 +225,7 @@ class MAEDecoder(_QueryEmbeddings):
             dropout_p=attn.attn_drop if self.training else 0.0,
             fused=attn.fused_attn,
         )
-        block_pad, perm = pad, None
-        if pad is not None and plan.reorder:
-            full, block_pad, perm = backend.trailing_order(full, pad)
-            plan = plan.reordered()
+        full, block_pad, plan, perm = backend.order_for(plan, full, pad)
         for blk in self.blocks:
             full = blk(full, block_pad, plan=plan)
         if perm is not None:

@@ -407,16 +407,14 @@ class PostNormTransformerEncoder(nn.Module):
         """The layers over the padded layout (inputs checked by `forward`)."""
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        plan, perm, block_pad = backend.AttentionPlan("sdpa"), None, pad
+        plan = backend.AttentionPlan("sdpa")
         if len(self.blocks):
             attn = cast(PostNormBlock, self.blocks[0]).attn
             drop = attn.attn_drop if self.training else 0.0
             plan = backend.plan_for(
                 x, attn.head_dim, padding_mask=pad, dropout_p=drop, fused=attn.fused_attn
             )
-        if pad is not None and plan.reorder:  # packed kernel: padding to the end, once
-            x, block_pad, perm = backend.trailing_order(x, pad)
-            plan = plan.reordered()
+        x, block_pad, plan, perm = backend.order_for(plan, x, pad)  # packed kernel: once
         feats: list[Tensor] = [self._tap(x, tap_dtype)] if include_input else []
         for i, blk in enumerate(self.blocks):
             if self.films is not None and cond is not None:

@@ -415,14 +415,9 @@ class TransformerEncoder(nn.Module):
         """The blocks over the padded layout (inputs checked by `forward`)."""
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        plan = self._plan(x, pad, "padded")
-        perm: Optional[Tensor] = None
-        block_pad = pad
-        if pad is not None and plan.reorder:
-            # The packed kernel wants padding at the end of every row: reorder once here
-            # (attention is permutation-equivariant), not in every layer.
-            x, block_pad, perm = backend.trailing_order(x, pad)
-            plan = plan.reordered()
+        # The packed kernel wants padding at the end of every row: reorder once here
+        # (attention is permutation-equivariant), not in every layer.
+        x, block_pad, plan, perm = backend.order_for(self._plan(x, pad, "padded"), x, pad)
 
         def tap(t: Tensor) -> Tensor:
             return t if tap_dtype is None else t.to(tap_dtype)

@@ -375,6 +375,19 @@ def reorder_tokens(x: Tensor, perm: Tensor, dim: int) -> Tensor:
     return _varlen.take_tokens(x, perm, dim)
 
 
+def order_for(
+    plan: AttentionPlan, x: Tensor, padding_mask: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], AttentionPlan, Optional[Tensor]]:
+    """A stack's block inputs under its ``plan``: ``(x, padding_mask, plan, perm)``. Where
+    the plan asks to reorder (the packed kernel over a padded layout), padding moves to the
+    end of every row once (`trailing_order`), the plan is marked trailing and ``perm``
+    undoes it (`restore_order`); otherwise everything is returned as given, ``perm`` None."""
+    if padding_mask is None or not plan.reorder:
+        return x, padding_mask, plan, None
+    x, padding_mask, perm = trailing_order(x, padding_mask)
+    return x, padding_mask, plan.reordered(), perm
+
+
 def restore_order(
     perm: Tensor, x: Tensor, features: Optional[Tensor] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
