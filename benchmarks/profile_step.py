@@ -7,7 +7,7 @@ share of the step (profiler self device time / step time) as a markdown table.
 
 Workloads: ``image`` (CrossMAE ViT-B/16, B=256, predict 0.25 + WFM over 12 blocks and the
 input, fused AdamW), ``image-075`` (predict 0.75, no WFM), ``image-mae`` (the MAE decoder),
-``water`` (the water model, B=8, half the batch without river flow,
+``water`` (the water model, B=8 or ``--water-batch``, half the batch without river flow,
 AdamW), ``decoder`` (CrossMAE decoder only, ViT-B widths, B=256, predict 0.25). All under
 bf16 autocast. ``--cpu`` runs tiny versions on the CPU (for the tests: the tables then
 show CPU time, not device time). ``--reference DIR`` profiles the reference CrossMAE/MAE
@@ -33,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 WORKLOADS = ("image", "image-075", "image-mae", "water", "decoder")
+WATER_BATCH = 8  # the water workload's batch (``--water-batch``); half of it without river flow
 
 # crossmae_vit_base keyword arguments of the image workloads; the index is the matching
 # configuration in reference.IMAGE_CONFIGS.
@@ -95,7 +96,7 @@ def workload(
         from crossmae.models.water import water_mae_small
 
         kw: dict[str, Any] = {}
-        b, t, hw, sites = 8, 30, (290, 180), 604
+        b, t, hw, sites = WATER_BATCH, 30, (290, 180), 604
         if small:
             kw = dict(num_steps=3, image_size=(40, 30), num_land_patches=6, num_sites=12,
                       group_size=4, embed_dim=32, num_heads=4, decoder_dim=16,
@@ -436,6 +437,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--mode", default=None, help="with --compile: torch.compile mode, e.g. reduce-overhead"
     )
     ap.add_argument("--cpu", action="store_true", help="tiny workloads on the CPU (tests)")
+    ap.add_argument(
+        "--water-batch",
+        type=int,
+        default=8,
+        metavar="B",
+        help="batch of the water workload (default 8; half of it without river flow)",
+    )
     ap.add_argument("--out", default="", help="write profiles.md (and print) here")
     ap.add_argument(
         "--graph",
@@ -474,6 +482,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = run.parse_inductor_options(args.inductor, "--inductor")
     except (ValueError, TypeError) as e:
         ap.error(str(e))
+    if args.water_batch < 2:
+        ap.error(
+            f"--water-batch must be at least 2 (half the batch misses river flow), got {args.water_batch}"
+        )
+    global WATER_BATCH
+    WATER_BATCH = args.water_batch
     if args.mode and not args.compile:
         ap.error("--mode needs --compile")
     if args.graph is not None and (args.compile or args.reference is not None):

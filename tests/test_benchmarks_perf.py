@@ -312,6 +312,25 @@ def test_profile_inductor_settings_hold_while_profiling(tmp_path: Path) -> None:
     assert seen == [True]
 
 
+def test_profile_water_batch_option(tmp_path: Path) -> None:
+    """``--water-batch B`` sets the real-size water workload's batch (half of it without
+    river flow); a batch that cannot be half missing is refused before any profile."""
+    prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
+    with pytest.raises(SystemExit):
+        prof.main(["water", "--cpu", "--water-batch", "1"])
+    assert prof.WATER_BATCH == 8
+    argv = ["decoder", "--cpu", "--steps", "1", "--rows", "2", "--out", str(tmp_path)]
+    try:
+        assert prof.main([*argv, "--water-batch", "4"]) == 0
+        assert prof.WATER_BATCH == 4
+        _, (inputs,), kwargs = prof.workload("water", torch.device("cpu"), small=False)
+        flow = inputs["river_flow"]
+        assert flow.shape[0] == 4 and kwargs["static"].shape[0] == 4
+        assert flow[:2].isnan().all() and not flow[2:].isnan().any()
+    finally:
+        prof.WATER_BATCH = 8
+
+
 def test_profile_tables_on_cpu(tmp_path: Path) -> None:
     prof = _load("_crossmae_profile", ROOT / "benchmarks" / "profile_step.py")
     assert (
