@@ -196,11 +196,13 @@ def masked_mse_loss(
         raise ValueError(f"average must be one of {_AVERAGES}, got {average!r}")
 
     dt = _compute_dtype(pred.dtype, target.dtype)
-    scored_val = torch.ones(shape, dtype=torch.bool, device=pred.device)
-    if valid is not None:
-        scored_val = scored_val & valid
-    if pad is not None:
-        scored_val = scored_val & ~pad[..., None]
+    # [b, p, d], True = scored value: valid and not padding (an expanded view where one
+    # mask says it all: fewer launches, and eager steps wait for the host)
+    masks = [m for m in (valid, None if pad is None else ~pad[..., None]) if m is not None]
+    if not masks:
+        scored_val = torch.ones(shape, dtype=torch.bool, device=pred.device)
+    else:
+        scored_val = (masks[0] if len(masks) == 1 else masks[0] & masks[1]).expand(shape)
     x = torch.where(scored_val, pred.to(dt), 0)
     y = torch.where(scored_val, target.to(dt), 0)
     if norm_pix:

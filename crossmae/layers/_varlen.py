@@ -102,6 +102,20 @@ def _segments(lengths: Tensor, stride: int) -> Tensor:
     return torch.cat([bounds, end])
 
 
+def self_segments(padding_mask: Tensor) -> Tensor:
+    """Segment boundaries of self-attention over ``padding_mask [b, n]`` (True = padding,
+    trailing in every row): `_segments` of the real lengths, int32 ``[2b + 1]``."""
+    return _segments((~padding_mask).sum(dim=1), padding_mask.shape[1])
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x [b h n d]`` as the packed kernel's rows ``[(b n) h d]``: a view where the memory
+    allows (a head slice of a fused ``qkv`` projection does: the kernel takes any row
+    stride with a contiguous head dim), a copy otherwise."""
+    rows = x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], x.shape[3])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def real_first_permutation(padding_mask: Tensor) -> Tensor:
     """Per-row permutation putting real slots first (stable), int64 ``[b, n]``."""
     return torch.argsort(padding_mask.to(torch.uint8), dim=1, stable=True)
@@ -139,44 +153,48 @@ def varlen_attend(
     keys_sorted: bool = False,
     queries_sorted: bool = False,
     kernel: Optional[VarlenFn] = None,
+    segments: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of ``q [b h n d]`` over the real keys of ``k, v [b h m d]`` via packed segments.
 
     ``key_padding_mask`` / ``query_padding_mask``: bool, True = padding. Padded keys must be
     finite (callers zero them). Rows of samples with no real key are left for the caller to
     zero. ``kernel`` replaces the varlen function (used by the CPU tests with a reference).
+    ``segments``: `self_segments` of ``key_padding_mask`` for self-attention with trailing
+    padding (``query_padding_mask is key_padding_mask``), computed once by the stack.
     """
     fn = kernel if kernel is not None else _kernel()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
     b, n = q.shape[0], q.shape[2]
     m = k.shape[2]
-    if not keys_sorted:
-        kperm = real_first_permutation(key_padding_mask)
-        k = _take(k, kperm)
-        v = _take(v, kperm)
-    k_len = (~key_padding_mask).sum(dim=1)
-    cu_k = _segments(k_len, m)
     qperm = None
-    if query_padding_mask is None:
-        cu_q = _segments(torch.full_like(k_len, n), n)
+    if (
+        segments is not None
+        and keys_sorted
+        and queries_sorted
+        and query_padding_mask is key_padding_mask
+        and n == m
+    ):
+        cu_q = cu_k = segments  # the stack's, for every block
     else:
-        if not queries_sorted:
-            qperm = real_first_permutation(query_padding_mask)
-            q = _take(q, qperm)
-        if query_padding_mask is key_padding_mask and n == m:
-            cu_q = cu_k  # self-attention: the same segments (fewer launches per call)
+        if not keys_sorted:
+            kperm = real_first_permutation(key_padding_mask)
+            k = _take(k, kperm)
+            v = _take(v, kperm)
+        k_len = (~key_padding_mask).sum(dim=1)
+        cu_k = _segments(k_len, m)
+        if query_padding_mask is None:
+            cu_q = _segments(torch.full_like(k_len, n), n)
         else:
-            cu_q = _segments((~query_padding_mask).sum(dim=1), n)
-    out = fn(
-        rearrange(q, "b h n d -> (b n) h d").contiguous(),
-        rearrange(k, "b h m d -> (b m) h d").contiguous(),
-        rearrange(v, "b h m d -> (b m) h d").contiguous(),
-        cu_q,
-        cu_k,
-        n,
-        m,
-    )
+            if not queries_sorted:
+                qperm = real_first_permutation(query_padding_mask)
+                q = _take(q, qperm)
+            if query_padding_mask is key_padding_mask and n == m:
+                cu_q = cu_k  # self-attention: the same segments (fewer launches per call)
+            else:
+                cu_q = _segments((~query_padding_mask).sum(dim=1), n)
+    out = fn(_rows(q), _rows(k), _rows(v), cu_q, cu_k, n, m)
     out = rearrange(out, "(b n) h d -> b h n d", b=b)
     if qperm is not None:  # undo the query reordering
         out = _take(out, inverse_permutation(qperm))

@@ -122,6 +122,11 @@ def _attend(
         out = flex_attend(q, k, v, key_padding_mask)
         return out.masked_fill(empty[:, None, None, None], 0.0)
     if kernel == "varlen":
+        segments = None
+        if plan is not None and plan.self_segments is not None:
+            seg_mask, cu = plan.self_segments
+            if seg_mask is key_padding_mask and query_padding_mask is key_padding_mask:
+                segments = cu  # the stack's boundaries over this very mask
         out = varlen_attend(
             q,
             k,
@@ -130,8 +135,12 @@ def _attend(
             query_padding_mask,
             keys_sorted=trailing,
             queries_sorted=trailing,
+            segments=segments,
         )
-        return out.masked_fill(empty[:, None, None, None], 0.0)
+        # zeroed in the kernel's memory order (b n h d), so `b h n d -> b n (h d)` after
+        # this stays a view: no copy before the output projection
+        out = out.transpose(1, 2).masked_fill(empty[:, None, None, None], 0.0)
+        return out.transpose(1, 2)
     attend = ~key_padding_mask | empty[:, None]  # [b m], True = attend (SDPA polarity)
     attend = attend[:, None, None, :]  # [b 1 1 m]
     if kernel == "manual":

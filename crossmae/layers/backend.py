@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -72,12 +72,18 @@ class AttentionPlan:
             reordered, via `reordered`); the blocks then skip their own reordering copy.
         sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
             call to, in order (from the kernel table), or None for PyTorch's own choice.
+        self_segments: ``(padding_mask, cu_seqlens)`` set by `order_for` after reordering:
+            the packed kernel's segment boundaries for self-attention over exactly that
+            (trailing) ``padding_mask`` tensor, computed once per stack forward instead of
+            once per block. A block uses them only when it is given that same mask object;
+            any other call computes its own. Not compared, not shown.
     """
 
     kernel: str
     reorder: bool = False
     trailing: bool = False
     sdpa_backends: Optional[tuple[str, ...]] = None
+    self_segments: Optional[tuple[Tensor, Tensor]] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Plain-value checks (no tensor): free, and traceable by torch.compile.
@@ -94,10 +100,23 @@ class AttentionPlan:
             raise ValueError(
                 f"AttentionPlan sdpa_backends must be None or a tuple of {SDPA_BACKENDS}, got {b!r}"
             )
+        seg = self.self_segments
+        if seg is not None and not (
+            isinstance(seg, tuple) and len(seg) == 2 and all(isinstance(t, Tensor) for t in seg)
+        ):
+            raise TypeError(
+                "AttentionPlan self_segments must be None or a (padding_mask, cu_seqlens) pair "
+                f"of tensors, got {type(seg).__name__}"
+            )
 
-    def reordered(self) -> AttentionPlan:
-        """This plan after the stack moved padding to the end of every row."""
-        return replace(self, reorder=False, trailing=True)
+    def reordered(self, padding_mask: Optional[Tensor] = None) -> AttentionPlan:
+        """This plan after the stack moved padding to the end of every row; with the
+        reordered ``padding_mask``, the packed kernel's self-attention segments over it are
+        computed here, once, for every block (`self_segments`)."""
+        segments = None
+        if padding_mask is not None and self.kernel == "varlen":
+            segments = (padding_mask, _varlen.self_segments(padding_mask))
+        return replace(self, reorder=False, trailing=True, self_segments=segments)
 
 
 @dataclass(frozen=True)
@@ -385,7 +404,7 @@ def order_for(
     if padding_mask is None or not plan.reorder:
         return x, padding_mask, plan, None
     x, padding_mask, perm = trailing_order(x, padding_mask)
-    return x, padding_mask, plan.reordered(), perm
+    return x, padding_mask, plan.reordered(padding_mask), perm
 
 
 def restore_order(

@@ -302,26 +302,34 @@ def random_masking(
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     arange_n = torch.arange(n, device=dev)
     if pad is None:
+        # Every sample has the same counts: the split is slices of the shuffle, with about
+        # half the launches of the padded path (eager steps wait for the host here, before
+        # the first kernel of the step that is worth waiting for).
         n_keep_i = int(n * (1 - mr))
         n_skip_i = int(n * (mr - pr))
         n_pred_i = n - n_keep_i - n_skip_i
-        real = torch.full((b,), n, dtype=torch.long, device=dev)
-        n_keep = torch.full_like(real, n_keep_i)
-        n_pred = torch.full_like(real, n_pred_i)
-        width_keep, width_pred = n_keep_i, n_pred_i
-    else:
-        pad = pad.to(dev)
-        # Real tokens first (in noise order), padding last, whatever the noise values are.
-        pad_sorted = torch.gather(pad, 1, ids_shuffle)
-        ids_shuffle = torch.gather(
-            ids_shuffle, 1, torch.argsort(pad_sorted.to(torch.uint8), dim=1, stable=True)
+        first_pred = n - n_pred_i
+        ranks = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, arange_n.expand(b, n))
+        return MaskSplit(
+            ids_shuffle[:, :n_keep_i],
+            torch.zeros((b, n_keep_i), dtype=torch.bool, device=dev),
+            ids_shuffle[:, first_pred:].sort(dim=1).values,  # ascending index
+            torch.zeros((b, n_pred_i), dtype=torch.bool, device=dev),
+            ranks < n_keep_i,
+            ranks >= first_pred,
         )
-        real = (~pad).sum(dim=1)
-        real_f = real.to(torch.float64)
-        n_keep = torch.floor(real_f * (1 - mr)).long()
-        n_skip = torch.floor(real_f * (mr - pr)).long()
-        n_pred = real - n_keep - n_skip
-        width_keep, width_pred = _max_count(n_keep), _max_count(n_pred)
+    pad = pad.to(dev)
+    # Real tokens first (in noise order), padding last, whatever the noise values are.
+    pad_sorted = torch.gather(pad, 1, ids_shuffle)
+    ids_shuffle = torch.gather(
+        ids_shuffle, 1, torch.argsort(pad_sorted.to(torch.uint8), dim=1, stable=True)
+    )
+    real = (~pad).sum(dim=1)
+    real_f = real.to(torch.float64)
+    n_keep = torch.floor(real_f * (1 - mr)).long()
+    n_skip = torch.floor(real_f * (mr - pr)).long()
+    n_pred = real - n_keep - n_skip
+    width_keep, width_pred = _max_count(n_keep), _max_count(n_pred)
 
     ranks = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, arange_n.expand(b, n))
     visible_mask = ranks < n_keep[:, None]

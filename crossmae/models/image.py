@@ -37,7 +37,7 @@ from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..losses import masked_mse_loss, norm_pix_target
 from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks, random_masking
-from ..masking.tokens import scatter_tokens
+from ..masking.tokens import gather_tokens, scatter_tokens
 from ..protocols import QueryDecoder, SequenceDecoder, cond_dim_of
 from ..tokenizers.raster import patchify, unpatchify
 from ._inputs import check_mask_split
@@ -459,8 +459,9 @@ class ImageCrossMAE(nn.Module):
         check_bool("dense", dense)
         return self._encode(x, self._check_split(split, x.shape[0]), dense=dense)
 
-    def _embed_visible(self, x: Tensor, split: MaskSplit) -> Tensor:
-        """Embeddings of the visible patches ``[b, k, e]`` (padded slots 0).
+    def _embed_visible(self, x: Tensor, split: MaskSplit, *, dense: bool = False) -> Tensor:
+        """Embeddings of the visible patches ``[b, k, e]`` (padded slots 0; ``dense``: the
+        split has none, so nothing is masked).
 
         Pixels outside the visible patches are never read: a patch embedding with an
         ``embed_selected(img, ids, padding_mask)`` method (`crossmae.PatchEmbed`) embeds only
@@ -468,7 +469,8 @@ class ImageCrossMAE(nn.Module):
         image with every pixel outside the visible patches replaced by 0 first. So NaN/inf
         there cannot reach a loss, a prediction or a gradient.
         """
-        ids, keep_pad = split.ids_keep, split.keep_padding_mask
+        ids = split.ids_keep
+        keep_pad: Optional[Tensor] = None if dense else split.keep_padding_mask
         embed_selected = getattr(self.patch_embed, "embed_selected", None)
         if callable(embed_selected):
             visible: Tensor = embed_selected(x, ids, keep_pad)  # [b k e]
@@ -482,11 +484,11 @@ class ImageCrossMAE(nn.Module):
             )
         pos = self.pos_embed[0, 1:][ids.long()]  # [b k e]
         visible = visible + pos.to(visible.dtype)
-        return visible.masked_fill(keep_pad[..., None], 0)
+        return visible if keep_pad is None else visible.masked_fill(keep_pad[..., None], 0)
 
     def _encode(self, x: Tensor, split: MaskSplit, *, dense: bool) -> EncoderOutput:
         """`forward_encoder` on checked inputs."""
-        visible, keep_pad = self._embed_visible(x, split), split.keep_padding_mask
+        visible, keep_pad = self._embed_visible(x, split, dense=dense), split.keep_padding_mask
         cls = (self.cls_token + self.pos_embed[:, :1]).to(visible.dtype)
         cls = cls.expand(visible.shape[0], -1, -1)
         seq = torch.cat([cls, visible], dim=1)
@@ -571,7 +573,17 @@ class ImageCrossMAE(nn.Module):
             then over samples) and the target ``[b, p, o]`` (normalized per patch when
             ``norm_pix_loss``, eps 1e-6; padded slots and missing pixels 0).
         """
-        target, pad = split.predict_tokens(self.target_patches(imgs))
+        return self._loss(imgs, pred, split, dense=False)
+
+    def _loss(
+        self, imgs: Tensor, pred: Tensor, split: MaskSplit, *, dense: bool
+    ) -> tuple[Tensor, Tensor]:
+        """`forward_loss`; ``dense``: the split has no padding slot, so none is masked."""
+        pad: Optional[Tensor]
+        if dense:
+            target, pad = gather_tokens(self.target_patches(imgs), split.ids_predict), None
+        else:
+            target, pad = split.predict_tokens(self.target_patches(imgs))
         valid = torch.isfinite(target)  # [b p o], True = a real target value
         if self.norm_pix_loss:
             target = norm_pix_target(target, valid_mask=valid, eps=1e-6)
@@ -642,7 +654,10 @@ class ImageCrossMAE(nn.Module):
             )
         encoded = self._encode(x, split, dense=is_dense)
         pred = self._decode(encoded, split, dense=is_dense)
-        loss, target = self.forward_loss(x, pred, split)
+        if type(self).forward_loss is ImageCrossMAE.forward_loss:
+            loss, target = self._loss(x, pred, split, dense=is_dense)
+        else:  # a subclass's own loss
+            loss, target = self.forward_loss(x, pred, split)
         return ImageCrossMAEOutput(loss, pred, split, target)
 
     # ------------------------------------------------------------------ inference

@@ -375,6 +375,66 @@ def test_stack_decides_once_and_reorders_only_for_varlen(monkeypatch: pytest.Mon
     assert len(decisions) == 2
 
 
+def test_stack_computes_self_segments_once_for_its_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the packed route a padded stack reorders once and computes the kernel's segment
+    boundaries once (`AttentionPlan.self_segments`): every block passes those same tensors
+    to the kernel, and the tokens equal the masked route's."""
+    enc = TransformerEncoder(16, 3, 2).eval()
+    x = torch.randn(3, 7, 16, generator=generator(2))
+    pad = torch.tensor([[False] * 7, [True, False, True, False, False, True, True], [True] * 7])
+    x = x.masked_fill(pad[..., None], float("nan"))
+    with torch.no_grad():
+        ref = enc(x, pad).tokens
+    _force(monkeypatch, "varlen")
+    computed: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_segments, real_kernel = _varlen.self_segments, _varlen._VARLEN
+
+    def segments(padding_mask: torch.Tensor) -> torch.Tensor:
+        computed.append(padding_mask)
+        return real_segments(padding_mask)
+
+    def kernel(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Any, cu_k: Any, *rest: Any
+    ) -> Any:
+        seen.append((cu_q, cu_k))
+        return real_kernel(q, k, v, cu_q, cu_k, *rest)  # type: ignore[operator]
+
+    monkeypatch.setattr(_varlen, "self_segments", segments)
+    monkeypatch.setattr(_varlen, "_VARLEN", kernel)
+    with torch.no_grad():
+        out = enc(x, pad).tokens
+        assert len(computed) == 1 and len(seen) == 3
+        assert all(q is seen[0][0] and k is seen[0][0] for q, k in seen)
+    real = ~pad
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_plan_self_segments_are_checked_and_not_compared() -> None:
+    pad = torch.tensor([[False, True]])
+    cu = _varlen.self_segments(pad)
+    assert cu.tolist() == [0, 1, 2]
+    plan = AttentionPlan("varlen", reorder=True).reordered(pad)
+    assert plan.trailing and not plan.reorder and plan.self_segments is not None
+    assert plan.self_segments[0] is pad and torch.equal(plan.self_segments[1], cu)
+    assert plan == AttentionPlan("varlen", trailing=True)  # the tensors are not compared
+    assert "self_segments" not in repr(plan)
+    assert AttentionPlan("sdpa_mask", reorder=True).reordered(pad).self_segments is None
+    with pytest.raises(TypeError, match="self_segments"):
+        AttentionPlan("varlen", self_segments=(pad,))  # type: ignore[arg-type]
+
+    def f(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        plan = backend.decide("cuda", BF16, 64, padded=True, varlen_ok=True)
+        plan = plan.reordered(pad)  # a plan carrying tensors, built inside the graph
+        assert plan.self_segments is not None
+        return x * plan.self_segments[1][-1]
+
+    x = torch.randn(3)
+    out = torch.compile(f, fullgraph=True, backend="eager")(x, pad)
+    torch.testing.assert_close(out, 2 * x)
+
+
 def test_plan_mismatch_falls_back_to_a_valid_kernel() -> None:
     """A plan made for unpadded inputs, used with padding, still masks the padding."""
     attn = cm.CrossAttention(16, num_heads=2).eval()

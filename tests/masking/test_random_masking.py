@@ -235,6 +235,28 @@ def test_mae_compatible_ids_keep(
     assert not split.keep_padding_mask.any() and not split.predict_padding_mask.any()
 
 
+@given(b=st.integers(1, 4), n=st.integers(0, 60), r=ratios(), seed=seeds())
+def test_unpadded_split_equals_the_padded_path_without_padding(
+    b: int, n: int, r: tuple[float, Optional[float]], seed: int
+) -> None:
+    """Without ``padding_mask`` the split takes a shorter path (slices of the shuffle): it
+    equals the padded path given an all-False mask, field by field, dtypes included, and
+    no two fields share memory (editing one never edits another). (An empty batch is not
+    compared: there the padded path's widths come from its data, 0.)"""
+    mr, pr = r
+    noise = rand(seed, b, n)
+    fast = random_masking(b, n, mr, predict_ratio=pr, noise=noise)
+    pm = torch.zeros(b, n, dtype=torch.bool)
+    full = random_masking(b, n, mr, predict_ratio=pr, noise=noise, padding_mask=pm)
+    for f in FIELDS:
+        x, y = getattr(fast, f), getattr(full, f)
+        assert x.dtype == y.dtype and torch.equal(x, y), f
+    ptrs = [getattr(fast, f).untyped_storage().data_ptr() for f in FIELDS]
+    sizes = [getattr(fast, f).untyped_storage().nbytes() for f in FIELDS]
+    owned = [p for p, size in zip(ptrs, sizes) if size > 0]
+    assert len(set(owned)) == len(owned)
+
+
 def test_ties_are_broken_stably() -> None:
     pm = torch.tensor([[False, True, False, False, True, False, False, False]])
     noise = torch.zeros(1, 8)

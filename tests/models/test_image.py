@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -183,6 +184,26 @@ def test_noise_orders_patches() -> None:
     assert torch.equal(out.split.ids_predict, torch.arange(12, 16).repeat(2, 1))
 
 
+def test_forward_uses_a_subclass_forward_loss() -> None:
+    """``forward`` scores through ``forward_loss`` when a subclass overrides it (crossmae's
+    own loss takes a shorter path for splits without padding)."""
+    calls: list[int] = []
+
+    class Scaled(type(tiny_model())):  # type: ignore[misc]
+        def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, split: Any) -> Any:
+            calls.append(pred.shape[1])
+            loss, target = super().forward_loss(imgs, pred, split)
+            return 2 * loss, target
+
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    model.__class__ = Scaled  # the same weights, the subclass's loss
+    out = model(images(), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    ref = base(images(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.loss, 2 * ref.loss)
+
+
 @pytest.mark.parametrize("cross", [True, False])
 @pytest.mark.parametrize("wfm", [True, False])
 def test_dense_path_matches_masked_path(cross: bool, wfm: bool) -> None:
@@ -192,6 +213,12 @@ def test_dense_path_matches_masked_path(cross: bool, wfm: bool) -> None:
     masked = model(x, split=split)  # a given split: masks passed (safe default)
     dense = model(x, split=split, dense=True)
     torch.testing.assert_close(dense.pred, masked.pred, atol=1e-5, rtol=1e-5)
+    # the dense path skips the padding masks of the embedding and the loss, not their effect
+    torch.testing.assert_close(dense.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense.target, masked.target, atol=0, rtol=0)
+    loss, target = model.forward_loss(x, dense.pred, split)
+    torch.testing.assert_close(loss, dense.loss, atol=0, rtol=0)
+    torch.testing.assert_close(target, dense.target, atol=0, rtol=0)
     drawn = model(x, generator=torch.Generator().manual_seed(3))  # drawn here: dense
     again = model(x, split=drawn.split, dense=False)
     torch.testing.assert_close(drawn.pred, again.pred, atol=1e-5, rtol=1e-5)
