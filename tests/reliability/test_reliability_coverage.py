@@ -743,6 +743,12 @@ def _backend_cases() -> list[Case]:
             Raises(("sdpa_backends",), ("'flash'",)),
         ),
         Case(
+            "AttentionPlan",
+            "self_segments=[1, 2] (not a pair of tensors)",
+            lambda: AP("varlen", self_segments=[1, 2]),
+            Raises(("self_segments",), ("list",)),
+        ),
+        Case(
             "AttentionPlan.reordered",
             "a varlen plan",
             lambda: AP("varlen", reorder=True).reordered(),
