@@ -71,6 +71,45 @@ def test_varlen_self_attention_with_query_padding(case) -> None:  # type: ignore
     assert out.isfinite().all()
 
 
+@pytest.mark.parametrize("layout", ["qkv", "transposed_head_dim"])
+def test_varlen_rows_are_views_of_a_fused_projection(layout: str) -> None:
+    """The packed kernel gets ``[(b n) h d]`` rows with a contiguous head dim: views of a
+    fused ``qkv`` projection's memory (no copy), a copy where the head dim is strided; the
+    output is the same either way."""
+    b, n, h, d = 3, 5, 2, 8
+    g = generator(4)
+    if layout == "qkv":  # b n (three h d), as Attention splits it
+        qkv = torch.randn(b, n, 3 * h * d, generator=g)
+        q, k, v = qkv.unflatten(-1, (3, h, d)).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # head dim strided: the kernel needs it contiguous
+        q, k, v = (torch.randn(b, h, d, n, generator=g).transpose(-1, -2) for _ in range(3))
+    pad = torch.rand(b, n, generator=g) < 0.4
+    pad[:, 0] = False
+    seen: list[torch.Tensor] = []
+
+    def kernel(qr, kr, vr, *rest):  # type: ignore[no-untyped-def]
+        seen.extend([qr, kr, vr])
+        return reference_varlen(qr.contiguous(), kr.contiguous(), vr.contiguous(), *rest)
+
+    out = _varlen.varlen_attend(q, k, v, pad, pad, kernel=kernel, keys_sorted=False)
+    assert all(t.shape == (b * n, h, d) and t.stride(-1) == 1 for t in seen)
+    if layout == "qkv":
+        # the keys/values were reordered (a gather: new memory), the queries too; a sorted
+        # call hands the projection's own memory to the kernel
+        seen.clear()
+        tpad = torch.zeros(b, n, dtype=torch.bool)
+        _varlen.varlen_attend(
+            q, k, v, tpad, tpad, kernel=kernel, keys_sorted=True, queries_sorted=True
+        )
+        assert all(t.data_ptr() == qkv.data_ptr() + i * h * d * qkv.element_size()
+                   for i, t in enumerate(seen))  # fmt: skip
+    ref = cm.padded_attention(q, k, v, pad, fused=False)
+    real = ~pad
+    torch.testing.assert_close(
+        out.permute(0, 2, 1, 3)[real], ref.permute(0, 2, 1, 3)[real], atol=1e-5, rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize("self_attn", [False, True])
 def test_modules_dispatch_to_varlen_and_agree(
     monkeypatch: pytest.MonkeyPatch, self_attn: bool
