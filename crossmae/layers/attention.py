@@ -122,11 +122,10 @@ def _attend(
         out = flex_attend(q, k, v, key_padding_mask)
         return out.masked_fill(empty[:, None, None, None], 0.0)
     if kernel == "varlen":
-        segments = None
+        segments = None  # the stack's boundaries, for self-attention over this very mask
         if plan is not None and plan.self_segments is not None:
             seg_mask, cu = plan.self_segments
-            if seg_mask is key_padding_mask and query_padding_mask is key_padding_mask:
-                segments = cu  # the stack's boundaries over this very mask
+            segments = cu if seg_mask is key_padding_mask else None
         out = varlen_attend(
             q,
             k,

@@ -214,6 +214,13 @@ def _zero_padded(x: Tensor, pad: Tensor) -> Tensor:
     return x.masked_fill(pad.reshape(*pad.shape, *([1] * (x.ndim - 2))), 0)
 
 
+def _ranks(order: Tensor) -> Tensor:
+    """The inverse of the permutations ``order [..., n]`` along the last dim: the rank of
+    every slot in its row's order."""
+    src = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, src)
+
+
 def _first_slots(order: Tensor, counts: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """First ``counts[i]`` entries of each row of ``order``, padded to ``width`` with 0."""
     ids = order[:, :width]
@@ -300,7 +307,6 @@ def random_masking(
     noise = noise.to(dev)
 
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    arange_n = torch.arange(n, device=dev)
     if pad is None:
         # Every sample has the same counts: the split is slices of the shuffle, with about
         # half the launches of the padded path (eager steps wait for the host here, before
@@ -309,7 +315,7 @@ def random_masking(
         n_skip_i = int(n * (mr - pr))
         n_pred_i = n - n_keep_i - n_skip_i
         first_pred = n - n_pred_i
-        ranks = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, arange_n.expand(b, n))
+        ranks = _ranks(ids_shuffle)
         return MaskSplit(
             ids_shuffle[:, :n_keep_i],
             torch.zeros((b, n_keep_i), dtype=torch.bool, device=dev),
@@ -331,7 +337,7 @@ def random_masking(
     n_pred = real - n_keep - n_skip
     width_keep, width_pred = _max_count(n_keep), _max_count(n_pred)
 
-    ranks = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, arange_n.expand(b, n))
+    ranks = _ranks(ids_shuffle)
     visible_mask = ranks < n_keep[:, None]
     predict_mask = (ranks >= (real - n_pred)[:, None]) & (ranks < real[:, None])
     ids_keep, keep_pad = _first_slots(ids_shuffle, n_keep, width_keep)

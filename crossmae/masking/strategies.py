@@ -47,6 +47,7 @@ from .split import (
     MaskSplit,
     _ascending_ids,
     _check_split_values,
+    _ranks,
     _resolve_device,
     _split_is_host_checkable,
     mask_split_from_masks,
@@ -113,14 +114,11 @@ def _unit_roles(noise: Tensor, real: Tensor, mr: float, pr: float) -> tuple[Tens
     Returns:
         ``(visible [..., u], predicted [..., u])``, disjoint, both False on non-real units.
     """
-    u = noise.shape[-1]
     order = torch.argsort(noise, dim=-1, stable=True)
     # Real units first (in noise order), padding last, whatever the noise values are.
     pad_sorted = torch.gather(~real, -1, order)
     order = torch.gather(order, -1, torch.argsort(pad_sorted.to(torch.uint8), dim=-1, stable=True))
-    ranks = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(u, device=order.device).expand_as(order)
-    )
+    ranks = _ranks(order)
     n_real = real.sum(dim=-1)
     n_real_f = n_real.to(torch.float64)
     n_keep = torch.floor(n_real_f * (1 - mr)).long()
@@ -139,8 +137,7 @@ def _grouped_unpadded(noise: Tensor, mr: float, pr: float) -> MaskSplit:
     keep_l, pred_l = _py_counts(l_, mr, pr)
     first_pred = l_ - pred_l
     order = torch.argsort(noise, dim=-1, stable=True)  # [b t l]
-    src = torch.arange(l_, device=noise.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(-1, order, src)
+    ranks = _ranks(order)
     offsets = torch.arange(t, device=noise.device)[:, None] * l_  # step s starts at s * l
     # ascending within each step, steps in order: ascending time-major token order
     ids_keep = (order[..., :keep_l].sort(dim=-1).values + offsets).reshape(b, t * keep_l)
