@@ -224,26 +224,58 @@ def together_segments(
         raise ValueError(
             f"query_padding has {len(query_padding)} masks for {len(query_counts)} calls"
         )
-    k_bounds = _segments(key_lengths, m)[:-1]  # [2b], real then padded keys per sample
-    starts = torch.arange(b, device=key_lengths.device, dtype=torch.int32)
-    cu_q, cu_k, q_off = [], [], 0
-    for i, n in enumerate(query_counts):
-        ends = (starts + 1) * n + q_off  # sample j's queries end here; its dummy segment is empty
-        cu_q.append(torch.stack([starts * n + q_off, ends], dim=1).reshape(-1))
-        qpad = None if query_padding is None else query_padding[i]
-        if qpad is not None and n > 0:
-            if tuple(qpad.shape) != (b, n):
-                raise ValueError(
-                    f"query_padding[{i}] has shape {tuple(qpad.shape)}, expected {(b, n)}"
-                )
-            lengths = torch.where(qpad.all(dim=1), key_lengths.clamp(max=1), key_lengths)
-            cu_k.append(_segments(lengths, m)[:-1] + i * b * m)
-        else:
-            cu_k.append(k_bounds + i * b * m)
-        q_off += b * n
-    end_q = key_lengths.new_full((1,), q_off, dtype=torch.int32)
-    end_k = key_lengths.new_full((1,), len(query_counts) * b * m, dtype=torch.int32)
-    return torch.cat([*cu_q, end_q]).to(torch.int32), torch.cat([*cu_k, end_k]).to(torch.int32)
+    calls = len(query_counts)
+    dev = key_lengths.device
+    # Query boundaries depend on the counts alone. A run of consecutive calls with one
+    # count is one arithmetic progression (sample j of the run starts at off + j * n):
+    # one arange per run, its consecutive pairs interleaved, instead of ops per call.
+    pieces, q_off, i = [], 0, 0
+    while i < calls:
+        n, run = query_counts[i], 1
+        while i + run < calls and query_counts[i + run] == n:
+            run += 1
+        ends = torch.arange(
+            q_off, q_off + run * b * n + 1, max(n, 1), dtype=torch.int32, device=dev
+        )
+        if n == 0:  # every boundary of the run is q_off
+            ends = ends[:1].expand(run * b + 1)
+        pieces.append(torch.stack([ends[:-1], ends[1:]], dim=1).reshape(-1))
+        q_off += run * b * n
+        i += run
+    # the last boundary is the total, the last run's last entry
+    pieces.append(ends[-1:] if pieces else torch.zeros(1, dtype=torch.int32, device=dev))
+    cu_q = torch.cat(pieces)
+    # Key boundaries: sample j of call i owns slots [(i b + j) m, (i b + j + 1) m), its
+    # first L[i, j] real: one progression of starts for every call and sample.
+    lengths = key_lengths.to(torch.int32)  # [b], or [calls, b] where some call differs
+    alone: list[
+        Optional[Tensor]
+    ] = []  # per call: bool [b], its samples without a real query (None: no such call)
+    for i, qpad in enumerate([] if query_padding is None else query_padding):
+        n = query_counts[i]
+        if qpad is None or n == 0:
+            alone.append(None)
+            continue
+        if tuple(qpad.shape) != (b, n):
+            raise ValueError(f"query_padding[{i}] has shape {tuple(qpad.shape)}, expected {(b, n)}")
+        alone.append(qpad.all(dim=1))
+    if any(a is not None for a in alone):
+        rows: list[Tensor] = []
+        none: Optional[Tensor] = None  # one all-False row for every call without a mask
+        for a in alone:
+            if a is None:
+                if none is None:
+                    none = torch.zeros(b, dtype=torch.bool, device=dev)
+                a = none
+            rows.append(a)
+        lengths = torch.where(torch.stack(rows), lengths.clamp(max=1), lengths)
+    starts = torch.arange(0, calls * b * m + 1, max(m, 1), dtype=torch.int32, device=dev)
+    if m == 0:
+        starts = starts[:1].expand(calls * b + 1)
+    first = starts[:-1].view(calls, b)
+    pairs = torch.stack([first, first + lengths], dim=2).reshape(-1)
+    cu_k = torch.cat([pairs, starts[-1:]])
+    return cu_q, cu_k
 
 
 def varlen_together(
@@ -266,6 +298,22 @@ def varlen_together(
     for several layers. Boundaries come from on-device sums over the static strides: no
     host sync.
     """
+    out = together_packed(qs, ks, vs, key_lengths, segments=segments, kernel=kernel)
+    sizes = [q.shape[0] * q.shape[1] for q in qs]
+    return [o.reshape(q.shape[:2] + o.shape[1:]) for o, q in zip(torch.split(out, sizes), qs)]
+
+
+def together_packed(
+    qs: list[Tensor],
+    ks: list[Tensor],
+    vs: list[Tensor],
+    key_lengths: Tensor,
+    *,
+    segments: Optional[tuple[Tensor, Tensor]] = None,
+    kernel: Optional[VarlenFn] = None,
+) -> Tensor:
+    """`varlen_together` 's kernel output before the split: ``[(sum_i b n_i) h d]``, call
+    by call, sample by sample (so consecutive calls of one shape are one view)."""
     fn = kernel if kernel is not None else _kernel()
     if fn is None:
         raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
@@ -273,7 +321,7 @@ def varlen_together(
     if segments is None:
         segments = together_segments([q.shape[1] for q in qs], m, key_lengths)
     cu_q, cu_k = segments
-    out = fn(
+    return fn(
         torch.cat([q.flatten(0, 1) for q in qs]),
         torch.cat(ks).flatten(0, 1),  # [(calls b m) h d]: one copy of strided views
         torch.cat(vs).flatten(0, 1),
@@ -282,5 +330,3 @@ def varlen_together(
         max(max(q.shape[1] for q in qs), 1),
         max(m, 1),
     )
-    sizes = [q.shape[0] * q.shape[1] for q in qs]
-    return [o.reshape(q.shape[:2] + o.shape[1:]) for o, q in zip(torch.split(out, sizes), qs)]
