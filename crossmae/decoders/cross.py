@@ -427,6 +427,28 @@ class CrossMAEDecoder(_QueryEmbeddings):
         here): the queries, the per-layer contexts (padding finite, moved to the end of
         every row when the plan asks) and the attention plans, as a `DecoderState`. Used
         by callers that run the blocks of several decoders together."""
+        return self._prepare(
+            context,
+            ids_predict,
+            context_padding_mask=context_padding_mask,
+            query_padding_mask=query_padding_mask,
+            pos=pos,
+        )
+
+    def _prepare(
+        self,
+        context: Tensor,
+        ids_predict: Tensor,
+        *,
+        context_padding_mask: Optional[Tensor] = None,
+        query_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        reuse: Optional[DecoderState] = None,
+    ) -> DecoderState:
+        """`prepare`; with ``reuse``, another decoder's state prepared from the **same**
+        ``context`` and ``context_padding_mask``: where neither decoder mixes feature maps
+        and both plan the same attention, its prepared context is this decoder's too (the
+        same tensor, computed once for both)."""
         raw = self._check_context(context)
         ids = check_index_tensor("ids_predict", ids_predict)
         b, m = raw.shape[-3], raw.shape[-2]
@@ -440,16 +462,6 @@ class CrossMAEDecoder(_QueryEmbeddings):
             "query_padding_mask", query_padding_mask, ids.shape, "ids_predict [b, p]"
         )
         x = self.queries(ids, pos)
-        if cpad is not None:
-            # Zeroed once, before the WFM mix and the per-layer norms: padded slots then stay
-            # finite in every layer's context, and a NaN stored there gets a zero gradient
-            # (zeroing after the norms would leave their backward 0 · NaN).
-            raw = raw.masked_fill(cpad[..., None], 0.0)
-        ctx = self.contexts(raw)
-        # Under autocast every layer's kv projection would cast the (float32) context again:
-        # cast it once here instead.
-        if torch.is_autocast_enabled(ctx.device.type):
-            ctx = ctx.to(torch.get_autocast_dtype(ctx.device.type))
         first = cast(CrossAttentionBlock, self.blocks[0])
         plan = backend.plan_for(
             x,
@@ -468,6 +480,27 @@ class CrossMAEDecoder(_QueryEmbeddings):
                 dropout_p=first.self_attn.attn_drop if self.training else 0.0,
                 fused=first.self_attn.fused_attn,
             )
+        if (
+            reuse is not None
+            and self.wfm is None
+            and reuse.context.ndim == 3
+            and reuse.context.shape[-1] == raw.shape[-1]
+            and (reuse.context_padding_mask is None) == (cpad is None)
+            and reuse.plan == (plan.reordered() if cpad is not None and plan.reorder else plan)
+        ):
+            return DecoderState(
+                x, reuse.context, reuse.context_padding_mask, qpad, reuse.plan, query_plan
+            )
+        if cpad is not None:
+            # Zeroed once, before the WFM mix and the per-layer norms: padded slots then stay
+            # finite in every layer's context, and a NaN stored there gets a zero gradient
+            # (zeroing after the norms would leave their backward 0 · NaN).
+            raw = raw.masked_fill(cpad[..., None], 0.0)
+        ctx = self.contexts(raw)
+        # Under autocast every layer's kv projection would cast the (float32) context again:
+        # cast it once here instead.
+        if torch.is_autocast_enabled(ctx.device.type):
+            ctx = ctx.to(torch.get_autocast_dtype(ctx.device.type))
         if cpad is not None and plan.reorder:
             # Key order is irrelevant to attention: move padding to the end of every row
             # once, so the packed CUDA path needs no per-layer reordering copy.

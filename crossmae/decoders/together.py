@@ -19,12 +19,16 @@ from collections.abc import Sequence
 from typing import Optional, cast
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import _varlen
+from ..layers import _stacked, _varlen
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
+from ..layers.drop import DropPath
+from ..layers.mlp import Mlp
 from .cross import CrossMAEDecoder, DecoderState
 
 __all__ = ["decode_together"]
@@ -180,11 +184,17 @@ def decode_together(
             dec(context, ids, context_padding_mask=context_padding_mask, query_padding_mask=qp)
             for dec, ids, qp in zip(decoders, ids_predict, qpads)
         ]
-    states = []
+    states: list[DecoderState] = []
     for i, (dec, ids, qp) in enumerate(zip(decoders, ids_predict, qpads)):
         try:
-            st = dec.prepare(
-                context, ids, context_padding_mask=context_padding_mask, query_padding_mask=qp
+            # the first decoder's prepared context serves every decoder that would
+            # compute the same one (no feature-map mix, the same plan): computed once
+            st = dec._prepare(
+                context,
+                ids,
+                context_padding_mask=context_padding_mask,
+                query_padding_mask=qp,
+                reuse=states[0] if states else None,
             )
         except (TypeError, ValueError) as e:
             raise type(e)(f"decoders[{i}]: {e}") from e
@@ -196,22 +206,33 @@ def decode_together(
 
 def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]) -> list[Tensor]:
     """Every layer: each decoder's steps before the cross-attention and its projections,
-    one packed kernel call for all, then each decoder's projection, residual and MLP."""
+    one packed kernel call for all, then each decoder's projection, residual and MLP.
+    Decoders of one shape (`_stack_key`) run those steps stacked, as one batched op each."""
     cpad = states[0].context_padding_mask
     assert cpad is not None  # _shares_kernel
     # Every decoder reordered the same mask with the same stable permutation: one mask.
     key_lengths = (~cpad).sum(dim=1)
     empty = (key_lengths == 0)[:, None, None]  # [b 1 1]: samples with no real key
-    # one layout for every layer: the boundaries are computed once
-    counts = [st.queries.shape[1] for st in states]
+    runs = [_StackedRun(decoders, states, grp) for grp in _stack_groups(decoders, states)]
+    stacked = {i for run in runs for i in run.index}
+    singles = [i for i in range(len(decoders)) if i not in stacked]
+    # one layout for every layer, the boundaries computed once; a run's decoders are
+    # consecutive calls, so its outputs are one view of the packed result
+    order = [i for run in runs for i in run.index] + singles
+    counts = [states[i].queries.shape[1] for i in order]
     # a decoder with no real query in a sample (a modality it lacks) skips that sample's keys
-    qpads = [st.query_padding_mask for st in states]
+    qpads = [states[i].query_padding_mask for i in order]
     segments = _varlen.together_segments(counts, cpad.shape[1], key_lengths, query_padding=qpads)
-    xs = [st.queries for st in states]
+    xs = {i: states[i].queries for i in singles}
     for j in range(len(decoders[0].blocks)):
-        blocks = [cast(CrossAttentionBlock, dec.blocks[j]) for dec in decoders]
         qs, ks, vs = [], [], []
-        for i, (blk, st) in enumerate(zip(blocks, states)):
+        for run in runs:
+            run_q, run_k, run_v = run.before(j)
+            qs += run_q
+            ks += run_k
+            vs += run_v
+        for i in singles:
+            blk, st = cast(CrossAttentionBlock, decoders[i].blocks[j]), states[i]
             ca = blk.cross_attn
             before = getattr(blk, STEPS_ATTR, (before_step, after_step))[0]
             ctx = st.context[j] if st.context.ndim == 4 else st.context
@@ -220,9 +241,229 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
             kv = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim))  # [b m 2 h d]
             ks.append(kv[:, :, 0])
             vs.append(kv[:, :, 1])
-        outs = _varlen.varlen_together(qs, ks, vs, key_lengths, segments=segments)
-        for i, (blk, out) in enumerate(zip(blocks, outs)):
+        out = _varlen.together_packed(qs, ks, vs, key_lengths, segments=segments)
+        off = 0
+        for run in runs:
+            off = run.after(j, out, off, empty)
+        for i in singles:
+            blk = cast(CrossAttentionBlock, decoders[i].blocks[j])
             after = getattr(blk, STEPS_ATTR, (before_step, after_step))[1]
-            attended = out.flatten(-2).masked_fill(empty, 0.0)  # [b p (h d)]
+            b, p = xs[i].shape[:2]
+            attended = out[off : off + b * p].view(b, p, out.shape[1] * out.shape[2])
+            attended = attended.masked_fill(empty, 0.0)
+            off += b * p
             xs[i] = after(blk, xs[i], attended)
-    return [dec.predict(x) for dec, x in zip(decoders, xs)]
+    for run in runs:
+        for i, x in zip(run.index, run.x.unbind(0)):
+            xs[i] = x
+    return [dec.predict(xs[i]) for i, dec in enumerate(decoders)]
+
+
+# ----------------------------------------------------------------------------- stacked runs
+
+_DROPS = (nn.Identity, nn.Dropout, DropPath)
+
+
+def _inert(mod: nn.Module) -> bool:
+    """A stock identity: ``nn.Identity``, or a dropout / drop path in eval mode."""
+    return type(mod) is nn.Identity or (type(mod) in _DROPS and not mod.training)
+
+
+def _any_hooks(mod: nn.Module) -> bool:
+    """Forward or backward hooks on ``mod`` or any submodule (a stacked run calls none of
+    their ``forward`` s, so it would bypass them)."""
+    for m in mod.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            return True
+        if m._backward_pre_hooks:
+            return True
+    return False
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (``register_module_forward_hook`` ...)."""
+    g = nn.modules.module
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(bool(getattr(g, n, None)) for n in names)
+
+
+def _norm_key(norm: nn.Module) -> Optional[tuple[object, ...]]:
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return None
+    return ("ln", norm.eps, norm.weight is None, norm.bias is None)
+
+
+def _block_key(blk: nn.Module) -> Optional[tuple[object, ...]]:
+    """What two blocks must share to run stacked, or None when ``blk`` cannot: crossmae's
+    own block, attention, MLP, norms and linears (no subclass, no self-attention), dropout
+    and drop path inert, no compiled lockstep steps."""
+    if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
+        return None
+    ca, mlp = blk.cross_attn, blk.mlp
+    if blk.has_self_attn or type(ca) is not CrossAttention or type(mlp) is not Mlp:
+        return None
+    if type(mlp.act) is not nn.GELU:
+        return None
+    linears = (ca.q, ca.kv, ca.proj, mlp.fc1, mlp.fc2)
+    if any(type(lin) is not nn.Linear for lin in linears):
+        return None
+    drops = (blk.drop_path1, blk.drop_path2, ca.proj_drop, mlp.drop1, mlp.drop2)
+    if not all(_inert(d) for d in drops):
+        return None
+    n1, n2 = _norm_key(blk.norm1), _norm_key(blk.norm2)
+    if n1 is None or n2 is None:
+        return None
+    params = [t for t in blk.parameters()]
+    if any(type(t) not in (nn.Parameter, Tensor) for t in params):
+        return None  # tensor subclasses (sharded, quantized) keep their own kernels
+    dtypes = {(t.dtype, t.device) for t in params}
+    if len(dtypes) != 1:
+        return None
+    shapes = tuple((*lin.weight.shape, lin.bias is None) for lin in linears)
+    return (n1, n2, mlp.act.approximate, shapes, ca.num_heads, dtypes.pop())
+
+
+def _stack_key(dec: CrossMAEDecoder, st: DecoderState) -> Optional[tuple[object, ...]]:
+    """Decoders with equal keys run their blocks stacked: the same block structure layer
+    by layer, the same number of queries, and one shared context tensor (or none shared)."""
+    keys = [_block_key(blk) for blk in dec.blocks]
+    if any(k is None for k in keys) or _any_hooks(dec.blocks):
+        return None
+    shared = id(st.context) if st.context.ndim == 3 else None
+    return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared)
+
+
+def _stack_groups(
+    decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]
+) -> list[list[int]]:
+    """Indices of the decoders that run stacked, grouped by `_stack_key` (two or more per
+    group). None in eager mode under hooks for every module, or while compiling (compiled
+    kernels fuse the per-decoder ops already; the captured graph keeps its shape)."""
+    if torch.compiler.is_compiling() or _global_hooks():
+        return []
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (dec, st) in enumerate(zip(decoders, states)):
+        key = _stack_key(dec, st)
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return [grp for grp in groups.values() if len(grp) > 1]
+
+
+class _StackedRun:
+    """Decoders of one `_stack_key` decoded as one: queries ``[g, b, p, c]``, every block's
+    parameters stacked once per forward (`crossmae.layers._stacked`), one batched op per
+    step of the block, and the decoders' kv projections as one GEMM over their shared
+    context (where they share one)."""
+
+    _NAMES = (
+        "norm1.weight", "norm1.bias", "cross_attn.q.weight", "cross_attn.q.bias",
+        "cross_attn.kv.weight", "cross_attn.kv.bias", "cross_attn.proj.weight",
+        "cross_attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight",
+        "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+    )  # fmt: skip
+
+    def __init__(
+        self, decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState], index: list[int]
+    ) -> None:
+        self.index = index
+        self.decoders = [decoders[i] for i in index]
+        self.states = [states[i] for i in index]
+        first = self.states[0]
+        self.g = len(index)
+        self.b, self.p, self.c = first.queries.shape
+        self.x = torch.stack([st.queries for st in self.states])  # [g b p c]
+        pads = [st.query_padding_mask for st in self.states]
+        self.qpad: Optional[Tensor] = None
+        if any(q is not None for q in pads):
+            none = torch.zeros_like(next(q for q in pads if q is not None))
+            self.qpad = torch.stack([none if q is None else q for q in pads])[..., None]
+        self.shared = first.context.ndim == 3  # one context object for all (`_stack_key`)
+        # every present parameter of every layer, stacked in one multi-tensor copy
+        wanted: list[tuple[int, str]] = []
+        groups: list[list[Tensor]] = []
+        for j in range(len(self.decoders[0].blocks)):
+            for name in self._NAMES:
+                if _has(self.decoders[0].blocks[j], name):
+                    wanted.append((j, name))
+                    groups.append([dec.blocks[j].get_parameter(name) for dec in self.decoders])
+        self.params = dict(zip(wanted, _stacked.stack_params(groups)))
+        blk = cast(CrossAttentionBlock, self.decoders[0].blocks[0])
+        self.heads, self.head_dim = blk.cross_attn.num_heads, blk.cross_attn.head_dim
+
+    def _p(self, j: int, name: str) -> Optional[Tensor]:
+        return self.params.get((j, name))
+
+    def before(self, j: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Layer ``j`` up to the shared kernel call: every decoder's ``q [b p h d]`` and
+        ``k, v [b m h d]``."""
+        blk = cast(CrossAttentionBlock, self.decoders[0].blocks[j])
+        g, b, p, c = self.g, self.b, self.p, self.c
+        if self.qpad is not None:
+            self.x = self.x.masked_fill(self.qpad, 0.0)
+        h = _stacked.layer_norm(
+            self.x.view(g, b * p, c), self._p(j, "norm1.weight"), self._p(j, "norm1.bias"),
+            cast(nn.LayerNorm, blk.norm1).eps,
+        )  # fmt: skip
+        q = _stacked.linear(h, self._w(j, "cross_attn.q"), self._p(j, "cross_attn.q.bias"))
+        qs = list(q.view(g, b, p, self.heads, self.head_dim).unbind(0))
+        if self.shared:
+            ctx = self.states[0].context
+            w = self._w(j, "cross_attn.kv")
+            bias = self._p(j, "cross_attn.kv.bias")
+            kv = F.linear(ctx, w.flatten(0, 1), None if bias is None else bias.flatten())
+            kv = kv.view(*kv.shape[:-1], g, 2, self.heads, self.head_dim)  # [b m g 2 h d]
+            ks = [kv[:, :, i, 0] for i in range(g)]
+            vs = [kv[:, :, i, 1] for i in range(g)]
+        else:
+            ks, vs = [], []
+            for i, st in enumerate(self.states):
+                ctx = st.context[j] if st.context.ndim == 4 else st.context
+                kv_i = F.linear(
+                    ctx, self._w(j, "cross_attn.kv")[i], _at(self._p(j, "cross_attn.kv.bias"), i)
+                )
+                kv_i = kv_i.view(*kv_i.shape[:-1], 2, self.heads, self.head_dim)
+                ks.append(kv_i[:, :, 0])
+                vs.append(kv_i[:, :, 1])
+        return qs, ks, vs
+
+    def _w(self, j: int, prefix: str) -> Tensor:
+        w = self._p(j, prefix + ".weight")
+        assert w is not None
+        return w
+
+    def after(self, j: int, out: Tensor, off: int, empty: Tensor) -> int:
+        """Layer ``j`` after the shared call: ``out`` the packed kernel output, this run's
+        rows from ``off``; returns the offset after them."""
+        blk = cast(CrossAttentionBlock, self.decoders[0].blocks[j])
+        g, b, p, c = self.g, self.b, self.p, self.c
+        rows = g * b * p
+        attended = out[off : off + rows].view(g, b, p, c).masked_fill(empty, 0.0)
+        y = _stacked.linear(
+            attended.view(g, b * p, c), self._w(j, "cross_attn.proj"),
+            self._p(j, "cross_attn.proj.bias"),
+        )  # fmt: skip
+        x = self.x + y.view(g, b, p, c)
+        h = _stacked.layer_norm(
+            x.view(g, b * p, c), self._p(j, "norm2.weight"), self._p(j, "norm2.bias"),
+            cast(nn.LayerNorm, blk.norm2).eps,
+        )  # fmt: skip
+        h = _stacked.linear(h, self._w(j, "mlp.fc1"), self._p(j, "mlp.fc1.bias"))
+        h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
+        h = _stacked.linear(h, self._w(j, "mlp.fc2"), self._p(j, "mlp.fc2.bias"))
+        self.x = x + h.view(g, b, p, c)
+        return off + rows
+
+
+def _has(mod: nn.Module, name: str) -> bool:
+    """Whether ``mod`` has a parameter (not None) at the dotted ``name``."""
+    owner, _, leaf = name.rpartition(".")
+    return mod.get_submodule(owner)._parameters.get(leaf) is not None
+
+
+def _at(t: Optional[Tensor], i: int) -> Optional[Tensor]:
+    return None if t is None else t[i]

@@ -82,6 +82,63 @@ def test_lockstep_equals_each_decoder(dtype: torch.dtype, monkeypatch: pytest.Mo
     assert x.grad[:, pad].abs().max() == 0  # padded keys get no gradient
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("wfm", [False, True], ids=["shared-context", "wfm"])
+def test_stacked_lockstep_equals_each_decoder(dtype: torch.dtype, wfm: bool) -> None:
+    """Decoders of one query count run stacked (batched GEMMs, one stacked parameter copy,
+    the shared context's kv projections as one GEMM): outputs and parameter gradients
+    equal each decoder alone on the real kernel, in bf16 and fp16 autocast."""
+    if DEVICE != "cuda" or not _varlen.varlen_available():
+        pytest.skip("the packed kernel runs on CUDA only")
+    from crossmae.decoders import together
+
+    torch.manual_seed(0)
+    counts = (40, 40, 23, 23, 40)
+    decs = [
+        cm.CrossMAEDecoder(E, DIM, 2, HEADS, out_dim=3 + i, num_tokens=200,
+                           num_feature_maps=2 if wfm else None).to(DEVICE).eval()
+        for i in range(len(counts))
+    ]  # fmt: skip
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    b = len(LENGTHS)
+    pad = scattered_padding(LENGTHS, M, 1)
+    ctx = torch.randn(*((2,) if wfm else ()), b, M, E, device=DEVICE, generator=g)
+    ids = [torch.randint(0, 200, (b, p), device=DEVICE, generator=g) for p in counts]
+    qpads = [torch.rand(b, p, device=DEVICE, generator=g) < 0.2 for p in counts]
+    seen: list[list[list[int]]] = []
+    real = together._stack_groups
+
+    def spy(*a: Any) -> list[list[int]]:
+        seen.append(real(*a))
+        return seen[-1]
+
+    def run(fn: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.autocast(DEV_TYPE, dtype=dtype):
+            outs = fn()
+        loss = sum(o.float()[~q].square().mean() for o, q in zip(outs, qpads))
+        grads = []
+        for d in decs:  # one flat gradient per decoder (a k bias' true gradient is 0)
+            gs = torch.autograd.grad(loss, list(d.parameters()), retain_graph=True)  # type: ignore[arg-type]
+            grads.append(torch.cat([x.flatten() for x in gs]))
+        return outs, grads
+
+    alone = run(lambda: [
+        d(ctx, i, context_padding_mask=pad, query_padding_mask=q)
+        for d, i, q in zip(decs, ids, qpads)
+    ])  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(together, "_stack_groups", spy)
+        got = run(lambda: cm.decode_together(
+            decs, ctx, ids, context_padding_mask=pad, query_padding_masks=qpads))  # fmt: skip
+    assert sorted(seen[-1]) == [[0, 1, 4], [2, 3]]
+    for o, a, q in zip(got[0], alone[0], qpads):
+        assert torch.isfinite(o).all()
+        assert rel_err(o[~q], a[~q]) < FWD_TOL[dtype]
+    for gr, ar in zip(got[1], alone[1]):
+        assert torch.isfinite(gr).all()
+        assert rel_err(gr, ar) < GRAD_TOL[dtype]
+
+
 def test_lockstep_compiles_in_one_graph() -> None:
     if DEVICE != "cuda" or not _varlen.varlen_available():
         pytest.skip("the packed kernel runs on CUDA only")

@@ -1,0 +1,80 @@
+"""Structurally identical modules run as one batched computation (private).
+
+Legend: ``g`` modules stacked, ``r`` rows (tokens of all samples), ``c`` input width,
+``o`` output width.
+
+Several copies of one architecture with their own parameters (e.g. the per-modality
+decoders of a multimodal model, decoded in lockstep) launch one kernel per op per copy in
+eager mode, where the host issuing the kernels is the bound. Stacked, the copies' tokens
+are one ``[g, r, c]`` tensor, their parameters stacked along ``g`` (one multi-tensor copy
+for all of them, `stack_params`), and every op runs once for all copies: layer norms as
+one normalization and one affine, linears as one batched GEMM. The arithmetic per copy is
+the same up to rounding (a batched GEMM instead of ``g`` GEMMs, a layer norm's affine as
+its own op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+class _StackParams(torch.autograd.Function):
+    """``K`` groups of ``g`` same-shaped tensors → ``K`` tensors ``[g, ...]``: one
+    multi-tensor copy forward; the backward hands every input its slice of the stacked
+    gradient (a view: no kernel, made contiguous where the gradient is not)."""
+
+    @staticmethod
+    def forward(ctx: Any, g: int, *flat: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.g = g
+        firsts = flat[::g]
+        numels = [t.numel() * g for t in firsts]
+        buf = torch.empty(sum(numels), dtype=flat[0].dtype, device=flat[0].device)
+        outs = [v.view(g, *t.shape) for v, t in zip(torch.split(buf, numels), firsts)]
+        torch._foreach_copy_([o[i] for o in outs for i in range(g)], list(flat))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        g = ctx.g
+        out: list[Optional[Tensor]] = [None]
+        for grad in grads:
+            if grad is None:
+                out.extend([None] * g)
+            else:
+                out.extend(grad.contiguous().unbind(0))
+        return tuple(out)
+
+
+def stack_params(groups: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """``groups[k]``: ``g`` tensors of one shape (one per module) → ``[g, *shape]`` each,
+    differentiable. Every tensor must share one dtype and device (callers check)."""
+    g = len(groups[0])
+    flat = [t for grp in groups for t in grp]
+    return list(_StackParams.apply(g, *flat))  # type: ignore[no-untyped-call]
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """Per-module layer norms of ``x [g, r, c]``: one normalization over ``c``, then every
+    module's affine (``weight``/``bias`` ``[g, c]`` or None) in one op."""
+    h = F.layer_norm(x, x.shape[-1:], None, None, eps)
+    if weight is None:
+        return h if bias is None else h + bias[:, None]
+    if bias is None:
+        return h * weight[:, None]
+    return torch.addcmul(bias[:, None], h, weight[:, None])
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Per-module linears of ``x [g, r, c]`` with ``weight [g, o, c]``, ``bias [g, o]`` or
+    None: one batched GEMM → ``[g, r, o]``."""
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
