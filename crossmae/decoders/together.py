@@ -127,6 +127,17 @@ def decode_together(
     the decoders simply run one after the other. Blocks compiled by `compile_blocks` keep
     lockstep: it compiles their lockstep steps too (shared by every block of one shape).
 
+    In lockstep, decoders of one shape (the same stock blocks layer by layer: widths,
+    heads, norms, GELU, biases; no self-attention; dropout and drop path inert; the same
+    number of queries) also run **stacked** in eager mode: their parameters are stacked by
+    one multi-tensor copy per forward, and every step of a block is one batched op for all
+    of them (layer norms, batched GEMMs, residuals) instead of one op per decoder. Without
+    feature-map mixing they share one prepared context and its kv projections are one
+    GEMM. The arithmetic per decoder is the same up to rounding; gradients reach every
+    decoder's own parameters. A hook on any module of a decoder's blocks, a hook
+    registered for every module, or compilation (which fuses those ops already) keeps the
+    per-decoder steps.
+
     While training with ``drop``/``drop_path`` (attention dropout rules the packed kernel
     out), a lockstep run draws the same random masks in another order (layer by layer
     instead of decoder by decoder): the same distribution, not the same numbers as the
