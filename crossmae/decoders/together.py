@@ -224,7 +224,7 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
     # Every decoder reordered the same mask with the same stable permutation: one mask.
     key_lengths = (~cpad).sum(dim=1)
     empty = (key_lengths == 0)[:, None, None]  # [b 1 1]: samples with no real key
-    runs = [_StackedRun(decoders, states, grp) for grp in _stack_groups(decoders, states)]
+    runs = [_StackedRun(decoders, states, *grp) for grp in _stack_groups(decoders, states)]
     stacked = {i for run in runs for i in run.index}
     singles = [i for i in range(len(decoders)) if i not in stacked]
     # one layout for every layer, the boundaries computed once; a run's decoders are
@@ -280,17 +280,6 @@ def _inert(mod: nn.Module) -> bool:
     return type(mod) is nn.Identity or (type(mod) in _DROPS and not mod.training)
 
 
-def _any_hooks(mod: nn.Module) -> bool:
-    """Forward or backward hooks on ``mod`` or any submodule (a stacked run calls none of
-    their ``forward`` s, so it would bypass them)."""
-    for m in mod.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            return True
-        if m._backward_pre_hooks:
-            return True
-    return False
-
-
 def _global_hooks() -> bool:
     """Module hooks registered for every module (``register_module_forward_hook`` ...)."""
     g = nn.modules.module
@@ -303,66 +292,115 @@ def _global_hooks() -> bool:
     return any(bool(getattr(g, n, None)) for n in names)
 
 
-def _norm_key(norm: nn.Module) -> Optional[tuple[object, ...]]:
+def _norm_key(norm: Optional[nn.Module]) -> Optional[tuple[object, ...]]:
     if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
         return None
     return ("ln", norm.eps, norm.weight is None, norm.bias is None)
 
 
-def _block_key(blk: nn.Module) -> Optional[tuple[object, ...]]:
-    """What two blocks must share to run stacked, or None when ``blk`` cannot: crossmae's
-    own block, attention, MLP, norms and linears (no subclass, no self-attention), dropout
-    and drop path inert, no compiled lockstep steps."""
+def _hooked_module(mod: nn.Module) -> bool:
+    """Forward or backward hooks on ``mod`` (a stacked run calls no module's ``forward``,
+    so it would bypass them)."""
+    return bool(
+        mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+        or mod._backward_pre_hooks
+    )  # fmt: skip
+
+
+#: Order of a block's parameters in a stacked run (None where a part has no bias etc.).
+_SLOTS = ("norm1.weight", "norm1.bias", "q.weight", "q.bias", "kv.weight", "kv.bias",
+          "proj.weight", "proj.bias", "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias",
+          "fc2.weight", "fc2.bias")  # fmt: skip
+_SLOT = {name: i for i, name in enumerate(_SLOTS)}
+
+Params = list[Optional[Tensor]]
+
+
+def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
+    """``(key, parameters in _SLOTS order)``: what two blocks must share to run stacked,
+    or None when ``blk`` cannot: crossmae's own block, attention, MLP, norms and linears
+    (no subclass, no self-attention), dropout and drop path inert, no hook on any of its
+    modules, no compiled lockstep steps, plain tensors of one dtype and device.
+
+    Runs once per block and forward, so submodules are read from ``_modules`` directly
+    (``nn.Module.__getattr__`` would cost most of the time)."""
     if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
         return None
-    ca, mlp = blk.cross_attn, blk.mlp
-    if blk.has_self_attn or type(ca) is not CrossAttention or type(mlp) is not Mlp:
+    if blk.has_self_attn or _hooked_module(blk):
         return None
-    if type(mlp.act) is not nn.GELU:
+    sub = blk._modules
+    ca, mlp, norm1, norm2 = sub["cross_attn"], sub["mlp"], sub["norm1"], sub["norm2"]
+    if type(ca) is not CrossAttention or type(mlp) is not Mlp or ca is None or mlp is None:
         return None
-    linears = (ca.q, ca.kv, ca.proj, mlp.fc1, mlp.fc2)
-    if any(type(lin) is not nn.Linear for lin in linears):
+    a, m = ca._modules, mlp._modules
+    act = m["act"]
+    if type(act) is not nn.GELU or _hooked_module(ca) or _hooked_module(mlp):
         return None
-    drops = (blk.drop_path1, blk.drop_path2, ca.proj_drop, mlp.drop1, mlp.drop2)
-    if not all(_inert(d) for d in drops):
+    linears = (a["q"], a["kv"], a["proj"], m["fc1"], m["fc2"])
+    drops = (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"])
+    n1, n2 = _norm_key(norm1), _norm_key(norm2)
+    if n1 is None or n2 is None or _hooked_module(act):
         return None
-    n1, n2 = _norm_key(blk.norm1), _norm_key(blk.norm2)
-    if n1 is None or n2 is None:
+    params: Params = []
+    kinds = set()
+    for part in (norm1, linears[0], linears[1], linears[2], norm2, linears[3], linears[4]):
+        if part is None or _hooked_module(part):
+            return None
+        if part in linears and type(part) is not nn.Linear:
+            return None
+        for t in (part._parameters.get("weight"), part._parameters.get("bias")):
+            params.append(t)
+            if t is not None:
+                if type(t) is not nn.Parameter and type(t) is not Tensor:
+                    return None  # tensor subclasses (sharded, quantized) keep their kernels
+                kinds.add((t.dtype, t.device))
+    for d in drops:
+        if d is None or not _inert(d) or _hooked_module(d):
+            return None
+    if len(kinds) != 1:
         return None
-    params = [t for t in blk.parameters()]
-    if any(type(t) not in (nn.Parameter, Tensor) for t in params):
-        return None  # tensor subclasses (sharded, quantized) keep their own kernels
-    dtypes = {(t.dtype, t.device) for t in params}
-    if len(dtypes) != 1:
-        return None
-    shapes = tuple((*lin.weight.shape, lin.bias is None) for lin in linears)
-    return (n1, n2, mlp.act.approximate, shapes, ca.num_heads, dtypes.pop())
+    shapes = tuple(
+        (*cast(Tensor, params[k]).shape, params[k + 1] is None) for k in (2, 4, 6, 10, 12)
+    )
+    return (n1, n2, act.approximate, shapes, ca.num_heads, kinds.pop()), params
 
 
-def _stack_key(dec: CrossMAEDecoder, st: DecoderState) -> Optional[tuple[object, ...]]:
-    """Decoders with equal keys run their blocks stacked: the same block structure layer
-    by layer, the same number of queries, and one shared context tensor (or none shared)."""
-    keys = [_block_key(blk) for blk in dec.blocks]
-    if any(k is None for k in keys) or _any_hooks(dec.blocks):
+def _stack_parts(
+    dec: CrossMAEDecoder, st: DecoderState
+) -> Optional[tuple[tuple[object, ...], list[Params]]]:
+    """``(key, per-block parameters)``; decoders with equal keys run their blocks stacked:
+    the same block structure layer by layer, the same number of queries, and one shared
+    context tensor (or none shared)."""
+    keys, params = [], []
+    for blk in dec.blocks:
+        parts = _block_parts(blk)
+        if parts is None:
+            return None
+        keys.append(parts[0])
+        params.append(parts[1])
+    if _hooked_module(dec.blocks):
         return None
     shared = id(st.context) if st.context.ndim == 3 else None
-    return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared)
+    return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared), params
 
 
 def _stack_groups(
     decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]
-) -> list[list[int]]:
-    """Indices of the decoders that run stacked, grouped by `_stack_key` (two or more per
-    group). None in eager mode under hooks for every module, or while compiling (compiled
-    kernels fuse the per-decoder ops already; the captured graph keeps its shape)."""
+) -> list[tuple[list[int], list[list[Params]]]]:
+    """The decoders that run stacked, grouped by `_stack_parts` key (two or more per
+    group), with their parameters. None in eager mode under hooks for every module, or
+    while compiling (compiled kernels fuse the per-decoder ops already; the captured graph
+    keeps its shape)."""
     if torch.compiler.is_compiling() or _global_hooks():
         return []
-    groups: dict[tuple[object, ...], list[int]] = {}
+    groups: dict[tuple[object, ...], tuple[list[int], list[list[Params]]]] = {}
     for i, (dec, st) in enumerate(zip(decoders, states)):
-        key = _stack_key(dec, st)
-        if key is not None:
-            groups.setdefault(key, []).append(i)
-    return [grp for grp in groups.values() if len(grp) > 1]
+        parts = _stack_parts(dec, st)
+        if parts is not None:
+            grp = groups.setdefault(parts[0], ([], []))
+            grp[0].append(i)
+            grp[1].append(parts[1])
+    return [grp for grp in groups.values() if len(grp[0]) > 1]
 
 
 class _StackedRun:
@@ -371,15 +409,12 @@ class _StackedRun:
     step of the block, and the decoders' kv projections as one GEMM over their shared
     context (where they share one)."""
 
-    _NAMES = (
-        "norm1.weight", "norm1.bias", "cross_attn.q.weight", "cross_attn.q.bias",
-        "cross_attn.kv.weight", "cross_attn.kv.bias", "cross_attn.proj.weight",
-        "cross_attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight",
-        "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-    )  # fmt: skip
-
     def __init__(
-        self, decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState], index: list[int]
+        self,
+        decoders: Sequence[CrossMAEDecoder],
+        states: Sequence[DecoderState],
+        index: list[int],
+        params: list[list[Params]],
     ) -> None:
         self.index = index
         self.decoders = [decoders[i] for i in index]
@@ -393,21 +428,21 @@ class _StackedRun:
         if any(q is not None for q in pads):
             none = torch.zeros_like(next(q for q in pads if q is not None))
             self.qpad = torch.stack([none if q is None else q for q in pads])[..., None]
-        self.shared = first.context.ndim == 3  # one context object for all (`_stack_key`)
+        self.shared = first.context.ndim == 3  # one context object for all (`_stack_parts`)
         # every present parameter of every layer, stacked in one multi-tensor copy
-        wanted: list[tuple[int, str]] = []
-        groups: list[list[Tensor]] = []
-        for j in range(len(self.decoders[0].blocks)):
-            for name in self._NAMES:
-                if _has(self.decoders[0].blocks[j], name):
-                    wanted.append((j, name))
-                    groups.append([dec.blocks[j].get_parameter(name) for dec in self.decoders])
-        self.params = dict(zip(wanted, _stacked.stack_params(groups)))
+        depth, slots = len(params[0]), len(_SLOTS)
+        where = [(j, k) for j in range(depth) for k in range(slots) if params[0][j][k] is not None]
+        stacked = _stacked.stack_params(
+            [[cast(Tensor, ps[j][k]) for ps in params] for j, k in where]
+        )
+        self.params: list[Params] = [[None] * slots for _ in range(depth)]
+        for (j, k), t in zip(where, stacked):
+            self.params[j][k] = t
         blk = cast(CrossAttentionBlock, self.decoders[0].blocks[0])
         self.heads, self.head_dim = blk.cross_attn.num_heads, blk.cross_attn.head_dim
 
     def _p(self, j: int, name: str) -> Optional[Tensor]:
-        return self.params.get((j, name))
+        return self.params[j][_SLOT[name]]
 
     def before(self, j: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Layer ``j`` up to the shared kernel call: every decoder's ``q [b p h d]`` and
@@ -420,12 +455,12 @@ class _StackedRun:
             self.x.view(g, b * p, c), self._p(j, "norm1.weight"), self._p(j, "norm1.bias"),
             cast(nn.LayerNorm, blk.norm1).eps,
         )  # fmt: skip
-        q = _stacked.linear(h, self._w(j, "cross_attn.q"), self._p(j, "cross_attn.q.bias"))
+        q = _stacked.linear(h, self._w(j, "q"), self._p(j, "q.bias"))
         qs = list(q.view(g, b, p, self.heads, self.head_dim).unbind(0))
         if self.shared:
             ctx = self.states[0].context
-            w = self._w(j, "cross_attn.kv")
-            bias = self._p(j, "cross_attn.kv.bias")
+            w = self._w(j, "kv")
+            bias = self._p(j, "kv.bias")
             kv = F.linear(ctx, w.flatten(0, 1), None if bias is None else bias.flatten())
             kv = kv.view(*kv.shape[:-1], g, 2, self.heads, self.head_dim)  # [b m g 2 h d]
             ks = [kv[:, :, i, 0] for i in range(g)]
@@ -434,18 +469,14 @@ class _StackedRun:
             ks, vs = [], []
             for i, st in enumerate(self.states):
                 ctx = st.context[j] if st.context.ndim == 4 else st.context
-                kv_i = F.linear(
-                    ctx, self._w(j, "cross_attn.kv")[i], _at(self._p(j, "cross_attn.kv.bias"), i)
-                )
+                kv_i = F.linear(ctx, self._w(j, "kv")[i], _at(self._p(j, "kv.bias"), i))
                 kv_i = kv_i.view(*kv_i.shape[:-1], 2, self.heads, self.head_dim)
                 ks.append(kv_i[:, :, 0])
                 vs.append(kv_i[:, :, 1])
         return qs, ks, vs
 
     def _w(self, j: int, prefix: str) -> Tensor:
-        w = self._p(j, prefix + ".weight")
-        assert w is not None
-        return w
+        return cast(Tensor, self._p(j, prefix + ".weight"))
 
     def after(self, j: int, out: Tensor, off: int, empty: Tensor) -> int:
         """Layer ``j`` after the shared call: ``out`` the packed kernel output, this run's
@@ -455,25 +486,19 @@ class _StackedRun:
         rows = g * b * p
         attended = out[off : off + rows].view(g, b, p, c).masked_fill(empty, 0.0)
         y = _stacked.linear(
-            attended.view(g, b * p, c), self._w(j, "cross_attn.proj"),
-            self._p(j, "cross_attn.proj.bias"),
+            attended.view(g, b * p, c), self._w(j, "proj"),
+            self._p(j, "proj.bias"),
         )  # fmt: skip
         x = self.x + y.view(g, b, p, c)
         h = _stacked.layer_norm(
             x.view(g, b * p, c), self._p(j, "norm2.weight"), self._p(j, "norm2.bias"),
             cast(nn.LayerNorm, blk.norm2).eps,
         )  # fmt: skip
-        h = _stacked.linear(h, self._w(j, "mlp.fc1"), self._p(j, "mlp.fc1.bias"))
+        h = _stacked.linear(h, self._w(j, "fc1"), self._p(j, "fc1.bias"))
         h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
-        h = _stacked.linear(h, self._w(j, "mlp.fc2"), self._p(j, "mlp.fc2.bias"))
+        h = _stacked.linear(h, self._w(j, "fc2"), self._p(j, "fc2.bias"))
         self.x = x + h.view(g, b, p, c)
         return off + rows
-
-
-def _has(mod: nn.Module, name: str) -> bool:
-    """Whether ``mod`` has a parameter (not None) at the dotted ``name``."""
-    owner, _, leaf = name.rpartition(".")
-    return mod.get_submodule(owner)._parameters.get(leaf) is not None
 
 
 def _at(t: Optional[Tensor], i: int) -> Optional[Tensor]:

@@ -38,7 +38,7 @@ class _StackParams(torch.autograd.Function):
         numels = [t.numel() * g for t in firsts]
         buf = torch.empty(sum(numels), dtype=flat[0].dtype, device=flat[0].device)
         outs = [v.view(g, *t.shape) for v, t in zip(torch.split(buf, numels), firsts)]
-        torch._foreach_copy_([o[i] for o in outs for i in range(g)], list(flat))
+        torch._foreach_copy_([v for o in outs for v in o.unbind(0)], list(flat))
         return tuple(outs)
 
     @staticmethod
