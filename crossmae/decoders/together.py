@@ -27,7 +27,6 @@ from ..layers import _stacked, _varlen
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
-from ..layers.drop import DropPath
 from ..layers.mlp import Mlp
 from .cross import CrossMAEDecoder, DecoderState
 
@@ -272,97 +271,42 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
 
 # ----------------------------------------------------------------------------- stacked runs
 
-_DROPS = (nn.Identity, nn.Dropout, DropPath)
-
-
-def _inert(mod: nn.Module) -> bool:
-    """A stock identity: ``nn.Identity``, or a dropout / drop path in eval mode."""
-    return type(mod) is nn.Identity or (type(mod) in _DROPS and not mod.training)
-
-
-def _global_hooks() -> bool:
-    """Module hooks registered for every module (``register_module_forward_hook`` ...)."""
-    g = nn.modules.module
-    names = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return any(bool(getattr(g, n, None)) for n in names)
-
-
-def _norm_key(norm: Optional[nn.Module]) -> Optional[tuple[object, ...]]:
-    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
-        return None
-    return ("ln", norm.eps, norm.weight is None, norm.bias is None)
-
-
-def _hooked_module(mod: nn.Module) -> bool:
-    """Forward or backward hooks on ``mod`` (a stacked run calls no module's ``forward``,
-    so it would bypass them)."""
-    return bool(
-        mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-        or mod._backward_pre_hooks
-    )  # fmt: skip
-
-
 #: Order of a block's parameters in a stacked run (None where a part has no bias etc.).
 _SLOTS = ("norm1.weight", "norm1.bias", "q.weight", "q.bias", "kv.weight", "kv.bias",
           "proj.weight", "proj.bias", "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias",
           "fc2.weight", "fc2.bias")  # fmt: skip
 _SLOT = {name: i for i, name in enumerate(_SLOTS)}
 
-Params = list[Optional[Tensor]]
+Params = _stacked.Params
 
 
 def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
-    """``(key, parameters in _SLOTS order)``: what two blocks must share to run stacked,
-    or None when ``blk`` cannot: crossmae's own block, attention, MLP, norms and linears
-    (no subclass, no self-attention), dropout and drop path inert, no hook on any of its
-    modules, no compiled lockstep steps, plain tensors of one dtype and device.
+    """``(key, parameters in _SLOTS order)``: what two blocks must share to run stacked
+    (`crossmae.layers._stacked.parts`), or None when ``blk`` cannot: crossmae's own block,
+    attention and MLP (no subclass, no self-attention, no hooks), no compiled lockstep
+    steps.
 
     Runs once per block and forward, so submodules are read from ``_modules`` directly
     (``nn.Module.__getattr__`` would cost most of the time)."""
     if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
         return None
-    if blk.has_self_attn or _hooked_module(blk):
+    if blk.has_self_attn or _stacked.hooked(blk):
         return None
     sub = blk._modules
-    ca, mlp, norm1, norm2 = sub["cross_attn"], sub["mlp"], sub["norm1"], sub["norm2"]
-    if type(ca) is not CrossAttention or type(mlp) is not Mlp or ca is None or mlp is None:
+    ca, mlp = sub["cross_attn"], sub["mlp"]
+    if type(ca) is not CrossAttention or type(mlp) is not Mlp:
+        return None
+    if _stacked.hooked(ca) or _stacked.hooked(mlp):
         return None
     a, m = ca._modules, mlp._modules
-    act = m["act"]
-    if type(act) is not nn.GELU or _hooked_module(ca) or _hooked_module(mlp):
-        return None
-    linears = (a["q"], a["kv"], a["proj"], m["fc1"], m["fc2"])
-    drops = (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"])
-    n1, n2 = _norm_key(norm1), _norm_key(norm2)
-    if n1 is None or n2 is None or _hooked_module(act):
-        return None
-    params: Params = []
-    kinds = set()
-    for part in (norm1, linears[0], linears[1], linears[2], norm2, linears[3], linears[4]):
-        if part is None or _hooked_module(part):
-            return None
-        if part in linears and type(part) is not nn.Linear:
-            return None
-        for t in (part._parameters.get("weight"), part._parameters.get("bias")):
-            params.append(t)
-            if t is not None:
-                if type(t) is not nn.Parameter and type(t) is not Tensor:
-                    return None  # tensor subclasses (sharded, quantized) keep their kernels
-                kinds.add((t.dtype, t.device))
-    for d in drops:
-        if d is None or not _inert(d) or _hooked_module(d):
-            return None
-    if len(kinds) != 1:
-        return None
-    shapes = tuple(
-        (*cast(Tensor, params[k]).shape, params[k + 1] is None) for k in (2, 4, 6, 10, 12)
+    out = _stacked.parts(
+        (sub["norm1"], a["q"], a["kv"], a["proj"], sub["norm2"], m["fc1"], m["fc2"]),
+        (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"]),
+        m["act"],
     )
-    return (n1, n2, act.approximate, shapes, ca.num_heads, kinds.pop()), params
+    if out is None:
+        return None
+    return (*out[0], ca.num_heads), out[1]
 
 
 def _stack_parts(
@@ -378,7 +322,7 @@ def _stack_parts(
             return None
         keys.append(parts[0])
         params.append(parts[1])
-    if _hooked_module(dec.blocks):
+    if _stacked.hooked(dec.blocks):
         return None
     shared = id(st.context) if st.context.ndim == 3 else None
     return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared), params
@@ -391,7 +335,7 @@ def _stack_groups(
     group), with their parameters. None in eager mode under hooks for every module, or
     while compiling (compiled kernels fuse the per-decoder ops already; the captured graph
     keeps its shape)."""
-    if torch.compiler.is_compiling() or _global_hooks():
+    if torch.compiler.is_compiling() or _stacked.global_hooks():
         return []
     groups: dict[tuple[object, ...], tuple[list[int], list[list[Params]]]] = {}
     for i, (dec, st) in enumerate(zip(decoders, states)):

@@ -19,10 +19,82 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .drop import DropPath
+
 __all__: list[str] = []
+
+Params = list[Optional[Tensor]]
+
+_DROPS = (nn.Identity, nn.Dropout, DropPath)
+
+
+def hooked(mod: nn.Module) -> bool:
+    """Forward or backward hooks on ``mod`` (a stacked run calls no module's ``forward``,
+    so it would bypass them)."""
+    return bool(
+        mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+        or mod._backward_pre_hooks
+    )  # fmt: skip
+
+
+def global_hooks() -> bool:
+    """Module hooks registered for every module (``register_module_forward_hook`` ...)."""
+    g = nn.modules.module
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(bool(getattr(g, n, None)) for n in names)
+
+
+def parts(
+    weighted: Sequence[Optional[nn.Module]],
+    inert: Sequence[Optional[nn.Module]],
+    act: Optional[nn.Module],
+) -> Optional[tuple[tuple[object, ...], Params]]:
+    """``(key, params)`` of one block for a stacked run, or None when it cannot run
+    stacked. ``weighted``: its norms and linears in a fixed order, each exactly
+    ``nn.LayerNorm`` (over one dim) or ``nn.Linear``; ``params``: their weight and bias
+    (None where absent) in that order. ``inert``: its dropouts and drop paths, each
+    ``nn.Identity`` or a stock dropout / drop path in eval mode. ``act``: exactly
+    ``nn.GELU``. No module may have hooks; parameters must be plain tensors of one dtype
+    and device. Blocks with equal keys have the same shapes, epsilons and activation."""
+    if type(act) is not nn.GELU or hooked(act):
+        return None
+    key: list[object] = [act.approximate]
+    params: Params = []
+    kinds = set()
+    for part in weighted:
+        if part is None or hooked(part):
+            return None
+        w, b = part._parameters.get("weight"), part._parameters.get("bias")
+        if type(part) is nn.Linear and w is not None:
+            key.append(("linear", *w.shape, b is None))
+        elif type(part) is nn.LayerNorm and len(part.normalized_shape) == 1:
+            key.append(("norm", part.eps, w is None, b is None))
+        else:
+            return None
+        for t in (w, b):
+            params.append(t)
+            if t is not None:
+                if type(t) is not nn.Parameter and type(t) is not Tensor:
+                    return None  # tensor subclasses (sharded, quantized) keep their kernels
+                kinds.add((t.dtype, t.device))
+    for d in inert:
+        if d is None or hooked(d):
+            return None
+        if type(d) is not nn.Identity and (type(d) not in _DROPS or d.training):
+            return None
+    if len(kinds) != 1:
+        return None
+    key.append(kinds.pop())
+    return tuple(key), params
 
 
 class _StackParams(torch.autograd.Function):
