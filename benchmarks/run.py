@@ -984,10 +984,28 @@ def count_ops(fwd: Callable[[], torch.Tensor]) -> dict[str, int]:
     return counts
 
 
+class _StandIn(torch.autograd.Function):
+    """The packed kernel's stand-in for op counts: one op forward (``q.clone()``); its
+    backward hands q, k and v a gradient each (three ops, as the kernel's backward has
+    about that many), so everything upstream of the keys is counted too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, *rest):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(k, v)
+        ctx.rest = len(rest)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        k, v = ctx.saved_tensors
+        return (grad.clone(), torch.zeros_like(k), torch.zeros_like(v), *([None] * ctx.rest))
+
+
 @contextlib.contextmanager
 def cuda_route(dev: torch.device) -> Iterator[None]:
-    """Off-CUDA, plan the packed kernel for padded attention as CUDA does and run a one-op
-    stand-in for it (``q.clone()``), so op counts match the CUDA route; on CUDA, nothing."""
+    """Off-CUDA, plan the packed kernel for padded attention as CUDA does and run a stand-in
+    for it (`_StandIn`: one op forward, three backward), so op counts follow the CUDA
+    route; on CUDA, nothing."""
     from crossmae.layers import _varlen
 
     if dev.type == "cuda":
@@ -995,7 +1013,7 @@ def cuda_route(dev: torch.device) -> Iterator[None]:
         return
     saved = (_varlen.supports, _varlen._VARLEN)
     _varlen.supports = lambda device_type, dtype, head_dim, dropout_p: dropout_p == 0.0  # type: ignore[assignment]
-    _varlen._VARLEN = lambda q, *rest: q.clone()
+    _varlen._VARLEN = _StandIn.apply
     try:
         yield
     finally:
@@ -1017,13 +1035,16 @@ def section_ops(dev: torch.device, small: bool, compile_: bool) -> None:
     inputs, static = water_batch(dev, 8, 4, (60, 40), 40, half_missing=True)
 
     def water() -> torch.Tensor:
+        # a training step's backward starts from no gradient (zero_grad(set_to_none=True)):
+        # accumulating into the previous call's would add one op per parameter
+        model.zero_grad(set_to_none=True)
         with autocast(dev, True):
             return model(inputs, static=static, generator=g).loss
 
     water()  # first call: lazy initialisation outside the count
     record("ops", "water_mae_small, 5 modalities, b=8", **count_ops(water))
     # The CUDA route (packed kernel for padded attention), decoders in lockstep and one by
-    # one; off-CUDA a one-op stand-in replaces the kernel, so the count is the CUDA count.
+    # one; off-CUDA a stand-in replaces the kernel (`_StandIn`), so the count follows CUDA.
     with cuda_route(dev):
         for fuse in (True, False):
             model.fuse_decoders = fuse

@@ -63,11 +63,13 @@ def parts(
     ``nn.LayerNorm`` (over one dim) or ``nn.Linear``; ``params``: their weight and bias
     (None where absent) in that order. ``inert``: its dropouts and drop paths, each
     ``nn.Identity`` or a stock dropout / drop path in eval mode. ``act``: exactly
-    ``nn.GELU``. No module may have hooks; parameters must be plain tensors of one dtype
+    ``nn.GELU`` (None: no activation in the block). No module may have hooks; parameters must be plain tensors of one dtype
     and device. Blocks with equal keys have the same shapes, epsilons and activation."""
-    if type(act) is not nn.GELU or hooked(act):
-        return None
-    key: list[object] = [act.approximate]
+    key: list[object] = []
+    if act is not None:
+        if type(act) is not nn.GELU or hooked(act):
+            return None
+        key.append(act.approximate)
     params: Params = []
     kinds = set()
     for part in weighted:

@@ -47,8 +47,15 @@ from .._checks import (
 )
 from ..decoders.cross import CrossMAEDecoder
 from ..decoders.together import decode_together
+from ..encoders import _together
 from ..encoders.film import visible_patch_mean
-from ..encoders.transformer import EncoderOutput, LayerSelection, resolve_layer_indices
+from ..encoders.transformer import (
+    EncoderOutput,
+    LayerSelection,
+    TransformerEncoder,
+    _param_dtype,
+    resolve_layer_indices,
+)
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
 from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks
 from ..masking.strategies import _check_ratios, grouped_random_masking, mask_missing_samples
@@ -348,6 +355,11 @@ def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
         split.visible_mask & ~padding_mask,
         split.predict_mask & ~padding_mask,
     )
+
+
+def _encoder_dtype_ok(x: Tensor, enc: nn.Module) -> bool:
+    """``x`` in the encoder's dtype, or autocast on (what its ``forward`` accepts)."""
+    return x.dtype == _param_dtype(enc) or torch.is_autocast_enabled(x.device.type)
 
 
 def _accepts(part: object, keywords: tuple[str, ...]) -> bool:
@@ -663,6 +675,12 @@ class Modality(nn.Module):
             kwargs["return_layers"] = self.fm_layers
             kwargs["include_input"] = self.use_input
         out: EncoderOutput = self.encoder(visible, None if dense else keep_pad, **kwargs)
+        return self._with_static(out, keep_pad, static_tok)
+
+    def _with_static(
+        self, out: EncoderOutput, keep_pad: Tensor, static_tok: Optional[Tensor]
+    ) -> EncoderOutput:
+        """The end of `encode`: the encoder's output with the static token appended."""
         enc, feats = out.tokens, out.features
         if static_tok is not None:
             s = static_tok.to(enc.dtype)
@@ -1295,7 +1313,7 @@ class MultimodalMAE(nn.Module):
         given = {**(splits or {}), **self._mask_splits(hidden_masks, predict_masks)}
         tokenized = self.tokenize(inputs, tokenizer_kwargs, site_padding_mask)
         used: dict[str, MaskSplit] = {}
-        encoded: dict[str, EncoderOutput] = {}
+        parts: dict[str, tuple[Optional[Tensor], Optional[Tensor]]] = {}
         for name, mod in self._items():
             tokens, pad = tokenized[name]
             from_masks = name in (hidden_masks or {})
@@ -1304,9 +1322,8 @@ class MultimodalMAE(nn.Module):
             used[name] = mod.split(pad, given=given.get(name), missing=flags, generator=generator)
             static_tok = self._static_token(mod, static, site_padding_mask)
             cond = mod.condition(static, site_padding_mask, used[name], static_tok)
-            encoded[name] = mod.encode(
-                tokens, used[name], static_tok, dense=dense_of[name], cond=cond
-            )
+            parts[name] = (static_tok, cond)
+        encoded = self._encode_all(tokenized, used, parts, dense_of)
         all_dense = all(promised.values())
         keys, _, context, context_pad = self.fuse(encoded, all_dense)
         losses, per_sample, preds, targets, valids = {}, {}, {}, {}, {}
@@ -1331,6 +1348,70 @@ class MultimodalMAE(nn.Module):
             )
             total = total + mod.loss_weight * losses[name]
         return MultimodalOutput(total, losses, per_sample, preds, targets, valids, used)
+
+    def _encode_all(
+        self,
+        tokenized: Mapping[str, tuple[Tensor, Optional[Tensor]]],
+        used: Mapping[str, MaskSplit],
+        parts: Mapping[str, tuple[Optional[Tensor], Optional[Tensor]]],
+        dense_of: Mapping[str, bool],
+    ) -> dict[str, EncoderOutput]:
+        """Step 3 for every modality (`Modality.encode`). In eager mode, modalities whose
+        encoders are stock `TransformerEncoder` s of one architecture and whose visible
+        tokens share one shape run **stacked** (`crossmae.encoders._together`): one
+        batched op per block step and one attention call for all of them."""
+        stacks: dict[tuple[object, ...], list[tuple[str, Any]]] = {}
+        visible: dict[str, tuple[Tensor, Tensor]] = {}
+        if _together.may_stack():
+            for name, mod in self._items():
+                if type(mod).encode is not Modality.encode or mod.fm_layers is not None:
+                    continue
+                got = _together.encoder_parts(mod.encoder)
+                if got is None:
+                    continue
+                vis, keep_pad = used[name].visible_tokens(tokenized[name][0])
+                cond = parts[name][1]
+                enc = cast(TransformerEncoder, mod.encoder)
+                if (vis.ndim != 3 or vis.shape[-1] != enc.dim
+                        or (cond is None) != (enc.films is None)
+                        or (cond is not None and (cond.ndim != 2 or cond.shape != (vis.shape[0], enc.cond_dim)))
+                        or not _encoder_dtype_ok(vis, enc)):  # fmt: skip
+                    continue  # the encoder's own call names what is wrong
+                dense = dense_of[name]
+                key = (got[0], tuple(vis.shape), vis.dtype, dense,
+                       None if cond is None else (tuple(cond.shape), cond.dtype))  # fmt: skip
+                visible[name] = (vis, keep_pad)
+                stacks.setdefault(key, []).append((name, got[1:]))
+        out: dict[str, EncoderOutput] = {}
+        for members in stacks.values():
+            if len(members) < 2:
+                continue
+            names = [nm for nm, _ in members]
+            mods = [self._modality(nm) for nm in names]
+            dense = dense_of[names[0]]
+            results = _together.encode_stacked(
+                [cast(TransformerEncoder, m.encoder) for m in mods],
+                [pp for _, pp in members],
+                [visible[nm][0] for nm in names],
+                [None if dense else visible[nm][1] for nm in names],
+                [parts[nm][1] for nm in names],
+            )
+            for nm, m, res in zip(names, mods, results):
+                out[nm] = m._with_static(res, visible[nm][1], parts[nm][0])
+        for name, mod in self._items():
+            if name in out:
+                continue
+            static_tok, cond = parts[name]
+            if name in visible:  # `Modality.encode`, with the visible tokens already taken
+                vis, keep_pad = visible[name]
+                kwargs: dict[str, Any] = {} if cond is None else {"cond": cond}
+                res = mod.encoder(vis, None if dense_of[name] else keep_pad, **kwargs)
+                out[name] = mod._with_static(res, keep_pad, static_tok)
+            else:
+                out[name] = mod.encode(
+                    tokenized[name][0], used[name], static_tok, dense=dense_of[name], cond=cond
+                )
+        return {name: out[name] for name in self.names}
 
     def _decode_together(
         self,

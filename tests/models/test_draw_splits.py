@@ -116,6 +116,10 @@ def test_edited_or_missing_splits_plan_masked_attention(monkeypatch: pytest.Monk
     model = tiny_water_model()
     name = _never_padded(model)[0]
     inputs, static = tiny_water_batch(model.names, generator(5))
+    # one plan per modality: encoders of one shape would otherwise share one stacked plan
+    from crossmae.encoders import _together
+
+    monkeypatch.setattr(_together, "may_stack", lambda: False)
     log = _PlanLog(monkeypatch)
     with torch.no_grad():
         splits = model.draw_splits(inputs, generator=generator(1))
@@ -142,6 +146,10 @@ def test_edited_or_missing_splits_plan_masked_attention(monkeypatch: pytest.Monk
 def test_drawn_splits_keep_the_unmasked_plan_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_water_model()
     inputs, static = tiny_water_batch(model.names, generator(6))
+    # one plan per modality (compiled forwards do not stack encoders of one shape)
+    from crossmae.encoders import _together
+
+    monkeypatch.setattr(_together, "may_stack", lambda: False)
     log = _PlanLog(monkeypatch)
     with torch.no_grad():
         splits = model.draw_splits(inputs, generator=generator(2))

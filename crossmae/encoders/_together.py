@@ -1,0 +1,215 @@
+"""Structurally identical `TransformerEncoder` s over equally shaped inputs, run stacked.
+
+Legend: ``g`` encoders, ``b`` batch, ``n`` tokens, ``c`` width, ``a`` conditioning width.
+Mask polarity: True = padding slot.
+
+A multimodal model with several modalities of one kind (e.g. three rasters on one land
+mask) has one encoder per modality, each of the same architecture and each seeing
+``[b, n, c]`` visible tokens. Run one after the other, every op of every block launches
+once per encoder, and eager steps are bound by the host issuing them. Stacked, the inputs
+are one ``[g, b, n, c]`` tensor, the parameters are stacked once per forward
+(`crossmae.layers._stacked`), norms, linears, residuals and FiLM run as one batched op
+each, and the attention is **one** call over ``g * b`` samples under one plan. The result
+equals each encoder run alone up to rounding (private: `MultimodalMAE` uses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, cast
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import _stacked, backend
+from ..layers.attention import Attention, _attend
+from ..layers.blocks import Block
+from ..layers.mlp import Mlp
+from .transformer import EncoderOutput, FiLM, TransformerEncoder
+
+__all__: list[str] = []
+
+Params = _stacked.Params
+
+#: A block's parameters in a stacked run, in this order (None where absent).
+_SLOTS = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+          "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # fmt: skip
+_SLOT = {name: i for i, name in enumerate(_SLOTS)}
+
+
+def _compiled(mod: nn.Module) -> bool:
+    return getattr(mod, "_compiled_call_impl", None) is not None
+
+
+def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
+    """``(key, parameters in _SLOTS order)`` of a stock `Block` (attention, MLP, norms,
+    linears and GELU exactly crossmae's / PyTorch's, dropouts inert, no attention dropout
+    in training, no hooks, not compiled in place), or None."""
+    if type(blk) is not Block or _stacked.hooked(blk) or _compiled(blk):
+        return None
+    sub = blk._modules
+    attn, mlp = sub["attn"], sub["mlp"]
+    if type(attn) is not Attention or type(mlp) is not Mlp:
+        return None
+    if _stacked.hooked(attn) or _stacked.hooked(mlp):
+        return None
+    if attn.training and attn.attn_drop > 0:
+        return None
+    a, m = attn._modules, mlp._modules
+    out = _stacked.parts(
+        (sub["norm1"], a["qkv"], a["proj"], sub["norm2"], m["fc1"], m["fc2"]),
+        (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"]),
+        m["act"],
+    )
+    if out is None:
+        return None
+    return (*out[0], attn.num_heads, attn.fused_attn), out[1]
+
+
+def encoder_parts(
+    enc: nn.Module,
+) -> Optional[tuple[tuple[object, ...], list[Params], list[Params], Params]]:
+    """``(key, block params, FiLM params, final-norm params)`` of a stock
+    `TransformerEncoder` that can run stacked (every block per `_block_parts`, FiLMs and
+    the final norm stock, no hooks anywhere, nothing compiled in place), or None. Encoders
+    with equal keys compute the same function of their own parameters."""
+    if type(enc) is not TransformerEncoder or _stacked.hooked(enc) or _compiled(enc):
+        return None
+    blocks = enc.blocks
+    if _stacked.hooked(blocks) or not len(blocks):
+        return None
+    keys: list[object] = []
+    params: list[Params] = []
+    for blk in blocks:
+        got = _block_parts(blk)
+        if got is None:
+            return None
+        keys.append(got[0])
+        params.append(got[1])
+    films: list[Params] = []
+    film_list = enc.films
+    if film_list is not None:
+        if _stacked.hooked(film_list):
+            return None
+        for film in film_list:
+            if type(film) is not FiLM or _stacked.hooked(film):
+                return None
+            got = _stacked.parts((film._modules["proj"],), (), None)
+            if got is None:
+                return None
+            keys.append(("film", *got[0]))
+            films.append(got[1])
+    norm = enc._modules["norm"]
+    norm_params: Params = []
+    if type(norm) is nn.Identity and norm is not None and not _stacked.hooked(norm):
+        keys.append("identity")
+    else:
+        got = _stacked.parts((norm,), (), None)
+        if got is None:
+            return None
+        keys.append(got[0])
+        norm_params = got[1]
+    return (enc.dim, tuple(keys)), params, films, norm_params
+
+
+def may_stack() -> bool:
+    """Stacked runs are for eager mode without hooks for every module: compiled kernels
+    fuse the per-encoder ops already (and the traced graph keeps its shape)."""
+    return not torch.compiler.is_compiling() and not _stacked.global_hooks()
+
+
+def encode_stacked(
+    encoders: Sequence[TransformerEncoder],
+    parts: Sequence[tuple[list[Params], list[Params], Params]],
+    tokens: Sequence[Tensor],
+    padding_masks: Sequence[Optional[Tensor]],
+    conds: Sequence[Optional[Tensor]],
+) -> list[EncoderOutput]:
+    """``[enc(x, pad, cond=c) for ...]`` as one stacked computation (no feature taps).
+
+    The caller checked that the encoders share one `encoder_parts` key (``parts``: their
+    block, FiLM and final-norm parameters), that the inputs share one shape ``[b, n, c]``
+    (``c`` the encoders' width) and dtype, that the padding masks are all None or all
+    ``[b, n]`` bool, and the conds all None (no FiLM) or all ``[b, a]``."""
+    first = encoders[0]
+    g = len(encoders)
+    b, n, c = tokens[0].shape
+    x = torch.stack(list(tokens))  # [g b n c]
+    pad: Optional[Tensor] = None
+    if padding_masks[0] is not None:
+        pad = torch.stack([cast(Tensor, p) for p in padding_masks]).view(g * b, n)
+        x = x.masked_fill(pad.view(g, b, n, 1), 0.0)
+    xf = x.view(g * b, n, c)
+    # one plan and one key layout for all g * b samples, decided as each encoder would
+    xf, block_pad, plan, perm = backend.order_for(first._plan(xf, pad, "padded"), xf, pad)
+    depth = len(parts[0][0])
+    flat: list[list[Tensor]] = []
+    where: list[tuple[str, int, int]] = []
+    for kind, idx in (("block", 0), ("film", 1)):
+        for j in range(len(parts[0][idx])):
+            for k, t in enumerate(cast(Params, parts[0][idx][j])):
+                if t is not None:
+                    where.append((kind, j, k))
+                    flat.append([cast(Tensor, cast(list[Params], p[idx])[j][k]) for p in parts])
+    for k, t in enumerate(parts[0][2]):
+        if t is not None:
+            where.append(("norm", 0, k))
+            flat.append([cast(Tensor, p[2][k]) for p in parts])
+    stacked = dict(zip(where, _stacked.stack_params(flat)))
+
+    def p(kind: str, j: int, k: int) -> Optional[Tensor]:
+        return stacked.get((kind, j, k))
+
+    def w(kind: str, j: int, k: int) -> Tensor:
+        return stacked[(kind, j, k)]
+
+    cond: Optional[Tensor] = None
+    if conds[0] is not None and first.films is not None and len(first.films):
+        dtype = cast(FiLM, first.films[0]).proj.weight.dtype
+        cond = torch.stack([cast(Tensor, cc) for cc in conds]).to(dtype)  # [g b a]
+    blk0 = cast(Block, first.blocks[0])
+    heads, hd = blk0.attn.num_heads, blk0.attn.head_dim
+    rows = b * n
+    h_pad = None if block_pad is None else block_pad.view(g, rows, 1)
+    y = xf.view(g, rows, c)
+    for j in range(depth):
+        blk = cast(Block, first.blocks[j])
+        if h_pad is not None:
+            y = y.masked_fill(h_pad, 0.0)  # padded tokens zeroed on entry, as in `Block`
+        eps1 = cast(nn.LayerNorm, blk.norm1).eps
+        h = _stacked.layer_norm(y, p("block", j, _SLOT["norm1.weight"]),
+                                p("block", j, _SLOT["norm1.bias"]), eps1)  # fmt: skip
+        qkv = _stacked.linear(
+            h, w("block", j, _SLOT["qkv.weight"]), p("block", j, _SLOT["qkv.bias"])
+        )
+        q, key, v = qkv.view(g * b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        att = _attend(q, key, v, block_pad, dropout_p=0.0, fused=blk.attn.fused_attn,
+                      query_padding_mask=block_pad, plan=plan)  # fmt: skip
+        att = att.transpose(1, 2).reshape(g, rows, c)  # (g b) h n d -> g (b n) (h d)
+        y = y + _stacked.linear(
+            att, w("block", j, _SLOT["proj.weight"]), p("block", j, _SLOT["proj.bias"])
+        )
+        eps2 = cast(nn.LayerNorm, blk.norm2).eps
+        h = _stacked.layer_norm(y, p("block", j, _SLOT["norm2.weight"]),
+                                p("block", j, _SLOT["norm2.bias"]), eps2)  # fmt: skip
+        h = _stacked.linear(h, w("block", j, _SLOT["fc1.weight"]), p("block", j, _SLOT["fc1.bias"]))
+        h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
+        y = y + _stacked.linear(
+            h, w("block", j, _SLOT["fc2.weight"]), p("block", j, _SLOT["fc2.bias"])
+        )
+        if cond is not None:
+            mod = _stacked.linear(cond, w("film", j, 0), p("film", j, 1))  # [g b 2c]
+            scale, shift = mod.unsqueeze(2).chunk(2, dim=-1)  # [g b 1 c]
+            yv = y.view(g, b, n, c)
+            y = torch.addcmul(yv + shift, yv, scale).view(g, rows, c)
+    if perm is not None:
+        yf, _ = backend.restore_order(perm, y.view(g * b, n, c))
+        y = yf.view(g, rows, c)
+    if type(first.norm) is not nn.Identity:
+        y = _stacked.layer_norm(
+            y, p("norm", 0, 0), p("norm", 0, 1), cast(nn.LayerNorm, first.norm).eps
+        )
+    out = y.view(g, b, n, c)
+    return [EncoderOutput(out[i], padding_masks[i], None) for i in range(g)]
