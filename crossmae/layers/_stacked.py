@@ -16,7 +16,7 @@ its own op).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -135,15 +135,53 @@ def stack_params(groups: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     return list(_StackParams.apply(g, *flat))  # type: ignore[no-untyped-call]
 
 
+class _AffineLayerNorm(torch.autograd.Function):
+    """``layer_norm(x) * weight + bias`` with per-module ``weight``/``bias [g, 1, c]``:
+    saves what a fused layer norm saves (input, mean, rstd) instead of the normalized
+    activations, and recomputes them in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        h, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.bias_shape = bias.shape
+        return torch.addcmul(bias, h, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        reduce = tuple(range(1, grad.ndim - 1))  # every axis but the module and the width
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            h = (x - mean) * rstd
+            grad_w = (grad * h).sum(dim=reduce, keepdim=True)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=reduce, keepdim=True)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad * weight, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False]
+            )[0]
+        return grad_x, grad_w, grad_b, None
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Per-module layer norms of ``x [g, r, c]``: one normalization over ``c``, then every
-    module's affine (``weight``/``bias`` ``[g, c]`` or None) in one op."""
+    module's affine (``weight``/``bias`` ``[g, c]`` or None) in one op; with both, the
+    normalized activations are recomputed in the backward instead of kept."""
+    if weight is not None and bias is not None:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.float32  # what autocast runs layer norms in
+        return cast(
+            Tensor,
+            _AffineLayerNorm.apply(  # type: ignore[no-untyped-call]
+                x.to(dtype), weight[:, None].to(dtype), bias[:, None].to(dtype), eps
+            ),
+        )
     h = F.layer_norm(x, x.shape[-1:], None, None, eps)
     if weight is None:
         return h if bias is None else h + bias[:, None]
-    if bias is None:
-        return h * weight[:, None]
-    return torch.addcmul(bias[:, None], h, weight[:, None])
+    return h * weight[:, None]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -333,6 +333,12 @@ def test_stacked_layer_norm_and_linear_equal_the_modules() -> None:
         bb = torch.stack([n.bias for n in norms]) if affine and bias else None
         got = _stacked.layer_norm(x, w, bb, 1e-5)
         torch.testing.assert_close(got, torch.stack([n(x[i]) for i, n in enumerate(norms)]))
+    # the affine norm recomputes its normalized activations in the backward: gradcheck it
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b_, c_: _stacked.layer_norm(a, b_, c_, 1e-5),
+                                    (xg, w, bb))  # fmt: skip
     for bias in (True, False):
         lins = [nn.Linear(4, 6, bias=bias).double() for _ in range(3)]
         w = torch.stack([lin.weight for lin in lins])
