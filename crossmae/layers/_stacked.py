@@ -169,9 +169,12 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     module's affine (``weight``/``bias`` ``[g, c]`` or None) in one op; with both, the
     normalized activations are recomputed in the backward instead of kept."""
     if weight is not None and bias is not None:
-        dtype = torch.promote_types(x.dtype, weight.dtype)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.float32  # what autocast runs layer norms in
+        elif x.dtype == weight.dtype:
+            dtype = x.dtype
+        else:
+            dtype = torch.promote_types(x.dtype, weight.dtype)
         return cast(
             Tensor,
             _AffineLayerNorm.apply(  # type: ignore[no-untyped-call]
