@@ -248,9 +248,10 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
             ctx = st.context[j] if st.context.ndim == 4 else st.context
             xs[i], q, kv = before(blk, xs[i], st.query_padding_mask, st.query_plan, ctx)
             qs.append(q.unflatten(-1, (ca.num_heads, ca.head_dim)))  # [b p h d]
-            kv = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim))  # [b m 2 h d]
-            ks.append(kv[:, :, 0])
-            vs.append(kv[:, :, 1])
+            # [b m 2 h d] → k, v by unbind (one stack backward, no zero-filled gradients)
+            k, v = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim)).unbind(2)
+            ks.append(k)
+            vs.append(v)
         out = _varlen.together_packed(qs, ks, vs, key_lengths, segments=segments)
         off = 0
         for run in runs:
@@ -395,28 +396,28 @@ class _StackedRun:
         g, b, p, c = self.g, self.b, self.p, self.c
         if self.qpad is not None:
             self.x = self.x.masked_fill(self.qpad, 0.0)
-        h = _stacked.layer_norm(
+        q = _stacked.norm_linear(
             self.x.view(g, b * p, c), self._p(j, "norm1.weight"), self._p(j, "norm1.bias"),
-            cast(nn.LayerNorm, blk.norm1).eps,
+            cast(nn.LayerNorm, blk.norm1).eps, self._w(j, "q"), self._p(j, "q.bias"),
         )  # fmt: skip
-        q = _stacked.linear(h, self._w(j, "q"), self._p(j, "q.bias"))
         qs = list(q.view(g, b, p, self.heads, self.head_dim).unbind(0))
         if self.shared:
             ctx = self.states[0].context
             w = self._w(j, "kv")
             bias = self._p(j, "kv.bias")
             kv = F.linear(ctx, w.flatten(0, 1), None if bias is None else bias.flatten())
-            kv = kv.view(*kv.shape[:-1], g, 2, self.heads, self.head_dim)  # [b m g 2 h d]
-            ks = [kv[:, :, i, 0] for i in range(g)]
-            vs = [kv[:, :, i, 1] for i in range(g)]
+            # views by unbind: their backward is one stack, where indexing would fill a
+            # zero gradient of the whole projection per view and add them up
+            k_all, v_all = kv.view(*kv.shape[:-1], g, 2, self.heads, self.head_dim).unbind(3)
+            ks, vs = list(k_all.unbind(2)), list(v_all.unbind(2))  # [b m h d] each
         else:
             ks, vs = [], []
             for i, st in enumerate(self.states):
                 ctx = st.context[j] if st.context.ndim == 4 else st.context
                 kv_i = F.linear(ctx, self._w(j, "kv")[i], _at(self._p(j, "kv.bias"), i))
-                kv_i = kv_i.view(*kv_i.shape[:-1], 2, self.heads, self.head_dim)
-                ks.append(kv_i[:, :, 0])
-                vs.append(kv_i[:, :, 1])
+                k_i, v_i = kv_i.view(*kv_i.shape[:-1], 2, self.heads, self.head_dim).unbind(2)
+                ks.append(k_i)
+                vs.append(v_i)
         return qs, ks, vs
 
     def _w(self, j: int, prefix: str) -> Tensor:
@@ -434,11 +435,10 @@ class _StackedRun:
             self._p(j, "proj.bias"),
         )  # fmt: skip
         x = self.x + y.view(g, b, p, c)
-        h = _stacked.layer_norm(
+        h = _stacked.norm_linear(
             x.view(g, b * p, c), self._p(j, "norm2.weight"), self._p(j, "norm2.bias"),
-            cast(nn.LayerNorm, blk.norm2).eps,
+            cast(nn.LayerNorm, blk.norm2).eps, self._w(j, "fc1"), self._p(j, "fc1.bias"),
         )  # fmt: skip
-        h = _stacked.linear(h, self._w(j, "fc1"), self._p(j, "fc1.bias"))
         h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
         h = _stacked.linear(h, self._w(j, "fc2"), self._p(j, "fc2.bias"))
         self.x = x + h.view(g, b, p, c)

@@ -179,11 +179,10 @@ def encode_stacked(
         if h_pad is not None:
             y = y.masked_fill(h_pad, 0.0)  # padded tokens zeroed on entry, as in `Block`
         eps1 = cast(nn.LayerNorm, blk.norm1).eps
-        h = _stacked.layer_norm(y, p("block", j, _SLOT["norm1.weight"]),
-                                p("block", j, _SLOT["norm1.bias"]), eps1)  # fmt: skip
-        qkv = _stacked.linear(
-            h, w("block", j, _SLOT["qkv.weight"]), p("block", j, _SLOT["qkv.bias"])
-        )
+        qkv = _stacked.norm_linear(
+            y, p("block", j, _SLOT["norm1.weight"]), p("block", j, _SLOT["norm1.bias"]), eps1,
+            w("block", j, _SLOT["qkv.weight"]), p("block", j, _SLOT["qkv.bias"]),
+        )  # fmt: skip
         q, key, v = qkv.view(g * b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         att = _attend(q, key, v, block_pad, dropout_p=0.0, fused=blk.attn.fused_attn,
                       query_padding_mask=block_pad, plan=plan)  # fmt: skip
@@ -192,9 +191,10 @@ def encode_stacked(
             att, w("block", j, _SLOT["proj.weight"]), p("block", j, _SLOT["proj.bias"])
         )
         eps2 = cast(nn.LayerNorm, blk.norm2).eps
-        h = _stacked.layer_norm(y, p("block", j, _SLOT["norm2.weight"]),
-                                p("block", j, _SLOT["norm2.bias"]), eps2)  # fmt: skip
-        h = _stacked.linear(h, w("block", j, _SLOT["fc1.weight"]), p("block", j, _SLOT["fc1.bias"]))
+        h = _stacked.norm_linear(
+            y, p("block", j, _SLOT["norm2.weight"]), p("block", j, _SLOT["norm2.bias"]), eps2,
+            w("block", j, _SLOT["fc1.weight"]), p("block", j, _SLOT["fc1.bias"]),
+        )  # fmt: skip
         h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
         y = y + _stacked.linear(
             h, w("block", j, _SLOT["fc2.weight"]), p("block", j, _SLOT["fc2.bias"])

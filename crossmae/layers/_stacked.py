@@ -193,3 +193,27 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
     return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
+
+
+def norm_linear(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    eps: float,
+    weight: Tensor,
+    bias: Optional[Tensor],
+) -> Tensor:
+    """``linear(layer_norm(x) * norm_weight + norm_bias)`` per module, for ``x [g, r, c]``
+    (norm parameters ``[g, c]`` or None, linear ``[g, o, c]`` / ``[g, o]``), with the
+    norm's affine folded into the linear: ``(weight * norm_weight) @ h + (weight @
+    norm_bias + bias)`` over the plain normalization ``h``. The same function up to
+    rounding, and the large ``[g, r, c]`` tensors only see the normalization and one
+    batched GEMM: no broadcast elementwise pass over them, forward or backward (the
+    per-module scale and shift act on the small weights instead)."""
+    h = F.layer_norm(x, x.shape[-1:], None, None, eps)
+    w = weight if norm_weight is None else weight * norm_weight[:, None, :]
+    if norm_bias is not None:
+        # [g, o] in the parameters' dtype (a matmul here would be autocast's, and cast)
+        shift = (weight * norm_bias[:, None, :]).sum(dim=-1)
+        bias = shift if bias is None else bias + shift
+    return linear(h, w, bias)

@@ -339,6 +339,31 @@ def test_stacked_layer_norm_and_linear_equal_the_modules() -> None:
     xg = x.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b_, c_: _stacked.layer_norm(a, b_, c_, 1e-5),
                                     (xg, w, bb))  # fmt: skip
+    # a norm folded into the next linear: linear(norm(x)) per module, any bias missing
+    for affine, nbias, lbias in ((True, True, True), (True, False, True), (True, True, False),
+                                 (False, False, True)):  # fmt: skip
+        norms = [nn.LayerNorm(4, elementwise_affine=affine, bias=nbias).double()
+                 for _ in range(3)]  # fmt: skip
+        lins = [nn.Linear(4, 6, bias=lbias).double() for _ in range(3)]
+        for mod in (*norms, *lins):
+            for p in mod.parameters():
+                nn.init.normal_(p)
+        w = torch.stack([n.weight for n in norms]) if affine else None
+        nb = torch.stack([n.bias for n in norms]) if affine and nbias else None
+        lw = torch.stack([lin.weight for lin in lins])
+        lb = torch.stack([lin.bias for lin in lins]) if lbias else None
+        got = _stacked.norm_linear(x, w, nb, 1e-5, lw, lb)
+        want = torch.stack([lin(n(x[i])) for i, (n, lin) in enumerate(zip(norms, lins))])
+        torch.testing.assert_close(got, want)
+        stacked = [t for t in (w, nb, lw, lb) if t is not None]
+        names = [nm for nm, t in zip(("nw", "nb", "lw", "lb"), (w, nb, lw, lb)) if t is not None]
+        per = {"nw": [n.weight for n in norms], "nb": [n.bias for n in norms],
+               "lw": [lin.weight for lin in lins], "lb": [lin.bias for lin in lins]}  # fmt: skip
+        got_g = torch.autograd.grad(got.sin().sum(), stacked)
+        flat = [t for nm in names for t in per[nm]]
+        want_g = iter(torch.autograd.grad(want.sin().sum(), flat))
+        for gg in got_g:
+            torch.testing.assert_close(gg, torch.stack([next(want_g) for _ in range(3)]))
     for bias in (True, False):
         lins = [nn.Linear(4, 6, bias=bias).double() for _ in range(3)]
         w = torch.stack([lin.weight for lin in lins])
