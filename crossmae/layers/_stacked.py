@@ -7,10 +7,10 @@ Several copies of one architecture with their own parameters (e.g. the per-modal
 decoders of a multimodal model, decoded in lockstep) launch one kernel per op per copy in
 eager mode, where the host issuing the kernels is the bound. Stacked, the copies' tokens
 are one ``[g, r, c]`` tensor, their parameters stacked along ``g`` (one multi-tensor copy
-for all of them, `stack_params`), and every op runs once for all copies: layer norms as
-one normalization and one affine, linears as one batched GEMM. The arithmetic per copy is
-the same up to rounding (a batched GEMM instead of ``g`` GEMMs, a layer norm's affine as
-its own op).
+for all of them, `stack_params`), and every op runs once for all copies: a layer norm as
+one normalization (its per-copy affine folded into the linear it feeds, `norm_linear`, or
+one op of its own), linears as one batched GEMM. The arithmetic per copy is the same up
+to rounding (a batched GEMM instead of ``g`` GEMMs, the affine applied to the weights).
 """
 
 from __future__ import annotations
