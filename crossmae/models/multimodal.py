@@ -357,9 +357,17 @@ def padding_wins(split: MaskSplit, padding_mask: Tensor) -> MaskSplit:
     )
 
 
-def _encoder_dtype_ok(x: Tensor, enc: nn.Module) -> bool:
-    """``x`` in the encoder's dtype, or autocast on (what its ``forward`` accepts)."""
-    return x.dtype == _param_dtype(enc) or torch.is_autocast_enabled(x.device.type)
+def _stackable_inputs(x: Tensor, cond: Optional[Tensor], enc: TransformerEncoder) -> bool:
+    """What `TransformerEncoder.forward` would accept without an error: tokens ``[b, n,
+    dim]`` in the encoder's dtype (any under autocast), ``cond [b, cond_dim]`` exactly when
+    it has FiLMs. Inputs it would refuse take its own call, which names the problem."""
+    if x.ndim != 3 or x.shape[-1] != enc.dim:
+        return False
+    if x.dtype != _param_dtype(enc) and not torch.is_autocast_enabled(x.device.type):
+        return False
+    if (cond is None) != (enc.films is None):
+        return False
+    return cond is None or tuple(cond.shape) == (x.shape[0], enc.cond_dim)
 
 
 def _accepts(part: object, keywords: tuple[str, ...]) -> bool:
@@ -1371,11 +1379,7 @@ class MultimodalMAE(nn.Module):
                     continue
                 vis, keep_pad = used[name].visible_tokens(tokenized[name][0])
                 cond = parts[name][1]
-                enc = cast(TransformerEncoder, mod.encoder)
-                if (vis.ndim != 3 or vis.shape[-1] != enc.dim
-                        or (cond is None) != (enc.films is None)
-                        or (cond is not None and (cond.ndim != 2 or cond.shape != (vis.shape[0], enc.cond_dim)))
-                        or not _encoder_dtype_ok(vis, enc)):  # fmt: skip
+                if not _stackable_inputs(vis, cond, cast(TransformerEncoder, mod.encoder)):
                     continue  # the encoder's own call names what is wrong
                 dense = dense_of[name]
                 key = (got[0], tuple(vis.shape), vis.dtype, dense,
