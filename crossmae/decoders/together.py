@@ -374,20 +374,19 @@ class _StackedRun:
             none = torch.zeros_like(next(q for q in pads if q is not None))
             self.qpad = torch.stack([none if q is None else q for q in pads])[..., None]
         self.shared = first.context.ndim == 3  # one context object for all (`_stack_parts`)
-        # every present parameter of every layer, stacked in one multi-tensor copy
-        depth, slots = len(params[0]), len(_SLOTS)
-        where = [(j, k) for j in range(depth) for k in range(slots) if params[0][j][k] is not None]
-        stacked = _stacked.stack_params(
-            [[cast(Tensor, ps[j][k]) for ps in params] for j, k in where]
-        )
-        self.params: list[Params] = [[None] * slots for _ in range(depth)]
-        for (j, k), t in zip(where, stacked):
-            self.params[j][k] = t
+        # every parameter stacked once; norm1 → q and norm2 → fc1 folded
+        self.stack = _stacked.Stack(
+            params,
+            folds=[(_SLOT["norm1.weight"], _SLOT["norm1.bias"], _SLOT["q.weight"], _SLOT["q.bias"]),
+                   (_SLOT["norm2.weight"], _SLOT["norm2.bias"], _SLOT["fc1.weight"], _SLOT["fc1.bias"])],
+            gemms=[(_SLOT[n + ".weight"], _SLOT[n + ".bias"]) for n in ("q", "kv", "proj", "fc1", "fc2")],
+            device_type=first.queries.device.type,
+        )  # fmt: skip
         blk = cast(CrossAttentionBlock, self.decoders[0].blocks[0])
         self.heads, self.head_dim = blk.cross_attn.num_heads, blk.cross_attn.head_dim
 
-    def _p(self, j: int, name: str) -> Optional[Tensor]:
-        return self.params[j][_SLOT[name]]
+    def _gemm(self, j: int, name: str) -> tuple[Tensor, Optional[Tensor]]:
+        return self.stack.gemm(j, _SLOT[name + ".weight"])
 
     def before(self, j: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Layer ``j`` up to the shared kernel call: every decoder's ``q [b p h d]`` and
@@ -396,15 +395,14 @@ class _StackedRun:
         g, b, p, c = self.g, self.b, self.p, self.c
         if self.qpad is not None:
             self.x = self.x.masked_fill(self.qpad, 0.0)
-        q = _stacked.norm_linear(
-            self.x.view(g, b * p, c), self._p(j, "norm1.weight"), self._p(j, "norm1.bias"),
-            cast(nn.LayerNorm, blk.norm1).eps, self._w(j, "q"), self._p(j, "q.bias"),
-        )  # fmt: skip
+        h = F.layer_norm(
+            self.x.view(g, b * p, c), (c,), None, None, cast(nn.LayerNorm, blk.norm1).eps
+        )
+        q = _stacked.linear(h, *self._gemm(j, "q"))  # norm1's affine folded in
         qs = list(q.view(g, b, p, self.heads, self.head_dim).unbind(0))
         if self.shared:
             ctx = self.states[0].context
-            w = self._w(j, "kv")
-            bias = self._p(j, "kv.bias")
+            w, bias = self._gemm(j, "kv")
             kv = F.linear(ctx, w.flatten(0, 1), None if bias is None else bias.flatten())
             # views by unbind: their backward is one stack, where indexing would fill a
             # zero gradient of the whole projection per view and add them up
@@ -414,14 +412,12 @@ class _StackedRun:
             ks, vs = [], []
             for i, st in enumerate(self.states):
                 ctx = st.context[j] if st.context.ndim == 4 else st.context
-                kv_i = F.linear(ctx, self._w(j, "kv")[i], _at(self._p(j, "kv.bias"), i))
+                w, bias = self._gemm(j, "kv")
+                kv_i = F.linear(ctx, w[i], _at(bias, i))
                 k_i, v_i = kv_i.view(*kv_i.shape[:-1], 2, self.heads, self.head_dim).unbind(2)
                 ks.append(k_i)
                 vs.append(v_i)
         return qs, ks, vs
-
-    def _w(self, j: int, prefix: str) -> Tensor:
-        return cast(Tensor, self._p(j, prefix + ".weight"))
 
     def after(self, j: int, out: Tensor, off: int, empty: Tensor) -> int:
         """Layer ``j`` after the shared call: ``out`` the packed kernel output, this run's
@@ -430,17 +426,12 @@ class _StackedRun:
         g, b, p, c = self.g, self.b, self.p, self.c
         rows = g * b * p
         attended = out[off : off + rows].view(g, b, p, c).masked_fill(empty, 0.0)
-        y = _stacked.linear(
-            attended.view(g, b * p, c), self._w(j, "proj"),
-            self._p(j, "proj.bias"),
-        )  # fmt: skip
+        y = _stacked.linear(attended.view(g, b * p, c), *self._gemm(j, "proj"))
         x = self.x + y.view(g, b, p, c)
-        h = _stacked.norm_linear(
-            x.view(g, b * p, c), self._p(j, "norm2.weight"), self._p(j, "norm2.bias"),
-            cast(nn.LayerNorm, blk.norm2).eps, self._w(j, "fc1"), self._p(j, "fc1.bias"),
-        )  # fmt: skip
+        h = F.layer_norm(x.view(g, b * p, c), (c,), None, None, cast(nn.LayerNorm, blk.norm2).eps)
+        h = _stacked.linear(h, *self._gemm(j, "fc1"))  # norm2's affine folded in
         h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
-        h = _stacked.linear(h, self._w(j, "fc2"), self._p(j, "fc2.bias"))
+        h = _stacked.linear(h, *self._gemm(j, "fc2"))
         self.x = x + h.view(g, b, p, c)
         return off + rows
 

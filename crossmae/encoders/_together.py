@@ -145,25 +145,19 @@ def encode_stacked(
     # one plan and one key layout for all g * b samples, decided as each encoder would
     xf, block_pad, plan, perm = backend.order_for(first._plan(xf, pad, "padded"), xf, pad)
     depth = len(parts[0][0])
-    flat: list[list[Tensor]] = []
-    where: list[tuple[str, int, int]] = []
-    for kind, idx in (("block", 0), ("film", 1)):
-        for j in range(len(parts[0][idx])):
-            for k, t in enumerate(cast(Params, parts[0][idx][j])):
-                if t is not None:
-                    where.append((kind, j, k))
-                    flat.append([cast(Tensor, cast(list[Params], p[idx])[j][k]) for p in parts])
-    for k, t in enumerate(parts[0][2]):
-        if t is not None:
-            where.append(("norm", 0, k))
-            flat.append([cast(Tensor, p[2][k]) for p in parts])
-    stacked = dict(zip(where, _stacked.stack_params(flat)))
-
-    def p(kind: str, j: int, k: int) -> Optional[Tensor]:
-        return stacked.get((kind, j, k))
-
-    def w(kind: str, j: int, k: int) -> Tensor:
-        return stacked[(kind, j, k)]
+    dev = xf.device.type
+    # every parameter stacked once per forward; norm1 → qkv and norm2 → fc1 folded
+    blocks = _stacked.Stack(
+        [pp[0] for pp in parts],
+        folds=[(_SLOT["norm1.weight"], _SLOT["norm1.bias"], _SLOT["qkv.weight"], _SLOT["qkv.bias"]),
+               (_SLOT["norm2.weight"], _SLOT["norm2.bias"], _SLOT["fc1.weight"], _SLOT["fc1.bias"])],
+        gemms=[(_SLOT[n + ".weight"], _SLOT[n + ".bias"]) for n in ("qkv", "proj", "fc1", "fc2")],
+        device_type=dev,
+    )  # fmt: skip
+    films = None
+    if parts[0][1]:
+        films = _stacked.Stack([pp[1] for pp in parts], folds=[], gemms=[(0, 1)], device_type=dev)
+    norm = _stacked.Stack([[pp[2]] for pp in parts], folds=[], gemms=[], device_type=dev)
 
     cond: Optional[Tensor] = None
     if conds[0] is not None and first.films is not None and len(first.films):
@@ -179,28 +173,20 @@ def encode_stacked(
         if h_pad is not None:
             y = y.masked_fill(h_pad, 0.0)  # padded tokens zeroed on entry, as in `Block`
         eps1 = cast(nn.LayerNorm, blk.norm1).eps
-        qkv = _stacked.norm_linear(
-            y, p("block", j, _SLOT["norm1.weight"]), p("block", j, _SLOT["norm1.bias"]), eps1,
-            w("block", j, _SLOT["qkv.weight"]), p("block", j, _SLOT["qkv.bias"]),
-        )  # fmt: skip
+        h = F.layer_norm(y, (c,), None, None, eps1)
+        qkv = _stacked.linear(h, *blocks.gemm(j, _SLOT["qkv.weight"]))  # norm1 folded in
         q, key, v = qkv.view(g * b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         att = _attend(q, key, v, block_pad, dropout_p=0.0, fused=blk.attn.fused_attn,
                       query_padding_mask=block_pad, plan=plan)  # fmt: skip
         att = att.transpose(1, 2).reshape(g, rows, c)  # (g b) h n d -> g (b n) (h d)
-        y = y + _stacked.linear(
-            att, w("block", j, _SLOT["proj.weight"]), p("block", j, _SLOT["proj.bias"])
-        )
+        y = y + _stacked.linear(att, *blocks.gemm(j, _SLOT["proj.weight"]))
         eps2 = cast(nn.LayerNorm, blk.norm2).eps
-        h = _stacked.norm_linear(
-            y, p("block", j, _SLOT["norm2.weight"]), p("block", j, _SLOT["norm2.bias"]), eps2,
-            w("block", j, _SLOT["fc1.weight"]), p("block", j, _SLOT["fc1.bias"]),
-        )  # fmt: skip
+        h = F.layer_norm(y, (c,), None, None, eps2)
+        h = _stacked.linear(h, *blocks.gemm(j, _SLOT["fc1.weight"]))  # norm2 folded in
         h = F.gelu(h, approximate=cast(nn.GELU, blk.mlp.act).approximate)
-        y = y + _stacked.linear(
-            h, w("block", j, _SLOT["fc2.weight"]), p("block", j, _SLOT["fc2.bias"])
-        )
-        if cond is not None:
-            mod = _stacked.linear(cond, w("film", j, 0), p("film", j, 1))  # [g b 2c]
+        y = y + _stacked.linear(h, *blocks.gemm(j, _SLOT["fc2.weight"]))
+        if cond is not None and films is not None:
+            mod = _stacked.linear(cond, *films.gemm(j, 0))  # [g b 2c]
             scale, shift = mod.unsqueeze(2).chunk(2, dim=-1)  # [g b 1 c]
             yv = y.view(g, b, n, c)
             y = torch.addcmul(yv + shift, yv, scale).view(g, rows, c)
@@ -209,7 +195,7 @@ def encode_stacked(
         y = yf.view(g, rows, c)
     if type(first.norm) is not nn.Identity:
         y = _stacked.layer_norm(
-            y, p("norm", 0, 0), p("norm", 0, 1), cast(nn.LayerNorm, first.norm).eps
+            y, norm.get(0, 0), norm.get(0, 1), cast(nn.LayerNorm, first.norm).eps
         )
     out = y.view(g, b, n, c)
     return [EncoderOutput(out[i], padding_masks[i], None) for i in range(g)]

@@ -195,6 +195,23 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
 
 
+def fold(
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+) -> tuple[Tensor, Optional[Tensor]]:
+    """A norm's affine folded into the linear it feeds: ``(weight * norm_weight, weight @
+    norm_bias + bias)``, for any leading dims (``[..., c]`` norm, ``[..., o, c]`` /
+    ``[..., o]`` linear). The shift is a product and a sum in the parameters' dtype (a
+    matmul would be autocast's, and cast)."""
+    w = weight if norm_weight is None else weight * norm_weight[..., None, :]
+    if norm_bias is not None:
+        shift = (weight * norm_bias[..., None, :]).sum(dim=-1)
+        bias = shift if bias is None else bias + shift
+    return w, bias
+
+
 def norm_linear(
     x: Tensor,
     norm_weight: Optional[Tensor],
@@ -205,15 +222,92 @@ def norm_linear(
 ) -> Tensor:
     """``linear(layer_norm(x) * norm_weight + norm_bias)`` per module, for ``x [g, r, c]``
     (norm parameters ``[g, c]`` or None, linear ``[g, o, c]`` / ``[g, o]``), with the
-    norm's affine folded into the linear: ``(weight * norm_weight) @ h + (weight @
-    norm_bias + bias)`` over the plain normalization ``h``. The same function up to
-    rounding, and the large ``[g, r, c]`` tensors only see the normalization and one
-    batched GEMM: no broadcast elementwise pass over them, forward or backward (the
-    per-module scale and shift act on the small weights instead)."""
-    h = F.layer_norm(x, x.shape[-1:], None, None, eps)
-    w = weight if norm_weight is None else weight * norm_weight[:, None, :]
-    if norm_bias is not None:
-        # [g, o] in the parameters' dtype (a matmul here would be autocast's, and cast)
-        shift = (weight * norm_bias[:, None, :]).sum(dim=-1)
-        bias = shift if bias is None else bias + shift
-    return linear(h, w, bias)
+    norm's affine folded into the linear (`fold`) over the plain normalization. The same
+    function up to rounding, and the large ``[g, r, c]`` tensors only see the
+    normalization and one batched GEMM: no broadcast elementwise pass over them, forward
+    or backward (the per-module scale and shift act on the small weights instead)."""
+    w, b = fold(norm_weight, norm_bias, weight, bias)
+    return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), w, b)
+
+
+class Stack:
+    """The parameters of ``g`` modules of ``depth`` layers each, stacked once per forward.
+
+    ``params[i][j]``: module ``i``'s layer-``j`` parameters in a fixed slot order (None
+    where absent, the same in every module). ``folds``: ``(norm weight, norm bias, linear
+    weight, linear bias)`` slot quadruples whose norm feeds that linear (`fold`).
+    ``gemms``: the weight / bias slots of every linear. Where every layer has the same
+    shapes (the usual stack), each slot is one ``[depth, g, ...]`` tensor: the folds and,
+    under autocast, the casts of the GEMM operands then run once for all layers, not once
+    per layer (the same casts autocast would make, made earlier)."""
+
+    def __init__(
+        self,
+        params: Sequence[Sequence[Params]],
+        folds: Sequence[tuple[int, int, int, int]],
+        gemms: Sequence[tuple[int, int]],
+        device_type: str,
+    ) -> None:
+        g, depth, slots = len(params), len(params[0]), len(params[0][0])
+        first = params[0]
+        present = [k for k in range(slots) if first[0][k] is not None]
+        uniform = all(
+            (first[j][k] is None) == (first[0][k] is None)
+            and (
+                first[j][k] is None
+                or cast(Tensor, first[j][k]).shape == cast(Tensor, first[0][k]).shape
+            )
+            for j in range(depth)
+            for k in range(slots)
+        )
+        self.depth = depth
+        # slot k → [depth, g, ...] (uniform) or per layer [g, ...]
+        self._t: dict[tuple[int, int], Tensor] = {}
+        if uniform:
+            groups = [[cast(Tensor, params[i][j][k]) for j in range(depth) for i in range(g)]
+                      for k in present]  # fmt: skip
+            flat = stack_params(groups) if groups else []
+            self._all = {k: t.view(depth, g, *t.shape[1:]) for k, t in zip(present, flat)}
+        else:
+            where = [(j, k) for j in range(depth) for k in range(slots) if first[j][k] is not None]
+            flat = stack_params([[cast(Tensor, params[i][j][k]) for i in range(g)]
+                                 for j, k in where]) if where else []  # fmt: skip
+            self._t = dict(zip(where, flat))
+            self._all = {}
+        self.uniform = uniform
+        amp = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else None
+        )
+        self._gemm: dict[tuple[int, int], tuple[Tensor, Optional[Tensor]]] = {}
+        folded = {q[2]: q for q in folds}
+        for wk, bk in gemms:
+            for j in range(1 if uniform else depth):
+                w, b = self._raw(j, wk), self._raw(j, bk)
+                if w is None:
+                    continue
+                if wk in folded:
+                    nw, nb = self._raw(j, folded[wk][0]), self._raw(j, folded[wk][1])
+                    w, b = fold(nw, nb, w, b)
+                if amp is not None and w.dtype != torch.float64:  # autocast skips float64
+                    w = w.to(amp)
+                    b = None if b is None else b.to(amp)
+                self._gemm[(j, wk)] = (w, b)
+
+    def _raw(self, j: int, k: int) -> Optional[Tensor]:
+        """Slot ``k`` of layer ``j`` (all layers ``[depth, g, ...]`` when uniform)."""
+        return self._all.get(k) if self.uniform else self._t.get((j, k))
+
+    def get(self, j: int, k: int) -> Optional[Tensor]:
+        """Layer ``j``'s slot ``k`` as ``[g, ...]``, or None where absent."""
+        t = self._raw(j, k)
+        return t if t is None or not self.uniform else t[j]
+
+    def gemm(self, j: int, weight_slot: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Layer ``j``'s linear at ``weight_slot``: ``(weight [g, o, c], bias [g, o] | None)``,
+        folded with its norm where it has one, in the autocast dtype under autocast."""
+        w, b = self._gemm[(0 if self.uniform else j, weight_slot)]
+        if self.uniform:
+            return w[j], None if b is None else b[j]
+        return w, b
