@@ -217,7 +217,7 @@ def decode_together(
 def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState]) -> list[Tensor]:
     """Every layer: each decoder's steps before the cross-attention and its projections,
     one packed kernel call for all, then each decoder's projection, residual and MLP.
-    Decoders of one shape (`_stack_key`) run those steps stacked, as one batched op each."""
+    Decoders of one shape (`_stack_parts`) run those steps stacked, as one batched op each."""
     cpad = states[0].context_padding_mask
     assert cpad is not None  # _shares_kernel
     # Every decoder reordered the same mask with the same stable permutation: one mask.
@@ -349,7 +349,7 @@ def _stack_groups(
 
 
 class _StackedRun:
-    """Decoders of one `_stack_key` decoded as one: queries ``[g, b, p, c]``, every block's
+    """Decoders of one `_stack_parts` key decoded as one: queries ``[g, b, p, c]``, every block's
     parameters stacked once per forward (`crossmae.layers._stacked`), one batched op per
     step of the block, and the decoders' kv projections as one GEMM over their shared
     context (where they share one)."""

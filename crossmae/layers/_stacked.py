@@ -144,7 +144,6 @@ class _AffineLayerNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         h, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.bias_shape = bias.shape
         return torch.addcmul(bias, h, weight)
 
     @staticmethod
