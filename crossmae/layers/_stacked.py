@@ -8,8 +8,8 @@ decoders of a multimodal model, decoded in lockstep) launch one kernel per op pe
 eager mode, where the host issuing the kernels is the bound. Stacked, the copies' tokens
 are one ``[g, r, c]`` tensor, their parameters stacked along ``g`` (one multi-tensor copy
 for all of them, `stack_params`), and every op runs once for all copies: a layer norm as
-one normalization (its per-copy affine folded into the linear it feeds, `norm_linear`, or
-one op of its own), linears as one batched GEMM. The arithmetic per copy is the same up
+one normalization (its per-copy affine folded into the linear it feeds, `fold`, or one
+op of its own), linears as one batched GEMM. The arithmetic per copy is the same up
 to rounding (a batched GEMM instead of ``g`` GEMMs, the affine applied to the weights).
 """
 
@@ -209,24 +209,6 @@ def fold(
         shift = (weight * norm_bias[..., None, :]).sum(dim=-1)
         bias = shift if bias is None else bias + shift
     return w, bias
-
-
-def norm_linear(
-    x: Tensor,
-    norm_weight: Optional[Tensor],
-    norm_bias: Optional[Tensor],
-    eps: float,
-    weight: Tensor,
-    bias: Optional[Tensor],
-) -> Tensor:
-    """``linear(layer_norm(x) * norm_weight + norm_bias)`` per module, for ``x [g, r, c]``
-    (norm parameters ``[g, c]`` or None, linear ``[g, o, c]`` / ``[g, o]``), with the
-    norm's affine folded into the linear (`fold`) over the plain normalization. The same
-    function up to rounding, and the large ``[g, r, c]`` tensors only see the
-    normalization and one batched GEMM: no broadcast elementwise pass over them, forward
-    or backward (the per-module scale and shift act on the small weights instead)."""
-    w, b = fold(norm_weight, norm_bias, weight, bias)
-    return linear(F.layer_norm(x, x.shape[-1:], None, None, eps), w, b)
 
 
 class Stack:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -352,7 +353,9 @@ def test_stacked_layer_norm_and_linear_equal_the_modules() -> None:
         nb = torch.stack([n.bias for n in norms]) if affine and nbias else None
         lw = torch.stack([lin.weight for lin in lins])
         lb = torch.stack([lin.bias for lin in lins]) if lbias else None
-        got = _stacked.norm_linear(x, w, nb, 1e-5, lw, lb)
+        got = _stacked.linear(
+            F.layer_norm(x, (4,), None, None, 1e-5), *_stacked.fold(w, nb, lw, lb)
+        )
         want = torch.stack([lin(n(x[i])) for i, (n, lin) in enumerate(zip(norms, lins))])
         torch.testing.assert_close(got, want)
         stacked = [t for t in (w, nb, lw, lb) if t is not None]
