@@ -27,7 +27,6 @@ from ..layers import _stacked, _varlen
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
-from ..layers.mlp import Mlp
 from .cross import CrossMAEDecoder, DecoderState
 
 __all__ = ["decode_together"]
@@ -285,29 +284,15 @@ def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     """``(key, parameters in _SLOTS order)``: what two blocks must share to run stacked
     (`crossmae.layers._stacked.parts`), or None when ``blk`` cannot: crossmae's own block,
     attention and MLP (no subclass, no self-attention, no hooks), no compiled lockstep
-    steps.
-
-    Runs once per block and forward, so submodules are read from ``_modules`` directly
-    (``nn.Module.__getattr__`` would cost most of the time)."""
+    steps."""
     if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
         return None
     if blk.has_self_attn or _stacked.hooked(blk):
         return None
-    sub = blk._modules
-    ca, mlp = sub["cross_attn"], sub["mlp"]
-    if type(ca) is not CrossAttention or type(mlp) is not Mlp:
+    got = _stacked.block_parts(blk, "cross_attn", CrossAttention, ("q", "kv", "proj"))
+    if got is None:
         return None
-    if _stacked.hooked(ca) or _stacked.hooked(mlp):
-        return None
-    a, m = ca._modules, mlp._modules
-    out = _stacked.parts(
-        (sub["norm1"], a["q"], a["kv"], a["proj"], sub["norm2"], m["fc1"], m["fc2"]),
-        (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"]),
-        m["act"],
-    )
-    if out is None:
-        return None
-    return (*out[0], ca.num_heads), out[1]
+    return (*got[0], cast(CrossAttention, got[2]).num_heads), got[1]
 
 
 def _stack_parts(

@@ -26,7 +26,6 @@ from torch import Tensor
 from ..layers import _stacked, backend
 from ..layers.attention import Attention, _attend
 from ..layers.blocks import Block
-from ..layers.mlp import Mlp
 from .transformer import EncoderOutput, FiLM, TransformerEncoder
 
 __all__: list[str] = []
@@ -49,23 +48,13 @@ def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     in training, no hooks, not compiled in place), or None."""
     if type(blk) is not Block or _stacked.hooked(blk) or _compiled(blk):
         return None
-    sub = blk._modules
-    attn, mlp = sub["attn"], sub["mlp"]
-    if type(attn) is not Attention or type(mlp) is not Mlp:
+    got = _stacked.block_parts(blk, "attn", Attention, ("qkv", "proj"))
+    if got is None:
         return None
-    if _stacked.hooked(attn) or _stacked.hooked(mlp):
-        return None
+    attn = cast(Attention, got[2])
     if attn.training and attn.attn_drop > 0:
         return None
-    a, m = attn._modules, mlp._modules
-    out = _stacked.parts(
-        (sub["norm1"], a["qkv"], a["proj"], sub["norm2"], m["fc1"], m["fc2"]),
-        (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"]),
-        m["act"],
-    )
-    if out is None:
-        return None
-    return (*out[0], attn.num_heads, attn.fused_attn), out[1]
+    return (*got[0], attn.num_heads, attn.fused_attn), got[1]
 
 
 def encoder_parts(

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .drop import DropPath
+from .mlp import Mlp
 
 __all__: list[str] = []
 
@@ -97,6 +98,31 @@ def parts(
         return None
     key.append(kinds.pop())
     return tuple(key), params
+
+
+def block_parts(
+    blk: nn.Module, attn_name: str, attn_cls: type, attn_linears: Sequence[str]
+) -> Optional[tuple[tuple[object, ...], Params, nn.Module]]:
+    """`parts` of a pre-norm block ``norm1 → <attn_name> → norm2 → mlp`` (crossmae's
+    `Block` and `CrossAttentionBlock` layout): its attention exactly ``attn_cls`` and its
+    MLP exactly `Mlp`, neither hooked. Returns ``(key, params, attention)``, the params in
+    the order norm1, ``attn_linears``, norm2, fc1, fc2 (weight, bias each), or None.
+
+    Submodules are read from ``_modules`` directly: this runs once per block and forward,
+    and ``nn.Module.__getattr__`` would cost most of its time."""
+    sub = blk._modules
+    attn, mlp = sub[attn_name], sub["mlp"]
+    if type(attn) is not attn_cls or type(mlp) is not Mlp or attn is None or mlp is None:
+        return None
+    if hooked(attn) or hooked(mlp):
+        return None
+    a, m = attn._modules, mlp._modules
+    got = parts(
+        (sub["norm1"], *(a[n] for n in attn_linears), sub["norm2"], m["fc1"], m["fc2"]),
+        (sub["drop_path1"], sub["drop_path2"], a["proj_drop"], m["drop1"], m["drop2"]),
+        m["act"],
+    )
+    return None if got is None else (got[0], got[1], attn)
 
 
 class _StackParams(torch.autograd.Function):
