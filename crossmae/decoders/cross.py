@@ -23,6 +23,7 @@ from .._checks import (
     check_padding_mask,
 )
 from ..layers import backend
+from ..layers._precast import linear, precasting
 from ..layers.attention import warn_trailing
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.drop import drop_path_schedule
@@ -352,6 +353,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
             return ctx
         return self.dec_norms(self.wfm(ctx))
 
+    @precasting
     def forward(
         self,
         context: Tensor,
@@ -412,7 +414,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
     def predict(self, x: Tensor) -> Tensor:
         """The last step of `forward`: final norm and head of the decoded queries
         ``[b, p, c]`` → predictions ``[b, p, o]``."""
-        return cast(Tensor, self.head(self.norm(x)))
+        return linear(self.head, self.norm(x))
 
     def prepare(
         self,
