@@ -23,7 +23,6 @@ from .._checks import (
     check_padding_mask,
 )
 from ..layers import backend
-from ..layers._precast import linear, precasting
 from ..layers.attention import warn_trailing
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.drop import drop_path_schedule
@@ -353,7 +352,6 @@ class CrossMAEDecoder(_QueryEmbeddings):
             return ctx
         return self.dec_norms(self.wfm(ctx))
 
-    @precasting
     def forward(
         self,
         context: Tensor,
@@ -414,7 +412,7 @@ class CrossMAEDecoder(_QueryEmbeddings):
     def predict(self, x: Tensor) -> Tensor:
         """The last step of `forward`: final norm and head of the decoded queries
         ``[b, p, c]`` → predictions ``[b, p, o]``."""
-        return linear(self.head, self.norm(x))
+        return cast(Tensor, self.head(self.norm(x)))
 
     def prepare(
         self,

@@ -22,7 +22,6 @@ from .._checks import (
     check_padding_mask,
 )
 from ..layers import backend
-from ..layers._precast import linear, precasting
 from ..layers.blocks import Block
 from ..layers.drop import drop_path_schedule
 from ..masking.tokens import _check_unique_ids, gather_tokens
@@ -123,7 +122,6 @@ class MAEDecoder(_QueryEmbeddings):
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, out_dim)
 
-    @precasting
     def forward(
         self,
         context: Tensor,
@@ -196,7 +194,7 @@ class MAEDecoder(_QueryEmbeddings):
                 f"{n}, dim={self.dim}, batch {b}), got {tuple(table.shape)}"
             )
         _check_unique_ids(ids_keep, n, cpad, "ids_keep")
-        x = linear(self.embed, ctx)
+        x = self.embed(ctx)
         # Scatter the visible tokens among mask tokens. An additive scatter: padded slots are
         # zeroed and sent to token 0 (adding 0 changes nothing), real ids are unique (refused
         # on the CPU otherwise; on CUDA repeats sum, as in `scatter_tokens`), so the sum is
@@ -232,5 +230,5 @@ class MAEDecoder(_QueryEmbeddings):
             full = blk(full, block_pad, plan=plan)
         if perm is not None:
             full, _ = backend.restore_order(perm, full)
-        out = linear(self.head, self.norm(full))
+        out = self.head(self.norm(full))
         return gather_tokens(out, ids_predict)

@@ -23,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import _precast, _stacked, _varlen
-from ..layers._precast import linear
+from ..layers import _stacked, _varlen
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
@@ -50,7 +49,7 @@ def before_step(
     context's ``kv [b, m, 2c]``."""
     x = blk.before_cross(x, query_padding_mask, query_plan)
     ca = blk.cross_attn
-    return x, linear(ca.q, blk.norm1(x)), linear(ca.kv, context)
+    return x, ca.q(blk.norm1(x)), ca.kv(context)
 
 
 def after_step(blk: CrossAttentionBlock, x: Tensor, attended: Tensor) -> Tensor:
@@ -288,7 +287,7 @@ def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     steps."""
     if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
         return None
-    if blk.has_self_attn or _precast.hooked(blk):
+    if blk.has_self_attn or _stacked.hooked(blk):
         return None
     got = _stacked.block_parts(blk, "cross_attn", CrossAttention, ("q", "kv", "proj"))
     if got is None:
@@ -309,7 +308,7 @@ def _stack_parts(
             return None
         keys.append(parts[0])
         params.append(parts[1])
-    if _precast.hooked(dec.blocks):
+    if _stacked.hooked(dec.blocks):
         return None
     shared = id(st.context) if st.context.ndim == 3 else None
     return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared), params
@@ -322,7 +321,7 @@ def _stack_groups(
     group), with their parameters. None in eager mode under hooks for every module, or
     while compiling (compiled kernels fuse the per-decoder ops already; the captured graph
     keeps its shape)."""
-    if torch.compiler.is_compiling() or _precast.global_hooks():
+    if torch.compiler.is_compiling() or _stacked.global_hooks():
         return []
     groups: dict[tuple[object, ...], tuple[list[int], list[list[Params]]]] = {}
     for i, (dec, st) in enumerate(zip(decoders, states)):

@@ -26,7 +26,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._checks import check_float_tensor, check_int, check_tensor
-from ..layers._precast import linear
 
 __all__ = ["FiLMProjection", "visible_patch_mean"]
 
@@ -74,7 +73,7 @@ class FiLMProjection(nn.Module):
                 f"cond must have shape [b, {self.cond_dim}] (cond_dim={self.cond_dim}), "
                 f"got {tuple(c.shape)}"
             )
-        out = self.act(linear(self.proj, c.to(self.proj.weight.dtype)))
+        out = self.act(self.proj(c.to(self.proj.weight.dtype)))
         gamma, beta = out.chunk(2, dim=-1)
         return gamma, beta
 

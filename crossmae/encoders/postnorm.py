@@ -25,7 +25,6 @@ from .._checks import (
     check_padding_mask,
 )
 from ..layers import backend
-from ..layers._precast import precasting
 from ..layers.attention import Attention
 from ..layers.mlp import Mlp
 from ..layers.packing import pack_tokens, unpack_tokens
@@ -307,7 +306,6 @@ class PostNormTransformerEncoder(nn.Module):
             )
         self.norm: nn.Module = norm_layer(dim) if final_norm else nn.Identity()
 
-    @precasting
     def forward(
         self,
         tokens: Tensor,

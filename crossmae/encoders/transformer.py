@@ -22,7 +22,6 @@ from .._checks import (
     check_probability,
 )
 from ..layers import backend
-from ..layers._precast import linear, precasting
 from ..layers.attention import warn_trailing
 from ..layers.blocks import Block
 from ..layers.drop import DropPath, drop_path_schedule
@@ -234,7 +233,7 @@ class FiLM(nn.Module):
                 f"{tuple(x.shape)}, got {tuple(c.shape)}"
             )
         # cond is a side input (e.g. float32 attributes): it follows the module's dtype.
-        mod = linear(self.proj, c.to(self.proj.weight.dtype))
+        mod = self.proj(c.to(self.proj.weight.dtype))
         if x.ndim == 3:  # [b, n, c] with cond [b, a]; packed rows [t, c] come with cond [t, a]
             mod = mod.unsqueeze(1)
         scale, shift = mod.chunk(2, dim=-1)
@@ -317,7 +316,6 @@ class TransformerEncoder(nn.Module):
             self.films = nn.ModuleList(FiLM(cond_dim, dim) for _ in range(depth))
         self.norm: nn.Module = norm_layer(dim) if final_norm else nn.Identity()
 
-    @precasting
     def forward(
         self,
         tokens: Tensor,

@@ -42,7 +42,6 @@ from .._checks import (
 from .._config import use_fused_attn
 from . import _varlen, backend
 from ._flex import can_use_flex, flex_attend, flex_packed
-from ._precast import linear
 from ._varlen import can_use_varlen, varlen_attend
 from .packing import segment_index
 
@@ -485,9 +484,7 @@ class Attention(nn.Module):
         # b n (three h d) -> three b h n d, as native views (einops' parsing costs host
         # time on every call, and eager steps are bound by the host)
         q, k, v = (
-            torch.unflatten(linear(self.qkv, x), -1, (3, self.num_heads, -1))
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
+            self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
         )
         out = _attend(
             q,
@@ -500,7 +497,7 @@ class Attention(nn.Module):
             plan=plan,
         )
         out = out.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
-        return self.proj_drop(linear(self.proj, out))
+        return self.proj_drop(self.proj(out))
 
     def forward_packed(
         self,
@@ -517,18 +514,14 @@ class Attention(nn.Module):
         this path. ``plan``: a packed-layout `AttentionPlan` from the stack, or None.
         """
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype, ndim=2)
-        q, k, v = (
-            torch.unflatten(linear(self.qkv, x), -1, (3, self.num_heads, -1))
-            .permute(1, 0, 2, 3)
-            .unbind(0)
-        )
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(1, 0, 2, 3).unbind(0)
         if plan is None:
             out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
         else:
             cu = _check_cu_seqlens(cu_seqlens, q)
             kernel = plan.kernel if self.fused_attn else "manual"
             out = _packed_attend(q, k, v, cu, max_seqlen, kernel)
-        return self.proj_drop(linear(self.proj, out.flatten(1)))  # t h d -> t (h d)
+        return self.proj_drop(self.proj(out.flatten(1)))  # t h d -> t (h d)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, fused_attn={self.fused_attn}"
@@ -621,8 +614,8 @@ class CrossAttention(nn.Module):
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)
-        q = torch.unflatten(linear(self.q, x), -1, (self.num_heads, -1)).transpose(1, 2)  # b h n d
-        kv = torch.unflatten(linear(self.kv, context), -1, (2, self.num_heads, -1))  # b m two h d
+        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # b h n d
+        kv = self.kv(context).unflatten(-1, (2, self.num_heads, -1))  # b m two h d
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = _attend(
             q,
@@ -639,7 +632,7 @@ class CrossAttention(nn.Module):
         """The output projection (and its dropout) of the attended values ``[..., c]``, heads
         merged as ``(h d)``: the last step of `forward`, for callers that run the attention
         itself elsewhere (e.g. several decoders sharing one kernel call)."""
-        return cast(Tensor, self.proj_drop(linear(self.proj, attended)))
+        return cast(Tensor, self.proj_drop(self.proj(attended)))
 
     def extra_repr(self) -> str:
         return (

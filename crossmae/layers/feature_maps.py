@@ -14,7 +14,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._checks import check_float_tensor, check_int
-from ._precast import weight_bias
 
 __all__ = ["StackedLayerNorm", "WeightedFeatureMaps"]
 
@@ -98,9 +97,7 @@ class WeightedFeatureMaps(nn.Module):
         rest = stacked.shape[1:]
         # One [o, k] @ [k, b*n*c] matmul for every decoder layer at once (autocast casts
         # both operands when enabled; otherwise the weight follows the features' dtype).
-        weight = weight_bias(self.linear)[0]  # the block's cast under autocast, when made
-        if weight.dtype != stacked.dtype:
-            weight = self.linear.weight.to(stacked.dtype)
+        weight = self.linear.weight.to(stacked.dtype)
         out = weight @ stacked.reshape(self.num_inputs, -1)
         return out.reshape(self.num_outputs, *rest)
 

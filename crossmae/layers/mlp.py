@@ -17,7 +17,6 @@ from .._checks import (
     check_module_dtype,
     check_probability,
 )
-from ._precast import linear
 
 __all__ = ["Mlp"]
 
@@ -78,5 +77,5 @@ class Mlp(nn.Module):
                 f"{self.fc1.in_features}), got {tuple(x.shape)}"
             )
         check_module_dtype("x", x, self.fc1.weight.dtype, "the module")
-        x = self.drop1(self.act(linear(self.fc1, x)))
-        return self.drop2(linear(self.fc2, x))
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(x))

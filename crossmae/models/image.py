@@ -33,7 +33,6 @@ from ..encoders.transformer import (
     LayerSelection,
     resolve_layer_indices,
 )
-from ..layers._precast import precasting
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
 from ..layers.pos_embed import sincos_pos_embed_2d
 from ..losses import masked_mse_loss, norm_pix_target
@@ -593,7 +592,6 @@ class ImageCrossMAE(nn.Module):
         loss = masked_mse_loss(pred, target, padding_mask=pad, valid_mask=valid)
         return loss, target
 
-    @precasting
     def forward(
         self,
         imgs: Tensor,
@@ -663,7 +661,6 @@ class ImageCrossMAE(nn.Module):
         return ImageCrossMAEOutput(loss, pred, split, target)
 
     # ------------------------------------------------------------------ inference
-    @precasting
     def reconstruct(
         self,
         imgs: Tensor,

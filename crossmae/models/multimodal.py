@@ -56,7 +56,6 @@ from ..encoders.transformer import (
     _param_dtype,
     resolve_layer_indices,
 )
-from ..layers._precast import precasting
 from ..losses import masked_mse_loss, token_valid_mask_from_pixels
 from ..masking.split import MaskSplit, _DenseSplit, mask_split_from_masks
 from ..masking.strategies import _check_ratios, grouped_random_masking, mask_missing_samples
@@ -1267,7 +1266,6 @@ class MultimodalMAE(nn.Module):
             context = maps
         return keys, pad, (keys if context is None else context), key_pad
 
-    @precasting
     def forward(
         self,
         inputs: Mapping[str, Tensor],

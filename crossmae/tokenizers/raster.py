@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_int, check_ratio, check_tensor
 from .._checks import check_int_pair as _pair
-from ..layers._precast import linear
 from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
 from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
@@ -467,7 +466,7 @@ class RasterTokenizer(_ProjectedTokenizer):
         if self.missing_fraction:
             frac = (~valid).sum(dim=-1, keepdim=True).to(feats.dtype) / valid.shape[-1]
             feats = torch.cat([feats, frac], dim=-1)
-        h = linear(self.proj, feats) + self._position_4d(time_positions, t, b)
+        h = self.proj(feats) + self._position_4d(time_positions, t, b)
         if self.modality_embed is not None:
             h = h + self.modality_embed
         tokens: Tensor = rearrange(h, "b t v d -> b (t v) d")

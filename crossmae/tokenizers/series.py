@@ -18,7 +18,6 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
-from ..layers._precast import linear, weight_bias
 from ..layers.pos_embed import sincos_pos_embed_1d
 from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
@@ -273,7 +272,7 @@ class SeriesTokenizer(_ProjectedTokenizer):
             feats = self._group_mean(values, observed).to(dtype)
         else:
             feats = torch.cat([values.to(dtype), (~observed).to(dtype)], dim=-1)
-        h = linear(self.proj, feats) + self._position_4d(time_positions, t, b)
+        h = self.proj(feats) + self._position_4d(time_positions, t, b)
         if self.modality_embed is not None:
             h = h + self.modality_embed
         tokens: Tensor = rearrange(h, "b t p d -> b (t p) d")
@@ -448,7 +447,7 @@ class StaticToken(nn.Module):
         values = torch.where(observed, x, x.new_zeros(())).to(dtype)
         feats = torch.cat([values, (~observed).to(dtype)], dim=-1)
         if self.per_site:
-            h = nn.functional.linear(feats, weight_bias(self.proj)[0])  # [b s d]
+            h = nn.functional.linear(feats, self.proj.weight)  # [b s d]
             if site_padding_mask is None:
                 real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             else:
@@ -457,7 +456,7 @@ class StaticToken(nn.Module):
             count = real.sum(dim=1, keepdim=True).clamp(min=1).to(total.dtype)
             token = total / count + self.proj.bias
         else:
-            token = linear(self.proj, feats)
+            token = self.proj(feats)
         return token[:, None, :], torch.zeros(b, 1, dtype=torch.bool, device=x.device)
 
     def _unflagged(
@@ -471,7 +470,7 @@ class StaticToken(nn.Module):
         if self.per_site:
             count = observed.sum(dim=1).clamp(min=1).to(values.dtype)
             values = values.sum(dim=1) / count  # [b a]
-        return linear(self.proj, values.to(self.proj.weight.dtype))[:, None, :]
+        return self.proj(values.to(self.proj.weight.dtype))[:, None, :]
 
 
 def append_tokens(
