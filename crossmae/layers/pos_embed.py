@@ -76,6 +76,32 @@ def sincos_pos_embed_1d(
     return _embed_1d(d, pos).to(out_dtype)
 
 
+_STEP_TABLES: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+_MAX_STEP_TABLES = 64
+
+
+def steps_table(dim: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``sincos_pos_embed_1d(dim, arange(n))`` on ``device`` in ``dtype`` (private).
+
+    A constant of its arguments, so it is made once and kept (a read-only tensor without
+    gradient; at most 64 are kept): an eager forward that embeds the steps ``0..n-1`` every
+    call launches none of its kernels again. Made afresh under ``torch.compile`` (the graph
+    folds it) and while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling() or (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    ):
+        return sincos_pos_embed_1d(dim, torch.arange(n, device=device), dtype=dtype)
+    key = (dim, n, device, dtype)
+    table = _STEP_TABLES.get(key)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            table = sincos_pos_embed_1d(dim, torch.arange(n, device=device), dtype=dtype)
+        if len(_STEP_TABLES) >= _MAX_STEP_TABLES:
+            _STEP_TABLES.pop(next(iter(_STEP_TABLES)))
+        _STEP_TABLES[key] = table
+    return table
+
+
 def sincos_pos_embed_2d_from_coords(
     dim: int, coords: Tensor, *, dtype: Optional[torch.dtype] = None
 ) -> Tensor:

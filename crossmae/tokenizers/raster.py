@@ -19,7 +19,11 @@ from torch import Tensor, nn
 
 from .._checks import check_bool, check_int, check_ratio, check_tensor
 from .._checks import check_int_pair as _pair
-from ..layers.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d_from_coords
+from ..layers.pos_embed import (
+    sincos_pos_embed_1d,
+    sincos_pos_embed_2d_from_coords,
+    steps_table,
+)
 from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
 __all__ = [
@@ -422,7 +426,8 @@ class RasterTokenizer(_ProjectedTokenizer):
     def _time_table(self, time_positions: Optional[Tensor], num_steps: int, batch: int) -> Tensor:
         """Sin-cos time embedding ``[t, d]`` or ``[b, t, d]`` in the parameter dtype."""
         if time_positions is None:
-            tp = torch.arange(num_steps, device=self.proj.weight.device)
+            w = self.proj.weight
+            return steps_table(self.embed_dim, num_steps, w.device, w.dtype)
         else:
             tp = _time_embed_positions(time_positions, batch).to(self.proj.weight.device)
             if tp.shape[-1] != num_steps:

@@ -18,7 +18,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from .._checks import check_int, check_padding_mask, check_tensor
-from ..layers.pos_embed import sincos_pos_embed_1d
+from ..layers.pos_embed import sincos_pos_embed_1d, steps_table
 from ._base import _check_time_positions, _ProjectedTokenizer, _time_embed_positions
 
 __all__ = ["SeriesTokenizer", "StaticToken", "append_tokens"]
@@ -155,8 +155,8 @@ class SeriesTokenizer(_ProjectedTokenizer):
         """
         if self.spatial_pos_embed is not None:
             return self.spatial_pos_embed
-        positions = torch.arange(self.num_patches, device=self.proj.weight.device)
-        return sincos_pos_embed_1d(self.embed_dim, positions, dtype=self.proj.weight.dtype)
+        w = self.proj.weight
+        return steps_table(self.embed_dim, self.num_patches, w.device, w.dtype)
 
     def num_tokens(self, num_steps: int) -> int:
         """Number of tokens ``t * P`` for ``num_steps`` steps."""
@@ -221,17 +221,19 @@ class SeriesTokenizer(_ProjectedTokenizer):
     def _position_4d(self, time_positions: Optional[Tensor], num_steps: int, batch: int) -> Tensor:
         """Spatial + time embedding broadcastable to ``[b, t, p, d]``."""
         pos = self.spatial_embedding()[None, None]
-        device = self.proj.weight.device
-        if time_positions is None:
-            tp = torch.arange(num_steps, device=device)
-        else:
-            tp = _time_embed_positions(time_positions, batch).to(device)
+        w = self.proj.weight
+        tp: Optional[Tensor] = None
+        if time_positions is not None:
+            tp = _time_embed_positions(time_positions, batch).to(w.device)
             if tp.shape[-1] != num_steps:
                 raise ValueError(
                     f"time_positions has shape {tuple(tp.shape)} but there are {num_steps} steps"
                 )
         if self.time_embed_kind == "sincos":
-            table = sincos_pos_embed_1d(self.embed_dim, tp, dtype=self.proj.weight.dtype)
+            if tp is None:
+                table = steps_table(self.embed_dim, num_steps, w.device, w.dtype)
+            else:
+                table = sincos_pos_embed_1d(self.embed_dim, tp, dtype=w.dtype)
             if table.ndim == 2:
                 table = table[None]
             pos = pos + table[:, :, None, :]

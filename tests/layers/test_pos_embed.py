@@ -189,3 +189,27 @@ def test_known_mae_value() -> None:
     # token 1 = (row 0, col 1)
     row0 = [0.0, 0.0, 1.0, 1.0]
     torch.testing.assert_close(out[1], torch.tensor(half + row0, dtype=torch.float64))
+
+
+def test_steps_table_is_the_1d_table_made_once() -> None:
+    """`steps_table` equals ``sincos_pos_embed_1d(dim, arange(n))`` exactly, is made once per
+    (dim, n, device, dtype) and reused, carries no gradient, works in training after being
+    first made under ``inference_mode``, and keeps at most 64 tables."""
+    from crossmae.layers import pos_embed as pe
+
+    pe._STEP_TABLES.clear()
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        first = pe.steps_table(12, 7, cpu, torch.float32)
+    assert torch.equal(first, pe.sincos_pos_embed_1d(12, torch.arange(7), dtype=torch.float32))
+    assert pe.steps_table(12, 7, cpu, torch.float32) is first
+    assert not first.requires_grad and not first.is_inference()
+    other = pe.steps_table(12, 7, cpu, torch.float64)
+    assert other is not first and other.dtype == torch.float64
+    w = torch.randn(7, 12, requires_grad=True)
+    (w * pe.steps_table(12, 7, cpu, torch.float32)).sum().backward()
+    assert torch.equal(w.grad, first)
+    for n in range(100):
+        pe.steps_table(4, n + 1, cpu, torch.float32)
+    assert len(pe._STEP_TABLES) <= 64
+    pe._STEP_TABLES.clear()
