@@ -420,7 +420,10 @@ def restore_order(
 
 def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractContextManager[Any]:
     """A context restricting SDPA to ``backends`` (names from `SDPA_BACKENDS`, in order of
-    priority where torch supports it), or a no-op context for None / ``()``."""
+    priority where torch supports it), or a no-op context for None / ``()``.
+
+    While compiling this is ``torch.nn.attention.sdpa_kernel`` (dynamo traces it). In eager
+    mode it is `_SdpaChoice`, the same switches set directly, for less host time per call."""
     if not backends:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
