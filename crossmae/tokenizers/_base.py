@@ -73,7 +73,8 @@ class _ProjectedTokenizer(nn.Module):
         out: Tensor = rearrange(pos, "b t l d -> b (t l) d")
         if tp is None or tp.ndim == 1:
             out = out[0]
-        return out
+        # a fresh tensor: the forward's tables may be shared ones (`steps_table`)
+        return out.clone() if out._is_view() else out
 
     def reset_parameters(self) -> None:
         """Xavier-uniform ``proj`` (zero bias); truncated normal (std 0.02) learned vectors."""

@@ -153,6 +153,11 @@ class SeriesTokenizer(_ProjectedTokenizer):
             ``[P, d]`` in the parameter dtype: the learned ``spatial_pos_embed`` or the sin-cos
             1D embedding of the patch index ``0..P-1``.
         """
+        table = self._spatial_table()
+        return table if self.spatial_pos_embed is not None else table.clone()
+
+    def _spatial_table(self) -> Tensor:
+        """`spatial_embedding` without a copy: the shared sin-cos table (read only)."""
         if self.spatial_pos_embed is not None:
             return self.spatial_pos_embed
         w = self.proj.weight
@@ -220,7 +225,7 @@ class SeriesTokenizer(_ProjectedTokenizer):
 
     def _position_4d(self, time_positions: Optional[Tensor], num_steps: int, batch: int) -> Tensor:
         """Spatial + time embedding broadcastable to ``[b, t, p, d]``."""
-        pos = self.spatial_embedding()[None, None]
+        pos = self._spatial_table()[None, None]
         w = self.proj.weight
         tp: Optional[Tensor] = None
         if time_positions is not None:

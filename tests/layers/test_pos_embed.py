@@ -213,3 +213,21 @@ def test_steps_table_is_the_1d_table_made_once() -> None:
         pe.steps_table(4, n + 1, cpu, torch.float32)
     assert len(pe._STEP_TABLES) <= 64
     pe._STEP_TABLES.clear()
+
+
+def test_public_embeddings_do_not_hand_out_the_shared_tables() -> None:
+    """`spatial_embedding` and `position_embedding` return fresh tensors: writing into them
+    leaves the shared step tables, and so the next forward, unchanged."""
+    from crossmae.layers import pos_embed as pe
+    from crossmae.tokenizers import SeriesTokenizer
+
+    pe._STEP_TABLES.clear()
+    tok = SeriesTokenizer(16, 8, spatial_embed="sincos", time_embed=None)
+    x = torch.randn(2, 8, 3)
+    want = tok(x)[0]
+    emb = tok.spatial_embedding()
+    emb.add_(100.0)
+    flat = tok.position_embedding(1)
+    flat.add_(100.0)
+    assert torch.equal(tok(x)[0], want)
+    assert all(t.abs().max() <= 1.0 for t in pe._STEP_TABLES.values())
