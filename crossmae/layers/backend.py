@@ -426,6 +426,10 @@ def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractCont
     mode it is `_SdpaChoice`, the same switches set directly, for less host time per call."""
     if not backends:
         return contextlib.nullcontext()
+    eager = not torch.compiler.is_compiling()  # (folded away while tracing: no guard)
+    if eager and _FAST_SDPA is not None:
+        _settle_torch_priority()
+        return _SdpaChoice(backends)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {
@@ -436,12 +440,9 @@ def sdpa_context(backends: Optional[tuple[str, ...]]) -> contextlib.AbstractCont
     }
     chosen = [names[b] for b in backends]
     if _SDPA_PRIORITY:
-        if torch.compiler.is_compiling():  # (folded away while tracing: no guard)
-            return sdpa_kernel(chosen, set_priority=True)  # the context dynamo traces
-        _settle_torch_priority()
-        if _FAST_SDPA is not None:
-            return _SdpaChoice(backends)
-        return sdpa_kernel(chosen, set_priority=True)
+        if eager:
+            _settle_torch_priority()
+        return sdpa_kernel(chosen, set_priority=True)  # the context dynamo traces
     return sdpa_kernel(chosen)
 
 
@@ -452,6 +453,8 @@ class _SdpaSwitches(NamedTuple):
     sets: tuple[Callable[[bool], None], ...]  # ... and setter
     flag_ids: tuple[int, ...]  # each flag's backend id in the priority order
     ids: dict[str, int]  # our backend names → priority ids
+    get_order: Callable[[], list[int]]
+    set_order: Callable[[list[int]], None]
 
 
 def _sdpa_switches() -> Optional[_SdpaSwitches]:
@@ -474,15 +477,16 @@ def _sdpa_switches() -> Optional[_SdpaSwitches]:
                     ("math", "MATH"),
                 )
             },
+            get_order=torch._C._get_sdp_priority_order,
+            set_order=torch._C._set_sdp_priority_order,
         )
-        getattr(torch._C, "_get_sdp_priority_order")  # noqa: B009
-        getattr(torch._C, "_set_sdp_priority_order")  # noqa: B009
     except (ImportError, AttributeError):
         return None
     return found
 
 
-_FAST_SDPA = _sdpa_switches()
+# None also before torch 2.6 (no priority order): then `sdpa_kernel` runs
+_FAST_SDPA = _sdpa_switches() if _SDPA_PRIORITY else None
 _CHOICES: dict[tuple[str, ...], tuple[tuple[bool, ...], tuple[int, ...]]] = {}
 
 
@@ -507,16 +511,17 @@ class _SdpaChoice:
     def __enter__(self) -> None:
         sw = cast(_SdpaSwitches, _FAST_SDPA)
         self._saved = [get() for get in sw.gets]
-        self._order: list[int] = torch._C._get_sdp_priority_order()
+        self._order = sw.get_order()
         on, ids = self._want
         for put, flag in zip(sw.sets, on):
             put(flag)
-        torch._C._set_sdp_priority_order([*ids, *(p for p in self._order if p not in ids)])
+        sw.set_order([*ids, *(p for p in self._order if p not in ids)])
 
     def __exit__(self, *exc: object) -> None:
-        for put, flag in zip(cast(_SdpaSwitches, _FAST_SDPA).sets, self._saved):
+        sw = cast(_SdpaSwitches, _FAST_SDPA)
+        for put, flag in zip(sw.sets, self._saved):
             put(flag)
-        torch._C._set_sdp_priority_order(self._order)
+        sw.set_order(self._order)
 
 
 _PRIORITY_SETTLED = False
