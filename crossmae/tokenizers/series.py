@@ -73,7 +73,7 @@ class SeriesTokenizer(_ProjectedTokenizer):
 
     * ``spatial``: a learned vector per patch (``spatial_embed="learned"``, parameter
       ``spatial_pos_embed [P, d]``) or the sin-cos 1D embedding of the patch index
-      (``"sincos"``, computed on the fly in the parameter dtype).
+      (``"sincos"``, a fixed table in the parameter dtype, made once and reused).
     * ``time``: sin-cos 1D embedding of the step's position (``time_embed="sincos"``; default
       ``0..t-1``) or nothing (None).
     * ``modality``: one learned vector ``modality_embed [d]`` (``modality_embed=True``).
