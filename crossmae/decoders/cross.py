@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import (
@@ -22,8 +23,8 @@ from .._checks import (
     check_optional_bool,
     check_padding_mask,
 )
-from ..layers import backend
-from ..layers.attention import warn_trailing
+from ..layers import _calls, backend
+from ..layers.attention import CrossAttention, warn_trailing
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.drop import drop_path_schedule
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
@@ -55,6 +56,85 @@ def build_pos_table(
     if table.shape[-1] != dim:
         raise ValueError(f"pos_embed has width {table.shape[-1]} but dim={dim}")
     return table.detach().clone(), None
+
+
+def _plain_kv(blk: nn.Module) -> Optional[nn.Linear]:
+    """The ``kv`` projection of ``blk`` when the block, its cross-attention and the
+    projection are exactly crossmae's `CrossAttentionBlock`, `CrossAttention` and
+    ``nn.Linear`` with plain parameters, none hooked or compiled; else None."""
+    if type(blk) is not CrossAttentionBlock or _calls.hooked(blk) or _compiled(blk):
+        return None
+    ca = blk._modules["cross_attn"]
+    if type(ca) is not CrossAttention or _calls.hooked(ca) or _compiled(ca):
+        return None
+    lin = ca._modules["kv"]
+    if type(lin) is not nn.Linear or _calls.hooked(lin) or _compiled(lin):
+        return None
+    for t in (lin.weight, lin.bias):
+        if t is not None and type(t) is not nn.Parameter and type(t) is not Tensor:
+            return None  # tensor subclasses (sharded, quantized) keep their own kernels
+    return lin
+
+
+def _compiled(mod: nn.Module) -> bool:
+    return getattr(mod, "_compiled_call_impl", None) is not None
+
+
+def layer_keys_values(
+    blocks: nn.ModuleList, context: Tensor, context_padding_mask: Optional[Tensor]
+) -> Optional[list[tuple[Tensor, Tensor]]]:
+    """Every block's cross-attention keys and values ``(k, v)``, each ``[b, h, m, d]``,
+    from one GEMM, or None where the blocks must run their own projections.
+
+    ``context`` is the decoder's prepared context: ``[b, m, e]`` shared by every layer
+    (the projections' weights are concatenated: one ``[b m, e] x [e, depth 2c]`` GEMM) or
+    ``[depth, b, m, e]``, one per layer (WFM: one batched GEMM). Padded context slots
+    (``context_padding_mask`` True) are zeroed first, as each block's `CrossAttention`
+    does. In an eager step every linear costs host time in the forward and the backward
+    (casts, views, the gradient sum of a shared context), and the host is the bound.
+
+    None when there are fewer than two blocks, when a block is not plain (`_plain_kv`), or
+    when the projections differ in shape, bias, dtype or device (or a global module hook
+    is registered)."""
+    if len(blocks) < 2 or _calls.global_hooks():
+        return None
+    lins = []
+    for blk in blocks:
+        lin = _plain_kv(blk)
+        if lin is None:
+            return None
+        lins.append(lin)
+    w0, b0 = lins[0].weight, lins[0].bias
+    for lin in lins[1:]:
+        w = lin.weight
+        if w.shape != w0.shape or w.dtype != w0.dtype or w.device != w0.device:
+            return None
+        if (lin.bias is None) != (b0 is None):
+            return None
+    depth, (two_c, e) = len(lins), w0.shape
+    if context.shape[-1] != e or (context.ndim == 4 and context.shape[0] != depth):
+        return None
+    if context_padding_mask is not None:
+        context = context.masked_fill(context_padding_mask[..., None], 0.0)
+    b, m = context.shape[-3], context.shape[-2]
+    biases = None if b0 is None else [cast(Tensor, lin.bias) for lin in lins]
+    if context.ndim == 3:  # one context: [b m, e] x [e, depth 2c]
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = None if biases is None else torch.cat(biases)
+        kv = F.linear(context.reshape(b * m, e), weight, bias).view(b, m, depth, two_c)
+        kv = kv.permute(2, 0, 1, 3)  # depth b m 2c
+    else:  # one context per layer: batched GEMM
+        rows = context.reshape(depth, b * m, e)
+        weight_t = torch.stack([lin.weight for lin in lins]).transpose(1, 2)
+        if biases is None:
+            kv = torch.bmm(rows, weight_t)
+        else:
+            kv = torch.baddbmm(torch.stack(biases)[:, None], rows, weight_t)
+        kv = kv.view(depth, b, m, two_c)
+    out = []
+    for blk, layer_kv in zip(blocks, kv.unbind(0)):
+        out.append(cast(CrossAttentionBlock, blk).cross_attn._split_kv(layer_kv))
+    return out
 
 
 class _QueryEmbeddings(nn.Module):
@@ -395,8 +475,26 @@ class CrossMAEDecoder(_QueryEmbeddings):
         return self.decode(st)
 
     def decode(self, state: DecoderState) -> Tensor:
-        """The blocks, final norm and head over the state from `prepare` → ``[b, p, o]``."""
+        """The blocks, final norm and head over the state from `prepare` → ``[b, p, o]``.
+
+        When every block is crossmae's own `CrossAttentionBlock` (no subclass, hook or
+        compiled module on the way), every layer's key/value projection runs as one GEMM
+        (`layer_keys_values`); the results equal calling the blocks one by one up to
+        rounding."""
         x = state.queries
+        kvs = layer_keys_values(self.blocks, state.context, state.context_padding_mask)
+        if kvs is not None:
+            for blk, (k, v) in zip(self.blocks, kvs):
+                x = cast(CrossAttentionBlock, blk)._forward_kv(
+                    x,
+                    k,
+                    v,
+                    state.context_padding_mask,
+                    state.query_padding_mask,
+                    state.plan,
+                    state.query_plan,
+                )
+            return self.predict(x)
         for j, blk in enumerate(self.blocks):
             layer_ctx = state.context[j] if state.context.ndim == 4 else state.context
             x = blk(

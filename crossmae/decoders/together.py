@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import _stacked, _varlen
+from ..layers import _calls, _stacked, _varlen
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
@@ -287,7 +287,7 @@ def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     steps."""
     if type(blk) is not CrossAttentionBlock or getattr(blk, STEPS_ATTR, None) is not None:
         return None
-    if blk.has_self_attn or _stacked.hooked(blk):
+    if blk.has_self_attn or _calls.hooked(blk):
         return None
     got = _stacked.block_parts(blk, "cross_attn", CrossAttention, ("q", "kv", "proj"))
     if got is None:
@@ -308,7 +308,7 @@ def _stack_parts(
             return None
         keys.append(parts[0])
         params.append(parts[1])
-    if _stacked.hooked(dec.blocks):
+    if _calls.hooked(dec.blocks):
         return None
     shared = id(st.context) if st.context.ndim == 3 else None
     return (tuple(keys), st.queries.shape[1:], st.queries.dtype, shared), params
@@ -321,7 +321,7 @@ def _stack_groups(
     group), with their parameters. None in eager mode under hooks for every module, or
     while compiling (compiled kernels fuse the per-decoder ops already; the captured graph
     keeps its shape)."""
-    if torch.compiler.is_compiling() or _stacked.global_hooks():
+    if torch.compiler.is_compiling() or _calls.global_hooks():
         return []
     groups: dict[tuple[object, ...], tuple[list[int], list[list[Params]]]] = {}
     for i, (dec, st) in enumerate(zip(decoders, states)):

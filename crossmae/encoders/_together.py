@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import _stacked, backend
+from ..layers import _calls, _stacked, backend
 from ..layers.attention import Attention, _attend
 from ..layers.blocks import Block
 from .transformer import EncoderOutput, FiLM, TransformerEncoder
@@ -46,7 +46,7 @@ def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     """``(key, parameters in _SLOTS order)`` of a stock `Block` (attention, MLP, norms,
     linears and GELU exactly crossmae's / PyTorch's, dropouts inert, no attention dropout
     in training, no hooks, not compiled in place), or None."""
-    if type(blk) is not Block or _stacked.hooked(blk) or _compiled(blk):
+    if type(blk) is not Block or _calls.hooked(blk) or _compiled(blk):
         return None
     got = _stacked.block_parts(blk, "attn", Attention, ("qkv", "proj"))
     if got is None:
@@ -64,10 +64,10 @@ def encoder_parts(
     `TransformerEncoder` that can run stacked (every block per `_block_parts`, FiLMs and
     the final norm stock, no hooks anywhere, nothing compiled in place), or None. Encoders
     with equal keys compute the same function of their own parameters."""
-    if type(enc) is not TransformerEncoder or _stacked.hooked(enc) or _compiled(enc):
+    if type(enc) is not TransformerEncoder or _calls.hooked(enc) or _compiled(enc):
         return None
     blocks = enc.blocks
-    if _stacked.hooked(blocks) or not len(blocks):
+    if _calls.hooked(blocks) or not len(blocks):
         return None
     keys: list[object] = []
     params: list[Params] = []
@@ -80,10 +80,10 @@ def encoder_parts(
     films: list[Params] = []
     film_list = enc.films
     if film_list is not None:
-        if _stacked.hooked(film_list):
+        if _calls.hooked(film_list):
             return None
         for film in film_list:
-            if type(film) is not FiLM or _stacked.hooked(film):
+            if type(film) is not FiLM or _calls.hooked(film):
                 return None
             got = _stacked.parts((film._modules["proj"],), (), None)
             if got is None:
@@ -92,7 +92,7 @@ def encoder_parts(
             films.append(got[1])
     norm = enc._modules["norm"]
     norm_params: Params = []
-    if type(norm) is nn.Identity and norm is not None and not _stacked.hooked(norm):
+    if type(norm) is nn.Identity and norm is not None and not _calls.hooked(norm):
         keys.append("identity")
     else:
         got = _stacked.parts((norm,), (), None)
@@ -106,7 +106,7 @@ def encoder_parts(
 def may_stack() -> bool:
     """Stacked runs are for eager mode without hooks for every module: compiled kernels
     fuse the per-encoder ops already (and the traced graph keeps its shape)."""
-    return not torch.compiler.is_compiling() and not _stacked.global_hooks()
+    return not torch.compiler.is_compiling() and not _calls.global_hooks()
 
 
 def encode_stacked(

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._calls import hooked
 from .drop import DropPath
 from .mlp import Mlp
 
@@ -31,27 +32,6 @@ __all__: list[str] = []
 Params = list[Optional[Tensor]]
 
 _DROPS = (nn.Identity, nn.Dropout, DropPath)
-
-
-def hooked(mod: nn.Module) -> bool:
-    """Forward or backward hooks on ``mod`` (a stacked run calls no module's ``forward``,
-    so it would bypass them)."""
-    return bool(
-        mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-        or mod._backward_pre_hooks
-    )  # fmt: skip
-
-
-def global_hooks() -> bool:
-    """Module hooks registered for every module (``register_module_forward_hook`` ...)."""
-    g = nn.modules.module
-    names = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return any(bool(getattr(g, n, None)) for n in names)
 
 
 def parts(

@@ -19,7 +19,7 @@ Guarantees (tested in ``tests/layers/test_attention.py``):
 from __future__ import annotations
 
 import warnings
-from typing import Optional, cast
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,7 @@ from .._checks import (
 )
 from .._config import use_fused_attn
 from . import _varlen, backend
+from ._calls import call_part
 from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
 from .packing import segment_index
@@ -481,11 +482,13 @@ class Attention(nn.Module):
         pad = check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
-        # b n (three h d) -> three b h n d, as native views (einops' parsing costs host
-        # time on every call, and eager steps are bound by the host)
-        q, k, v = (
-            self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        )
+        # (b n) (three h d) -> three b h n d, as native views: einops' parsing costs host
+        # time on every call, and eager steps are bound by the host. The projections run on
+        # rows [b n, c]: a linear over [b, n, c] views to two dimensions and back, which
+        # costs host time in the forward and the backward.
+        b, n, c = x.shape
+        qkv = self.qkv(x.reshape(b * n, c))
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = _attend(
             q,
             k,
@@ -496,8 +499,8 @@ class Attention(nn.Module):
             query_padding_mask=pad,
             plan=plan,
         )
-        out = out.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
-        return self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(1, 2).reshape(b * n, c))  # b h n d -> (b n) (h d)
+        return call_part(self.proj_drop, out).view(b, n, c)
 
     def forward_packed(
         self,
@@ -521,7 +524,7 @@ class Attention(nn.Module):
             cu = _check_cu_seqlens(cu_seqlens, q)
             kernel = plan.kernel if self.fused_attn else "manual"
             out = _packed_attend(q, k, v, cu, max_seqlen, kernel)
-        return self.proj_drop(self.proj(out.flatten(1)))  # t h d -> t (h d)
+        return call_part(self.proj_drop, self.proj(out.flatten(1)))  # t h d -> t (h d)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, fused_attn={self.fused_attn}"
@@ -614,25 +617,53 @@ class CrossAttention(nn.Module):
         x, context, pad = _check_cross_inputs(self, x, context, context_padding_mask)
         if pad is not None:
             context = context.masked_fill(pad[..., None], 0.0)
-        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # b h n d
-        kv = self.kv(context).unflatten(-1, (2, self.num_heads, -1))  # b m two h d
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        b, m = context.shape[:2]
+        # projection on rows (see `Attention.forward`)
+        kv = self.kv(context.reshape(b * m, self.context_dim)).view(b, m, 2 * self.dim)
+        return self._attend_kv(x, *self._split_kv(kv), pad, plan=plan)
+
+    def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values ``[b, h, m, d]`` (views) of a ``kv`` projection output
+        ``[b, m, 2c]`` (first half k, second half v, heads split as ``(h d)``)."""
+        b, m = kv.shape[:2]
+        k, v = kv.view(b, m, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def _attend_kv(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        context_padding_mask: Optional[Tensor] = None,
+        *,
+        plan: Optional[backend.AttentionPlan] = None,
+    ) -> Tensor:
+        """`forward` after the key/value projection: queries from ``x [b, n, c]``, keys and
+        values ``k, v [b, h, m, d]`` given (e.g. the `_split_kv` of every layer's ``kv``
+        projection, computed in one GEMM). Inputs are not checked: the caller's
+        ``forward`` did (``context_padding_mask`` True = padding, its keys finite)."""
+        b, n, c = x.shape
+        q = self.q(x.reshape(b * n, c)).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         out = _attend(
             q,
             k,
             v,
-            pad,
+            context_padding_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
             fused=self.fused_attn,
             plan=plan,
         )
-        return self.output(out.transpose(1, 2).flatten(2))  # b h n d -> b n (h d)
+        return self.output(out.transpose(1, 2).reshape(b * n, c)).view(b, n, c)  # (b n) (h d)
 
     def output(self, attended: Tensor) -> Tensor:
         """The output projection (and its dropout) of the attended values ``[..., c]``, heads
         merged as ``(h d)``: the last step of `forward`, for callers that run the attention
         itself elsewhere (e.g. several decoders sharing one kernel call)."""
-        return cast(Tensor, self.proj_drop(self.proj(attended)))
+        if attended.ndim == 2:
+            return call_part(self.proj_drop, self.proj(attended))
+        rows = attended.reshape(-1, attended.shape[-1])  # on rows (see `Attention.forward`)
+        out = call_part(self.proj_drop, self.proj(rows))
+        return out.view(*attended.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
         return (

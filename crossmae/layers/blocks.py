@@ -6,7 +6,7 @@ Mask polarity: ``*_padding_mask`` bool, **True = padding**.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, cast
+from typing import Callable, Optional
 
 import torch.nn as nn
 from torch import Tensor
@@ -18,6 +18,7 @@ from .._checks import (
     check_probability,
     check_ratio,
 )
+from ._calls import call_part
 from .attention import Attention, CrossAttention, _check_cross_inputs, _check_tokens, warn_trailing
 from .backend import AttentionPlan
 from .drop import DropPath
@@ -119,8 +120,8 @@ class Block(nn.Module):
             check_padding_mask("padding_mask", padding_mask, x.shape[:2], "x [b, n, c]")
             x = x.masked_fill(padding_mask[..., None], 0.0)
         attn = self.attn(self.norm1(x), padding_mask, plan=plan)
-        x = x + self.drop_path1(attn)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + call_part(self.drop_path1, attn)
+        return x + call_part(self.drop_path2, self.mlp(self.norm2(x)))
 
     def forward_packed(
         self,
@@ -134,8 +135,8 @@ class Block(nn.Module):
         depth is per row here, not per sample. ``plan``: the stack's packed-layout plan."""
         x = _check_tokens("x", x, self.attn.dim, "dim", self.attn.qkv.weight.dtype, ndim=2)
         attn = self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen, plan=plan)
-        x = x + self.drop_path1(attn)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + call_part(self.drop_path1, attn)
+        return x + call_part(self.drop_path2, self.mlp(self.norm2(x)))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -267,6 +268,23 @@ class CrossAttentionBlock(nn.Module):
         )
         return self.after_cross(x, ca)
 
+    def _forward_kv(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        context_padding_mask: Optional[Tensor],
+        query_padding_mask: Optional[Tensor],
+        plan: Optional[AttentionPlan],
+        query_plan: Optional[AttentionPlan],
+    ) -> Tensor:
+        """`forward` with the cross-attention's keys and values ``k, v [b, h, m, d]`` given
+        (a decoder that projects every layer's context in one GEMM); inputs as its caller
+        checked them."""
+        x = self.before_cross(x, query_padding_mask, query_plan)
+        ca = self.cross_attn._attend_kv(self.norm1(x), k, v, context_padding_mask, plan=plan)
+        return self.after_cross(x, ca)
+
     def before_cross(
         self,
         x: Tensor,
@@ -280,11 +298,11 @@ class CrossAttentionBlock(nn.Module):
             x = x.masked_fill(query_padding_mask[..., None], 0.0)
         if self.has_self_attn:
             sa = self.self_attn(self.norm0(x), query_padding_mask, plan=query_plan)
-            x = x + self.drop_path0(sa)
+            x = x + call_part(self.drop_path0, sa)
         return x
 
     def after_cross(self, x: Tensor, cross: Tensor) -> Tensor:
         """The steps of `forward` after the cross-attention: its residual (``cross``, the
         output of ``cross_attn``) and the MLP."""
-        x = x + self.drop_path1(cross)
-        return cast(Tensor, x + self.drop_path2(self.mlp(self.norm2(x))))
+        x = x + call_part(self.drop_path1, cross)
+        return x + call_part(self.drop_path2, self.mlp(self.norm2(x)))
