@@ -62,22 +62,18 @@ def _plain_kv(blk: nn.Module) -> Optional[nn.Linear]:
     """The ``kv`` projection of ``blk`` when the block, its cross-attention and the
     projection are exactly crossmae's `CrossAttentionBlock`, `CrossAttention` and
     ``nn.Linear`` with plain parameters, none hooked or compiled; else None."""
-    if type(blk) is not CrossAttentionBlock or _calls.hooked(blk) or _compiled(blk):
+    if type(blk) is not CrossAttentionBlock or _calls.hooked(blk) or _calls.compiled(blk):
         return None
     ca = blk._modules["cross_attn"]
-    if type(ca) is not CrossAttention or _calls.hooked(ca) or _compiled(ca):
+    if type(ca) is not CrossAttention or _calls.hooked(ca) or _calls.compiled(ca):
         return None
     lin = ca._modules["kv"]
-    if type(lin) is not nn.Linear or _calls.hooked(lin) or _compiled(lin):
+    if type(lin) is not nn.Linear or _calls.hooked(lin) or _calls.compiled(lin):
         return None
     for t in (lin.weight, lin.bias):
         if t is not None and type(t) is not nn.Parameter and type(t) is not Tensor:
             return None  # tensor subclasses (sharded, quantized) keep their own kernels
     return lin
-
-
-def _compiled(mod: nn.Module) -> bool:
-    return getattr(mod, "_compiled_call_impl", None) is not None
 
 
 def layer_keys_values(

@@ -61,7 +61,7 @@ def after_step(blk: CrossAttentionBlock, x: Tensor, attended: Tensor) -> Tensor:
 def _hooked(mod: torch.nn.Module) -> bool:
     """Forward hooks, or a ``Module.compile`` without compiled lockstep steps: what a
     lockstep run, calling the steps of ``forward`` itself, would bypass."""
-    compiled = getattr(mod, "_compiled_call_impl", None) is not None
+    compiled = _calls.compiled(mod)
     if compiled and getattr(mod, STEPS_ATTR, None) is not None:
         compiled = False  # `compile_blocks` compiled its lockstep steps too
     return compiled or bool(mod._forward_hooks or mod._forward_pre_hooks)

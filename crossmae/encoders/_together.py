@@ -38,15 +38,11 @@ _SLOTS = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight",
 _SLOT = {name: i for i, name in enumerate(_SLOTS)}
 
 
-def _compiled(mod: nn.Module) -> bool:
-    return getattr(mod, "_compiled_call_impl", None) is not None
-
-
 def _block_parts(blk: nn.Module) -> Optional[tuple[tuple[object, ...], Params]]:
     """``(key, parameters in _SLOTS order)`` of a stock `Block` (attention, MLP, norms,
     linears and GELU exactly crossmae's / PyTorch's, dropouts inert, no attention dropout
     in training, no hooks, not compiled in place), or None."""
-    if type(blk) is not Block or _calls.hooked(blk) or _compiled(blk):
+    if type(blk) is not Block or _calls.hooked(blk) or _calls.compiled(blk):
         return None
     got = _stacked.block_parts(blk, "attn", Attention, ("qkv", "proj"))
     if got is None:
@@ -64,7 +60,7 @@ def encoder_parts(
     `TransformerEncoder` that can run stacked (every block per `_block_parts`, FiLMs and
     the final norm stock, no hooks anywhere, nothing compiled in place), or None. Encoders
     with equal keys compute the same function of their own parameters."""
-    if type(enc) is not TransformerEncoder or _calls.hooked(enc) or _compiled(enc):
+    if type(enc) is not TransformerEncoder or _calls.hooked(enc) or _calls.compiled(enc):
         return None
     blocks = enc.blocks
     if _calls.hooked(blocks) or not len(blocks):

@@ -34,6 +34,12 @@ def global_hooks() -> bool:
     )  # fmt: skip
 
 
+def compiled(mod: nn.Module) -> bool:
+    """Whether ``mod`` was compiled in place (``Module.compile``): running its steps
+    without calling it would bypass the compiled code."""
+    return getattr(mod, "_compiled_call_impl", None) is not None
+
+
 def call_part(part: nn.Module, x: Tensor) -> Tensor:
     """``part(x)``; a plain ``nn.Identity`` without hooks is skipped (it returns ``x``)."""
     if type(part) is nn.Identity and not hooked(part) and not global_hooks():
