@@ -24,7 +24,7 @@ from .._checks import (
     check_padding_mask,
 )
 from ..layers import _calls, backend
-from ..layers.attention import CrossAttention, warn_trailing
+from ..layers.attention import CrossAttention, _heads, warn_trailing
 from ..layers.blocks import CrossAttentionBlock
 from ..layers.drop import drop_path_schedule
 from ..layers.feature_maps import StackedLayerNorm, WeightedFeatureMaps
@@ -114,11 +114,19 @@ def layer_keys_values(
         context = context.masked_fill(context_padding_mask[..., None], 0.0)
     b, m = context.shape[-3], context.shape[-2]
     biases = None if b0 is None else [cast(Tensor, lin.bias) for lin in lins]
+    attns = [cast(CrossAttentionBlock, blk).cross_attn for blk in blocks]
     if context.ndim == 3:  # one context: [b m, e] x [e, depth 2c]
         weight = torch.cat([lin.weight for lin in lins])
         bias = None if biases is None else torch.cat(biases)
-        kv = F.linear(context.reshape(b * m, e), weight, bias).view(b, m, depth, two_c)
-        kv = kv.permute(2, 0, 1, 3)  # depth b m 2c
+        kv = F.linear(context.reshape(b * m, e), weight, bias)
+        heads = {(ca.num_heads, ca.head_dim) for ca in attns}
+        if len(heads) == 1:
+            # every layer's k and v split off in one go where they sit in memory, so the
+            # backward stacks their gradients straight into the GEMM's layout (`_heads`)
+            ((h, d),) = heads
+            parts = _heads(kv.view(b, m, 2 * depth, h, d))
+            return [(parts[2 * i], parts[2 * i + 1]) for i in range(depth)]
+        layers = kv.view(b, m, depth, two_c).unbind(2)
     else:  # one context per layer: batched GEMM
         rows = context.reshape(depth, b * m, e)
         weight_t = torch.stack([lin.weight for lin in lins]).transpose(1, 2)
@@ -126,11 +134,8 @@ def layer_keys_values(
             kv = torch.bmm(rows, weight_t)
         else:
             kv = torch.baddbmm(torch.stack(biases)[:, None], rows, weight_t)
-        kv = kv.view(depth, b, m, two_c)
-    out = []
-    for blk, layer_kv in zip(blocks, kv.unbind(0)):
-        out.append(cast(CrossAttentionBlock, blk).cross_attn._split_kv(layer_kv))
-    return out
+        layers = kv.view(depth, b, m, two_c).unbind(0)
+    return [ca._split_kv(layer_kv) for ca, layer_kv in zip(attns, layers)]
 
 
 class _QueryEmbeddings(nn.Module):

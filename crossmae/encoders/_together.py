@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers import _calls, _stacked, backend
-from ..layers.attention import Attention, _attend
+from ..layers.attention import Attention, _attend, _heads
 from ..layers.blocks import Block
 from .transformer import EncoderOutput, FiLM, TransformerEncoder
 
@@ -160,7 +160,7 @@ def encode_stacked(
         eps1 = cast(nn.LayerNorm, blk.norm1).eps
         h = F.layer_norm(y, (c,), None, None, eps1)
         qkv = _stacked.linear(h, *blocks.gemm(j, _SLOT["qkv.weight"]))  # norm1 folded in
-        q, key, v = qkv.view(g * b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, key, v = _heads(qkv.view(g * b, n, 3, heads, hd))
         att = _attend(q, key, v, block_pad, dropout_p=0.0, fused=blk.attn.fused_attn,
                       query_padding_mask=block_pad, plan=plan)  # fmt: skip
         att = att.transpose(1, 2).reshape(g, rows, c)  # (g b) h n d -> g (b n) (h d)

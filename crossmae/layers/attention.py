@@ -404,6 +404,19 @@ def _check_cross_inputs(
     return xt, ct, pad
 
 
+def _heads(proj: Tensor) -> tuple[Tensor, ...]:
+    """The heads ``[b, h, n, d]`` (views) of a fused projection viewed as ``[b, n, s, h, d]``
+    (``s`` = 3 for q, k, v; 2 for k, v).
+
+    The split is taken where the ``s`` parts sit in memory (dimension 2), and the heads are
+    transposed after it. The backward of that split stacks the parts' gradients into a
+    ``[b, n, s, h, d]`` tensor, which is already the projection's layout; split after the
+    transpose (as ``permute(2, 0, 3, 1, 4).unbind(0)``), the stacked gradient would be copied
+    a second time to make it so. The views, and so the forward, are the same either way.
+    """
+    return tuple(t.transpose(1, 2) for t in proj.unbind(2))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a padded token set.
 
@@ -488,7 +501,7 @@ class Attention(nn.Module):
         # costs host time in the forward and the backward.
         b, n, c = x.shape
         qkv = self.qkv(x.reshape(b * n, c))
-        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _heads(qkv.view(b, n, 3, self.num_heads, self.head_dim))
         out = _attend(
             q,
             k,
@@ -517,7 +530,9 @@ class Attention(nn.Module):
         this path. ``plan``: a packed-layout `AttentionPlan` from the stack, or None.
         """
         x = _check_tokens("x", x, self.dim, "dim", self.qkv.weight.dtype, ndim=2)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(1, 0, 2, 3).unbind(0)
+        # unbind where the three sit in memory: its backward then stacks the gradients
+        # straight into the projection's layout (see `_heads`)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(1)
         if plan is None:
             out = packed_attention(q, k, v, cu_seqlens, max_seqlen, fused=self.fused_attn)
         else:
@@ -626,7 +641,7 @@ class CrossAttention(nn.Module):
         """The keys and values ``[b, h, m, d]`` (views) of a ``kv`` projection output
         ``[b, m, 2c]`` (first half k, second half v, heads split as ``(h d)``)."""
         b, m = kv.shape[:2]
-        k, v = kv.view(b, m, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = _heads(kv.view(b, m, 2, self.num_heads, self.head_dim))
         return k, v
 
     def _attend_kv(
