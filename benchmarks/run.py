@@ -881,21 +881,40 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
     fused = dev.type == "cuda"
     wanted = [c for c in args_image_configs().split(",") if c]
     ref_modes = os.environ.get("CROSSMAE_BENCH_REF_MODES", "eager,compiled").split(",")
-    bad = [m for m in ref_modes if m not in ("eager", "compiled", "reduce-overhead")]
+    known = ("eager", "compiled", "reduce-overhead", "graph-compiled")
+    bad = [m for m in ref_modes if m not in known]
     if bad:
-        raise ValueError(f"CROSSMAE_BENCH_REF_MODES: unknown {bad}")
+        raise ValueError(f"CROSSMAE_BENCH_REF_MODES: unknown {bad}; choose from {known}")
+    if compile_ and "graph-compiled" in ref_modes and dev.type != "cuda":
+        raise ValueError(
+            f"CROSSMAE_BENCH_REF_MODES=graph-compiled captures CUDA graphs: it needs a CUDA "
+            f"device, got {dev}"
+        )
     for tag in ref_modes if compile_ else ["eager"]:
         compiled = tag != "eager"
         mode = "reduce-overhead" if tag == "reduce-overhead" else None
+        # graph-compiled: crossmae compiled and its whole step (AdamW included) in one CUDA
+        # graph; the reference cannot be captured whole (its decoder's masked_select syncs
+        # with the host), so it runs its fastest capturable form, reduce-overhead
+        whole = tag == "graph-compiled"
 
-        def make_side(side: str, cfg: Any, compiled: bool = compiled, mode: Any = mode) -> Any:
-            """One side's training step (model, fused AdamW, compiled when asked)."""
+        def make_side(
+            side: str, cfg: Any, compiled: bool = compiled, mode: Any = mode, whole: bool = whole
+        ) -> Any:
+            """One side's training step (model, fused AdamW, compiled when asked). With
+            ``whole``: crossmae's step is captured with the optimizer in one CUDA graph by
+            `cm.capture_step` (AdamW ``capturable=True``; masks from the default CUDA
+            generator, which CUDA graphs advance on every replay), the reference's runs
+            under ``reduce-overhead``."""
+            if whole:
+                mode = "reduce-overhead" if side == "reference" else None
+                whole = side == "crossmae"
             if side == "crossmae":
                 model = crossmae_vit_base(img_size=size, **cfg.crossmae, **_image_extra(small))
             else:
                 model = ref.build_reference(modules, cfg)
             model = model.to(dev)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, capturable=whole)
             fwd = torch.compile(model, mode=mode) if compiled else model
             if side == "crossmae":
                 # Masks from the global RNG, as the reference draws them (a generator=
@@ -910,6 +929,8 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
 
             else:
                 step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
+            if whole:
+                step, _ = cm.capture_step(step, optimizers=[opt])
             if mode == "reduce-overhead":
                 inner = step
 
@@ -926,7 +947,8 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
             steps: dict[str, Callable[[], None]] = {}
             if compiled:
                 torch._dynamo.reset()  # once per config: both compiled sides stay alive
-            # reduce-overhead: one round (alternating two graphed models would re-record)
+            # reduce-overhead: one round (alternating two graphed models would re-record);
+            # graph-compiled has one such model only
             rounds = 1 if mode == "reduce-overhead" else ref_rounds()
             for side, fresh in reference_schedule(k, compiled, rounds):
                 if fresh:

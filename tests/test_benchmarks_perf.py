@@ -165,6 +165,22 @@ def test_compiled_reference_pairs_compile_once_and_time_in_rounds(
         assert row["rounds"] == 2
 
 
+def test_whole_step_reference_mode_needs_cuda(
+    bench: ModuleType, fake_reference: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``graph-compiled`` (both sides captured whole by ``cm.capture_step``) is refused on
+    the CPU before any model is built; an unknown mode names the known ones."""
+    monkeypatch.setattr(bench, "REFERENCE_DIR", str(fake_reference))
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_MODES", "graph-compiled")
+    before = len(bench.ROWS)
+    with pytest.raises(ValueError, match=r"graph-compiled.*CUDA device, got cpu"):
+        bench.section_reference(torch.device("cpu"), True, True)
+    assert len(bench.ROWS) == before
+    monkeypatch.setenv("CROSSMAE_BENCH_REF_MODES", "graphed")
+    with pytest.raises(ValueError, match=r"unknown \['graphed'\].*graph-compiled"):
+        bench.section_reference(torch.device("cpu"), True, True)
+
+
 def test_reference_arguments_are_checked(bench: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"models_cross\.py"):
         bench.main(["--cpu", "--reference", str(tmp_path)])

@@ -40,7 +40,7 @@ from .._checks import (
     check_tensor,
 )
 from .._config import use_fused_attn
-from . import _varlen, backend
+from . import _short, _varlen, backend
 from ._calls import call_part
 from ._flex import can_use_flex, flex_attend, flex_packed
 from ._varlen import can_use_varlen, varlen_attend
@@ -93,7 +93,8 @@ def _attend(
     The one place where crossmae's polarity (True = padding) becomes a kernel's. The kernel
     is ``plan.kernel`` when a stack handed its `AttentionPlan` (decided once per stack
     forward, see `crossmae.layers.backend`), else `select_padded_kernel` for this call:
-    no padding → SDPA without a mask (flash/cuDNN can run); padding → packed
+    no padding → SDPA without a mask (flash/cuDNN can run), or crossmae's short-key
+    Triton kernel where the plan says ``"short"`` and the call fits it; padding → packed
     variable-length attention (`_varlen`), ``flex_attention`` with a block-sparse mask
     (`_flex`), or SDPA with a boolean ``[b, 1, 1, m]`` mask; the explicit softmax path when
     ``fused`` is False. ``query_padding_mask`` (self-attention) only lets the packed path
@@ -103,6 +104,8 @@ def _attend(
     if key_padding_mask is None:
         if not fused or (plan is not None and plan.kernel == "manual"):
             return _manual_attention(q, k, v, None, dropout_p)
+        if plan is not None and plan.kernel == "short" and _short.fits(q, k, v, dropout_p):
+            return _short.short_attention(q, k, v)
         if plan is not None and plan.sdpa_backends:
             with backend.sdpa_context(plan.sdpa_backends):
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -114,7 +117,9 @@ def _attend(
         kernel = "manual"
     elif plan is not None:
         kernel = plan.kernel
-        if kernel in ("sdpa", "dense") or (kernel in ("varlen", "flex") and dropout_p > 0.0):
+        if kernel in ("sdpa", "dense", "short") or (
+            kernel in ("varlen", "flex") and dropout_p > 0.0
+        ):
             kernel = "sdpa_mask"  # a plan made for other inputs: the always-valid choice
     else:
         kernel = select_padded_kernel(q, dropout_p)

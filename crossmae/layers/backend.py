@@ -14,6 +14,11 @@ Every attention call of crossmae runs one of these kernels (`AttentionPlan.kerne
 * ``"dense"``: packed rows only, where neither packed kernel serves (off-CUDA): every
   segment attends through a zero-padded ``[segments, longest]`` layout with SDPA and a key
   mask (no ``[t, t]`` mask; rows of different segments never meet);
+* ``"short"``: unpadded calls whose keys fit one tile (``m <= 128``; CUDA, half precision,
+  no dropout, head dim 16/32/64/128): crossmae's own Triton kernel (`_short`), one program
+  per query block forward and per ``(b, h)`` backward, where the fused SDPA kernels spend
+  most of their time on setup at such lengths; the plan's ``sdpa_backends`` serve any call
+  it cannot take;
 * ``"manual"``: the explicit softmax path (``fused_attn=False``; float64 gradcheck).
 
 `decide` is the pure policy (device type, dtype, head dim, padding, layout, dropout and the
@@ -35,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .._config import padded_attention_kernel, use_fused_attn
-from . import _flex, _varlen
+from . import _flex, _short, _varlen
 
 __all__ = [
     "DEFAULT_KERNEL_TABLE",
@@ -49,7 +54,9 @@ __all__ = [
     "set_kernel_table",
 ]
 
-PLAN_KERNELS = ("sdpa", "sdpa_mask", "varlen", "flex", "dense", "manual")
+PLAN_KERNELS = ("sdpa", "sdpa_mask", "varlen", "flex", "dense", "short", "manual")
+#: Kernels a `KernelRule` may name: the padded ones, and ``"short"`` for unpadded calls.
+RULE_KERNELS = ("varlen", "flex", "sdpa_mask", "short")
 #: SDPA backends a `KernelRule` may list for unmasked calls (names of
 #: ``torch.nn.attention.SDPBackend``, lower case).
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
@@ -65,13 +72,14 @@ class AttentionPlan:
 
     Fields:
         kernel: one of ``"sdpa"``, ``"sdpa_mask"``, ``"varlen"``, ``"flex"``, ``"dense"``,
-            ``"manual"``.
+            ``"short"``, ``"manual"``.
         reorder: the stack should move padding to the end of every row once before its
             blocks (only for ``"varlen"`` over a padded layout).
         trailing: padding is known to be at the end of every row (set by the stack after it
             reordered, via `reordered`); the blocks then skip their own reordering copy.
         sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
-            call to, in order (from the kernel table), or None for PyTorch's own choice.
+            call to, in order (from the kernel table), or None for PyTorch's own choice;
+            for ``"short"``, those of a call the short kernel cannot take.
         self_segments: ``(padding_mask, cu_seqlens)`` set by `order_for` after reordering:
             the packed kernel's segment boundaries for self-attention over exactly that
             (trailing) ``padding_mask`` tensor, computed once per stack forward instead of
@@ -124,9 +132,10 @@ class KernelRule:
     """One row of the per-shape kernel table (`set_kernel_table`); None matches anything.
 
     Fields:
-        kernel: for padded calls, ``"varlen"``, ``"flex"`` or ``"sdpa_mask"`` (used where the
-            kernel can serve the call, else the default policy applies); None keeps the
-            default policy.
+        kernel: for padded calls, ``"varlen"``, ``"flex"`` or ``"sdpa_mask"``; for unpadded
+            ones, ``"short"`` (crossmae's Triton kernel for at most 128 keys). Used where
+            the kernel can serve the call, else the default policy (and ``sdpa_backends``)
+            applies; None keeps the default policy.
         head_dim: match calls of this head dim ``d``.
         min_keys: match calls with at least this many key slots ``m``.
         max_keys: match calls with at most this many key slots ``m``.
@@ -144,10 +153,13 @@ class KernelRule:
     sdpa_backends: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
-        if self.kernel is not None and self.kernel not in ("varlen", "flex", "sdpa_mask"):
+        if self.kernel is not None and self.kernel not in RULE_KERNELS:
             raise ValueError(
-                f"KernelRule kernel must be 'varlen', 'flex', 'sdpa_mask' or None, got "
-                f"{self.kernel!r}"
+                f"KernelRule kernel must be one of {RULE_KERNELS} or None, got {self.kernel!r}"
+            )
+        if self.kernel == "short" and self.padded is True:
+            raise ValueError(
+                "KernelRule kernel='short' serves unpadded calls only; got padded=True"
             )
         for name in ("head_dim", "min_keys", "max_keys"):
             v = getattr(self, name)
@@ -272,6 +284,7 @@ def decide(
     choice: Optional[str] = None,
     varlen_ok: Optional[bool] = None,
     flex_ok: Optional[bool] = None,
+    short_ok: Optional[bool] = None,
 ) -> AttentionPlan:
     """The attention policy, from plain values (no tensor needed).
 
@@ -286,8 +299,8 @@ def decide(
         fused: False selects the explicit softmax path.
         keys: key slots ``m`` (for range rules of the kernel table), or None.
         choice: the kernel choice (default: `padded_attention_kernel`).
-        varlen_ok / flex_ok: whether those kernels can serve the call (default: asked of
-            ``_varlen.supports`` / ``_flex.supports``).
+        varlen_ok / flex_ok / short_ok: whether those kernels can serve the call (default:
+            asked of ``_varlen.supports`` / ``_flex.supports`` / ``_short.supports``).
 
     Returns:
         The `AttentionPlan`. On CUDA in float32 the padded layout gets ``"sdpa_mask"``
@@ -315,10 +328,17 @@ def decide(
         return AttentionPlan("dense")
     if not padded:
         rule = _lookup(head_dim, keys, False) if device_type == "cuda" else None
-        return AttentionPlan("sdpa", sdpa_backends=rule.sdpa_backends if rule else None)
+        backends = rule.sdpa_backends if rule else None
+        if rule is not None and rule.kernel == "short":
+            if short_ok is None:
+                short_ok = _short.supports(device_type, dtype, head_dim, keys, dropout_p)
+            if short_ok:
+                return AttentionPlan("short", sdpa_backends=backends)
+        return AttentionPlan("sdpa", sdpa_backends=backends)
     rule = _lookup(head_dim, keys, True) if device_type == "cuda" else None
     if rule is not None and rule.kernel is not None and choice == "auto":
-        ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}[rule.kernel]
+        # ("short" takes no mask: a rule naming it leaves padded calls to the policy)
+        ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}.get(rule.kernel, False)
         if ok:
             backends = rule.sdpa_backends if rule.kernel == "sdpa_mask" else None
             return AttentionPlan(

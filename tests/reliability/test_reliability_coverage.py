@@ -792,6 +792,12 @@ def _backend_cases() -> list[Case]:
             Raises(("min_keys", "max_keys"), ("9", "4")),
         ),
         Case(
+            "KernelRule",
+            "kernel='short' with padded=True (it takes no mask)",
+            lambda: KR(kernel="short", padded=True),
+            Raises(("kernel", "padded"), ("'short'", "True")),
+        ),
+        Case(
             "set_kernel_table",
             "rules a KernelRule (not a sequence)",
             lambda: set_and_restore(KR()),
