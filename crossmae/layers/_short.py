@@ -126,9 +126,34 @@ def _backward(ctx: Any, do: Tensor, _dlse: Any) -> tuple[Any, ...]:
 _short_attention.register_autograd(_backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The same two kernels for eager mode, without the custom op's Python dispatch layers
+    (the eager step is bound by the host issuing it)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        from . import _short_kernels
+
+        o, lse = _short_kernels.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor) -> tuple[Any, ...]:
+        from . import _short_kernels
+
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_short_kernels.backward(q, k, v, o, do, lse, ctx.scale), None)
+
+
 def short_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """``softmax(q kᵀ · scale) v`` for ``q [b, h, n, d]``, ``k, v [b, h, m, d]`` with
     ``m <= 128`` (see `fits`); returns ``[b, h, n, d]`` (a view of ``[b, n, h, d]``
-    memory). ``scale`` defaults to ``1 / sqrt(d)``."""
+    memory). ``scale`` defaults to ``1 / sqrt(d)``. While compiling this is the custom op
+    (one opaque node for inductor); in eager mode an autograd function over the same
+    kernels."""
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _short_attention(q, k, v, s)[0]
+    if torch.compiler.is_compiling():
+        return _short_attention(q, k, v, s)[0]
+    return _Eager.apply(q, k, v, s)  # type: ignore[no-untyped-call]

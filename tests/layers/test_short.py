@@ -233,6 +233,12 @@ for b, h, n, m, d, dt, fused_qkv in cases:
         (a.grad.double() - x.grad).abs().max() / x.grad.abs().max().clamp_min(1)
         for a, x in zip((q, k, v), r)]
     worst = max(worst, max(float(e) for e in errs))
+    # the custom op (what torch.compile sees) gives the eager path's results exactly
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    o2 = _short._short_attention(q2, k2, v2, 1 / math.sqrt(d))[0]
+    (o2.double() * gout).sum().backward()
+    assert torch.equal(o2, o) and o2.stride() == o.stride()
+    assert all(torch.equal(a.grad, c.grad) for a, c in zip((q, k, v), (q2, k2, v2)))
 print(worst)
 """
 
@@ -240,7 +246,8 @@ print(worst)
 def test_kernels_in_triton_s_interpreter() -> None:
     """The Triton kernels themselves, on the CPU (``TRITON_INTERPRET=1``), against a
     float64 softmax: output and the three input gradients, strided inputs, one key, 128
-    keys, head dims 16 to 128, float16 and float32. Needs ``triton`` (not a dependency of
+    keys, head dims 16 to 128, float16 and float32; the custom op (what torch.compile
+    sees) and the eager autograd function agree exactly. Needs ``triton`` (not a dependency of
     crossmae: the CUDA tests run the same kernels compiled)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
