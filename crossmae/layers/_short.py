@@ -71,8 +71,17 @@ def fits(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
         and k.shape[:2] == q.shape[:2]
         and v.shape[:3] == k.shape[:3]
         and q.device == k.device == v.device
+        and max(_span(q), _span(k), _span(v)) < _INT32  # the kernels index in int32
         and supports(q.device.type, q.dtype, q.shape[-1], k.shape[2], dropout_p)
     )
+
+
+_INT32 = 2**31
+
+
+def _span(x: Tensor) -> int:
+    """One past the largest element offset of ``x`` (its memory extent, in elements)."""
+    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) if x.numel() else 0
 
 
 def _bnhd(x: Tensor, n: int) -> Tensor:

@@ -143,6 +143,13 @@ def test_fits_reads_the_call() -> None:
         assert not _short.fits(q[0], k[0], v[0], 0.0)  # not [b, h, n, d]
         big = torch.zeros(2, 3, 129, 32, dtype=BF16)
         assert not _short.fits(q, big, big, 0.0)
+        # offsets past int32 (the kernels' index type): a view spanning 2**31 elements
+        mq, mk, mv = (t.to("meta") for t in (q, k, v))
+        assert _short.fits(mq, mk, mv, 0.0)
+        wide = torch.empty_strided((2, 3, 5, 32), (2**31, 0, 0, 0), device="meta",
+                                   dtype=BF16)  # fmt: skip
+        assert _short._span(wide) > 2**31 - 1 and not _short.fits(wide, mk, mv, 0.0)
+        assert _short._span(q) == q.numel()
 
 
 def test_attend_with_a_short_plan_falls_back_where_the_call_does_not_fit() -> None:
