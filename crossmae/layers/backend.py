@@ -196,7 +196,11 @@ class KernelRule:
 
 DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
     KernelRule(
-        head_dim=32, max_keys=64, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
+        kernel="short",
+        head_dim=32,
+        max_keys=64,
+        padded=False,
+        sdpa_backends=("efficient", "flash", "cudnn"),
     ),
     KernelRule(
         head_dim=32,
@@ -206,26 +210,34 @@ DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
         sdpa_backends=("cudnn", "flash", "efficient"),
     ),
     KernelRule(
-        head_dim=64, max_keys=64, padded=False, sdpa_backends=("efficient", "flash", "cudnn")
+        kernel="short",
+        head_dim=64,
+        max_keys=64,
+        padded=False,
+        sdpa_backends=("efficient", "flash", "cudnn"),
     ),
 )
 """The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). Three
-rules for unpadded attention, measured on the H200 (benchmarks/RESULTS.md, 2026-12-01
-sessions 7 to 9; SDPA fwd+bwd in isolation, bf16):
+rules for unpadded attention, measured on the H200 (benchmarks/RESULTS.md; fwd+bwd in
+isolation, bf16, b=256):
 
-- Head dim 32 over at most 64 keys: the memory-efficient kernel first. This is the
-  CrossMAE decoder's cross-attention (49 or 147 queries x 50 keys, b=256, 16 heads):
-  0.52 ms against cuDNN 0.65 and flash 0.79 at 49 queries, a tie with cuDNN at 147
-  (0.81 / 0.79 ms). The compiled decoder-only step with CUDA graphs drops from 9.53 to
-  8.86 ms.
+- Head dim 32 over at most 64 keys: crossmae's short-key Triton kernel (`_short`), else
+  the memory-efficient SDPA kernel first. This is the CrossMAE decoder's cross-attention
+  (49 or 147 queries x 50 keys, 16 heads). GPU time per call, 2026-12-03: 0.47 / 0.56 ms
+  against memory-efficient 0.57 / 0.85, cuDNN 0.62 / 0.84 and flash 0.74 / 1.05. Among
+  SDPA's kernels the memory-efficient one won at 49 queries and tied cuDNN at 147
+  (sessions 7 to 9).
 - Head dim 32 over 65 to 256 keys: cuDNN first. This is the MAE decoder's self-attention
   (197 x 197): cuDNN 1.25 ms, flash 1.53, memory-efficient 2.89. The efficient kernel
   that wins at 50 keys takes twice flash's time here, so the first rule stops at 64 keys.
-- Head dim 64 over at most 64 keys: the memory-efficient kernel first. This is the ViT-B
-  encoder over its visible tokens (50 x 50, 12 heads): 0.49-0.58 ms against cuDNN
-  0.52-0.72 and flash 0.67-0.95. The image model's step compiled with CUDA graphs drops
-  from 29.8 to 29.0 ms. (It stops at 64 keys: longer sequences were not measured at this
-  head dim, and at head dim 32 the same kernel loses from 197 keys.)
+- Head dim 64 over at most 64 keys: the short kernel, else memory-efficient first. This is
+  the ViT-B encoder over its visible tokens (50 x 50, 12 heads): 0.33 ms against 0.38
+  (memory-efficient), 0.42 (cuDNN), 0.62 (flash). (It stops at 64 keys: longer sequences
+  were not measured at this head dim.)
+
+The short kernel needs ``triton`` and takes no mask and no dropout; every other call of
+those shapes runs the rule's SDPA backends. With both short rules the predict 0.75 image
+step with CUDA graphs went from 37.1-37.8 to 35.9 ms.
 
 Everything else: PyTorch's SDPA choice and the policy of `decide`. The rules apply on every
 CUDA device; each lists all three fused backends, so a GPU without one still runs a valid

@@ -131,12 +131,19 @@ def test_kernel_table_rules() -> None:
 
 def test_default_table_by_head_dim_and_key_count() -> None:
     """The three default rules (measured on the H200), unpadded only: head dim 32 over at
-    most 64 keys and head dim 64 over at most 64 keys to the memory-efficient kernel; head
-    dim 32 over 65 to 256 keys (the MAE decoder's 197) to cuDNN."""
+    most 64 keys and head dim 64 over at most 64 keys to the short-key Triton kernel (else
+    the memory-efficient kernel first); head dim 32 over 65 to 256 keys (the MAE
+    decoder's 197) to cuDNN."""
     assert backend.kernel_table() == cm.DEFAULT_KERNEL_TABLE == backend.DEFAULT_KERNEL_TABLE
-    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True}
+    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True, "short_ok": True}
     short = decide("cuda", BF16, 32, padded=False, keys=50, **kw)
-    assert short == AttentionPlan("sdpa", sdpa_backends=("efficient", "flash", "cudnn"))
+    assert short == AttentionPlan("short", sdpa_backends=("efficient", "flash", "cudnn"))
+    # where the short kernel cannot run (no triton, float32, dropout): those backends
+    no_short = decide("cuda", BF16, 32, padded=False, keys=50, **{**kw, "short_ok": False})
+    assert no_short == AttentionPlan("sdpa", sdpa_backends=("efficient", "flash", "cudnn"))
+    assert decide("cuda", BF16, 64, padded=False, keys=50, **{**kw, "short_ok": False}) == (
+        no_short
+    )
     assert decide("cuda", BF16, 32, padded=False, keys=64, **kw) == short
     mid = AttentionPlan("sdpa", sdpa_backends=("cudnn", "flash", "efficient"))
     for keys in (65, 197, 256):
