@@ -947,12 +947,15 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
             steps: dict[str, Callable[[], None]] = {}
             if compiled:
                 torch._dynamo.reset()  # once per config: both compiled sides stay alive
-            # reduce-overhead: one round (alternating two graphed models would re-record);
-            # graph-compiled has one such model only
-            rounds = 1 if mode == "reduce-overhead" else ref_rounds()
-            for side, fresh in reference_schedule(k, compiled, rounds):
+            # reduce-overhead: one round (alternating two graphed models would re-record).
+            # graph-compiled: one round, each side built, timed and freed (with a dynamo
+            # reset) before the other: its first run, with the reference's reduce-overhead
+            # graphs still alive, died in crossmae's capture (RESULTS.md, session 16)
+            rounds = 1 if mode == "reduce-overhead" or whole else ref_rounds()
+            alone = not compiled or whole  # each side fresh, and freed after its timing
+            for side, fresh in reference_schedule(k, compiled and not whole, rounds):
                 if fresh:
-                    if not compiled:
+                    if alone:
                         torch._dynamo.reset()
                     torch.manual_seed(0)
                     steps[side] = make_side(side, cfg)
@@ -960,7 +963,7 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
                     warm = (4 if compiled else 3) if fresh else 1
                     times[side].append(bench(steps[side], dev, warmup=warm, iters=10))
                 record("reference", f"{tag} {cfg.name} {side}", ms=times[side][-1], **mem)
-                if not compiled:
+                if alone:
                     del steps[side]  # eager: a fresh model every round
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
