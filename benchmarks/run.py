@@ -906,15 +906,15 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
             `cm.capture_step` (AdamW ``capturable=True``; masks from the default CUDA
             generator, which CUDA graphs advance on every replay), the reference's runs
             under ``reduce-overhead``."""
-            if whole:
-                mode = "reduce-overhead" if side == "reference" else None
-                whole = side == "crossmae"
+            capture = whole and side == "crossmae"
+            if whole and side == "reference":
+                mode = "reduce-overhead"
             if side == "crossmae":
                 model = crossmae_vit_base(img_size=size, **cfg.crossmae, **_image_extra(small))
             else:
                 model = ref.build_reference(modules, cfg)
             model = model.to(dev)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, capturable=whole)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, capturable=capture)
             fwd = torch.compile(model, mode=mode) if compiled else model
             if side == "crossmae":
                 # Masks from the global RNG, as the reference draws them (a generator=
@@ -929,7 +929,7 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
 
             else:
                 step = ref.reference_step(model, fwd, opt, imgs, cfg, torch.bfloat16)
-            if whole:
+            if capture:
                 step, _ = cm.capture_step(step, optimizers=[opt])
             if mode == "reduce-overhead":
                 inner = step

@@ -144,8 +144,7 @@ class _Eager(torch.autograd.Function):
         from . import _short_kernels
 
         o, lse = _short_kernels.forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        _setup(ctx, (q, k, v, scale), (o, lse))
         return o
 
     @staticmethod

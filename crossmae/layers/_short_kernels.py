@@ -16,6 +16,12 @@ def _block_n(m: int) -> int:
 
 
 @triton.jit
+def _at(X, b, h, rows, cols, sb, sh, sn, sd):
+    """Pointers to the ``rows x cols`` tile of a strided ``X[b, h]``."""
+    return X + b * sb + h * sh + rows[:, None] * sn + cols[None, :] * sd
+
+
+@triton.jit
 def _fwd(
     Q, K, V, Out, LSE,
     sqb, sqh, sqn, sqd,
@@ -34,28 +40,17 @@ def _fwd(
     offs_d = tl.arange(0, D)
     mm = offs_m < NQ
     mn = offs_n < NK
-    q = tl.load(
-        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-        mask=mm[:, None], other=0.0,
-    )  # fmt: skip
-    k = tl.load(
-        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-        mask=mn[:, None], other=0.0,
-    )  # fmt: skip
-    v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-        mask=mn[:, None], other=0.0,
-    )  # fmt: skip
+    q = tl.load(_at(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask=mm[:, None], other=0.0)
+    k = tl.load(_at(K, b, h, offs_n, offs_d, skb, skh, skn, skd), mask=mn[:, None], other=0.0)
+    v = tl.load(_at(V, b, h, offs_n, offs_d, svb, svh, svn, svd), mask=mn[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k)) * scale2  # log2 domain
     s = tl.where(mn[None, :], s, float("-inf"))
     mx = tl.max(s, 1)
     p = tl.exp2(s - mx[:, None])
     den = tl.sum(p, 1)
     o = tl.dot(p.to(v.dtype), v) / den[:, None]
-    tl.store(
-        Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-        o.to(Out.dtype.element_ty), mask=mm[:, None],
-    )  # fmt: skip
+    out = _at(Out, b, h, offs_m, offs_d, sob, soh, son, sod)
+    tl.store(out, o.to(Out.dtype.element_ty), mask=mm[:, None])
     tl.store(LSE + bh * NQ + offs_m, mx + tl.log2(den), mask=mm)
 
 
@@ -77,31 +72,18 @@ def _bwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     mn = offs_n < NK
-    k = tl.load(
-        K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-        mask=mn[:, None], other=0.0,
-    )  # fmt: skip
-    v = tl.load(
-        V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-        mask=mn[:, None], other=0.0,
-    )  # fmt: skip
+    k = tl.load(_at(K, b, h, offs_n, offs_d, skb, skh, skn, skd), mask=mn[:, None], other=0.0)
+    v = tl.load(_at(V, b, h, offs_n, offs_d, svb, svh, svn, svd), mask=mn[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     for start in range(0, NQ, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mm = offs_m < NQ
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mm[:, None], other=0.0,
-        )  # fmt: skip
-        o = tl.load(
-            Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-            mask=mm[:, None], other=0.0,
-        )  # fmt: skip
+        q = tl.load(_at(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd), mask=mm[:, None], other=0.0)
+        o = tl.load(_at(Out, b, h, offs_m, offs_d, sob, soh, son, sod), mask=mm[:, None], other=0.0)
         do = tl.load(
-            DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod,
-            mask=mm[:, None], other=0.0,
-        )  # fmt: skip
+            _at(DO, b, h, offs_m, offs_d, sdob, sdoh, sdon, sdod), mask=mm[:, None], other=0.0
+        )
         lse = tl.load(LSE + bh * NQ + offs_m, mask=mm, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         s = tl.dot(q, tl.trans(k)) * scale2
