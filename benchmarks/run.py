@@ -921,7 +921,8 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
                 # argument is a graph break under torch.compile: dynamo cannot trace it).
 
                 def step() -> None:
-                    with autocast(dev, True):
+                    # a captured step needs autocast's cast cache off (capture_step's doc)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=not capture):
                         out = fwd(imgs)
                     out.loss.backward()
                     opt.step()
@@ -954,12 +955,14 @@ def section_reference(dev: torch.device, small: bool, compile_: bool) -> None:
             rounds = 1 if mode == "reduce-overhead" or whole else ref_rounds()
             alone = not compiled or whole  # each side fresh, and freed after its timing
             for side, fresh in reference_schedule(k, compiled and not whole, rounds):
-                if fresh:
-                    if alone:
-                        torch._dynamo.reset()
-                    torch.manual_seed(0)
-                    steps[side] = make_side(side, cfg)
+                if fresh and alone:
+                    torch._dynamo.reset()
+                # the peak includes the build: a captured step allocates its graph's memory
+                # while it is captured, before its first timing
                 with peak_memory(dev) as mem:
+                    if fresh:
+                        torch.manual_seed(0)
+                        steps[side] = make_side(side, cfg)
                     warm = (4 if compiled else 3) if fresh else 1
                     times[side].append(bench(steps[side], dev, warmup=warm, iters=10))
                 record("reference", f"{tag} {cfg.name} {side}", ms=times[side][-1], **mem)

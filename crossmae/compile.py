@@ -133,6 +133,10 @@ def capture_step(
     Returns:
         ``(replay, output)``: ``replay()`` runs the captured step once (one launch);
         ``output`` is the captured return value of ``step``, updated in place by each replay.
+        ``replay`` keeps ``step`` (and so whatever its closure holds: the model, a compiled
+        model's kernels), the optimizers and the generators alive while it lives, so the
+        step may be built in a function that returns only the replay; ``replay.graph`` is
+        the `torch.cuda.CUDAGraph`.
 
     Raises:
         TypeError: ``step`` is not callable; ``optimizers`` / ``generators`` hold something
@@ -203,4 +207,35 @@ def capture_step(
     reset()
     with torch.cuda.graph(graph):
         output = step()
-    return graph.replay, output
+    return _Replay(graph, step, optimizers, generators), output
+
+
+class _Replay:
+    """The replay `capture_step` returns: calling it replays the graph. It holds the step
+    and its optimizers and generators, so what the graph reads and writes (the model's
+    parameters, the optimizer state, the compiled kernels the step's closure holds) lives
+    as long as the replay does: a CUDA graph keeps raw device addresses and kernel handles,
+    and replaying it after they were freed crashes the process."""
+
+    __slots__ = ("generators", "graph", "optimizers", "step")
+
+    def __init__(
+        self,
+        graph: torch.cuda.CUDAGraph,
+        step: Callable[[], Any],
+        optimizers: Sequence[torch.optim.Optimizer],
+        generators: Sequence[torch.Generator],
+    ) -> None:
+        self.graph = graph
+        self.step = step
+        self.optimizers = tuple(optimizers)
+        self.generators = tuple(generators)
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+    def __repr__(self) -> str:
+        return (
+            f"capture_step replay (step={getattr(self.step, '__qualname__', self.step)!r}, "
+            f"{len(self.optimizers)} optimizer(s), {len(self.generators)} generator(s))"
+        )
