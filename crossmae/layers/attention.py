@@ -104,7 +104,12 @@ def _attend(
     if key_padding_mask is None:
         if not fused or (plan is not None and plan.kernel == "manual"):
             return _manual_attention(q, k, v, None, dropout_p)
-        if plan is not None and plan.kernel == "short" and _short.fits(q, k, v, dropout_p):
+        if (
+            plan is not None
+            and plan.kernel == "short"
+            and (plan.eager or torch.compiler.is_compiling())
+            and _short.fits(q, k, v, dropout_p)
+        ):
             return _short.short_attention(q, k, v)
         if plan is not None and plan.sdpa_backends:
             with backend.sdpa_context(plan.sdpa_backends):

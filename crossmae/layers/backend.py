@@ -80,6 +80,8 @@ class AttentionPlan:
         sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
             call to, in order (from the kernel table), or None for PyTorch's own choice;
             for ``"short"``, those of a call the short kernel cannot take.
+        eager: for ``"short"``, whether calls outside ``torch.compile`` run it too (False:
+            only calls traced by ``torch.compile`` do; eager calls run ``sdpa_backends``).
         self_segments: ``(padding_mask, cu_seqlens)`` set by `order_for` after reordering:
             the packed kernel's segment boundaries for self-attention over exactly that
             (trailing) ``padding_mask`` tensor, computed once per stack forward instead of
@@ -92,6 +94,7 @@ class AttentionPlan:
     trailing: bool = False
     sdpa_backends: Optional[tuple[str, ...]] = None
     self_segments: Optional[tuple[Tensor, Tensor]] = field(default=None, compare=False, repr=False)
+    eager: bool = True
 
     def __post_init__(self) -> None:
         # Plain-value checks (no tensor): free, and traceable by torch.compile.
@@ -99,7 +102,7 @@ class AttentionPlan:
             raise ValueError(
                 f"AttentionPlan kernel must be one of {PLAN_KERNELS}, got {self.kernel!r}"
             )
-        for name in ("reorder", "trailing"):
+        for name in ("reorder", "trailing", "eager"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"AttentionPlan {name} must be a bool, got {v!r}")
@@ -143,6 +146,11 @@ class KernelRule:
         sdpa_backends: the SDPA backends to use, in order (from `SDPA_BACKENDS`), e.g.
             ``("cudnn", "flash")``: for unpadded calls, and for padded ones with
             ``kernel="sdpa_mask"``.
+        eager: with ``kernel="short"``, whether eager calls run the short kernel too
+            (default True). False keeps it to calls traced by ``torch.compile``, where its
+            launches cost nothing on the host per step (compiled code, CUDA graphs); eager
+            calls then run ``sdpa_backends``. Its Python launch costs more host time than an
+            SDPA call, which an eager step bound by the host pays in full.
     """
 
     kernel: Optional[str] = None
@@ -151,6 +159,7 @@ class KernelRule:
     max_keys: Optional[int] = None
     padded: Optional[bool] = None
     sdpa_backends: Optional[tuple[str, ...]] = None
+    eager: bool = True
 
     def __post_init__(self) -> None:
         if self.kernel is not None and self.kernel not in RULE_KERNELS:
@@ -173,6 +182,12 @@ class KernelRule:
                 )
         if self.padded is not None and not isinstance(self.padded, bool):
             raise TypeError(f"KernelRule padded must be a bool or None, got {self.padded!r}")
+        if not isinstance(self.eager, bool):
+            raise TypeError(f"KernelRule eager must be a bool, got {self.eager!r}")
+        if not self.eager and self.kernel != "short":
+            raise ValueError(
+                f"KernelRule eager=False applies to kernel='short' only, got kernel={self.kernel!r}"
+            )
         if self.sdpa_backends is not None:
             if isinstance(self.sdpa_backends, str) or not all(
                 b in SDPA_BACKENDS for b in self.sdpa_backends
@@ -201,6 +216,7 @@ DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
         max_keys=64,
         padded=False,
         sdpa_backends=("efficient", "flash", "cudnn"),
+        eager=False,
     ),
     KernelRule(
         head_dim=32,
@@ -215,6 +231,7 @@ DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
         max_keys=64,
         padded=False,
         sdpa_backends=("efficient", "flash", "cudnn"),
+        eager=False,
     ),
 )
 """The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). Three
@@ -237,7 +254,12 @@ isolation, bf16, b=256):
 
 The short kernel needs ``triton`` and takes no mask and no dropout; every other call of
 those shapes runs the rule's SDPA backends. With both short rules the predict 0.75 image
-step with CUDA graphs went from 37.1-37.8 to 35.9 ms.
+step with CUDA graphs went from 37.1-37.8 to 35.9 ms, and captured whole (`capture_step`)
+to 33.9 ms. Both short rules are compiled-only (``eager=False``): in eager mode each call
+pays Triton's Python launch, and the eager image steps lost to it (2026-12-03, against
+the reference: predict 0.25 1.47x -> 1.20x, MAE decoder 1.21x -> 1.11x), so eager calls of
+those shapes run the memory-efficient SDPA kernel. A rule with ``eager=True`` (the
+field's default) sends eager calls to the short kernel too.
 
 Everything else: PyTorch's SDPA choice and the policy of `decide`. The rules apply on every
 CUDA device; each lists all three fused backends, so a GPU without one still runs a valid
@@ -345,7 +367,7 @@ def decide(
             if short_ok is None:
                 short_ok = _short.supports(device_type, dtype, head_dim, keys, dropout_p)
             if short_ok:
-                return AttentionPlan("short", sdpa_backends=backends)
+                return AttentionPlan("short", sdpa_backends=backends, eager=rule.eager)
         return AttentionPlan("sdpa", sdpa_backends=backends)
     rule = _lookup(head_dim, keys, True) if device_type == "cuda" else None
     if rule is not None and rule.kernel is not None and choice == "auto":

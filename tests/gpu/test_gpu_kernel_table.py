@@ -29,7 +29,7 @@ pytestmark = GPU
 DEV_TYPE = torch.device(DEVICE).type
 BF16 = torch.bfloat16
 # kernel-name fragments of the SDPA backends in the profiler's CUDA kernel list
-KERNEL_NAMES = {"efficient": "fmha_cutlass", "cudnn": "cudnn", "flash": "flash", "short": "_bwd"}
+KERNEL_NAMES = {"efficient": "fmha_cutlass", "cudnn": "cudnn", "flash": "flash"}
 
 
 def _encoder(dim: int, fused: bool) -> nn.Module:
@@ -57,13 +57,14 @@ def _run(kind: str, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x, ids)  # type: ignore[no-any-return]
 
 
-# (name, builder, kind, tokens of x, the backend the default table sends the call to)
+# (name, builder, kind, tokens of x, the backend the default table sends the eager call to;
+# its short rules are compiled-only, so eager calls of their shapes run memory-efficient)
 CASES: list[tuple[str, Callable[[bool], nn.Module], str, int, str]] = [
-    ("encoder d32 n50", lambda f: _encoder(64, f), "encoder", 50, "short"),
+    ("encoder d32 n50", lambda f: _encoder(64, f), "encoder", 50, "efficient"),
     ("encoder d32 n197", lambda f: _encoder(64, f), "encoder", 197, "cudnn"),
-    ("encoder d64 n50", lambda f: _encoder(128, f), "encoder", 50, "short"),
+    ("encoder d64 n50", lambda f: _encoder(128, f), "encoder", 50, "efficient"),
     ("MAE decoder d32 197x197", _mae, "mae", 50, "cudnn"),
-    ("CrossMAE decoder d32 49x50", _cross, "cross", 50, "short"),
+    ("CrossMAE decoder d32 49x50", _cross, "cross", 50, "efficient"),
 ]
 
 
@@ -101,8 +102,6 @@ def test_default_rule_runs_its_backend_and_matches_explicit_softmax(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     backend.set_kernel_table(None)
-    if expected == "short" and not _short.available():  # without triton: the rule's SDPA
-        expected = "efficient"
     fused, ref = _pair(build)
     c = 64 if kind != "encoder" else fused.dim  # type: ignore[attr-defined]
     x = _input(n, c)
@@ -119,11 +118,7 @@ def test_default_rule_runs_its_backend_and_matches_explicit_softmax(
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             got, got_grad = _fwd_bwd(lambda t: _run(kind, fused, t), x, amp=True)
         names = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
-        if expected == "short":  # crossmae's Triton kernel: no SDPA context, no SDPA kernel
-            assert asked == [], asked
-            assert not any(KERNEL_NAMES[b] in k for b in ("efficient", "cudnn") for k in names)
-        else:
-            assert asked and all(a is not None and a[0] == expected for a in asked), asked
+        assert asked and all(a is not None and a[0] == expected for a in asked), asked
         assert any(KERNEL_NAMES[expected] in k for k in names), (
             f"{name}: no {expected} kernel among {sorted(set(names))[:40]}"
         )
@@ -148,6 +143,29 @@ def test_compiled_mae_decoder_under_the_table_equals_eager() -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got_grad, want_grad, atol=2e-3, rtol=5e-2)
     assert cm.DEFAULT_KERNEL_TABLE == backend.kernel_table()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "cross"])
+def test_compiled_models_run_the_short_kernel_under_the_default_table(kind: str) -> None:
+    """Compiled, the default table's compiled-only short rules send the ViT encoder over
+    50 tokens (head dim 64) and the CrossMAE decoder (49 x 50, head dim 32) to crossmae's
+    Triton kernels (no SDPA kernel in the profile), matching the explicit softmax."""
+    if DEV_TYPE != "cuda" or not _short.available():
+        pytest.skip("the short kernel needs CUDA and triton")
+    backend.set_kernel_table(None)
+    torch._dynamo.reset()
+    fused, ref = _pair(_cross if kind == "cross" else (lambda f: _encoder(128, f)))
+    x = _input(50, 64 if kind == "cross" else 128)
+    want, want_grad = _fwd_bwd(lambda t: _run(kind, ref, t), x, amp=False)
+    compiled = torch.compile(fused, fullgraph=True)
+    _fwd_bwd(lambda t: _run(kind, compiled, t), x, amp=True)  # compiles outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got, got_grad = _fwd_bwd(lambda t: _run(kind, compiled, t), x, amp=True)
+    names = {e.name for e in prof.events() if str(e.device_type).endswith("CUDA")}
+    assert any(n.startswith("_fwd") for n in names) and any(n.startswith("_bwd") for n in names)
+    assert not any(KERNEL_NAMES[b] in n for b in ("efficient", "cudnn", "flash") for n in names)
+    assert rel_err(got, want) < FWD_TOL[BF16] and rel_err(got_grad, want_grad) < GRAD_TOL[BF16]
+    torch._dynamo.reset()
 
 
 _FIRST_CALL = """

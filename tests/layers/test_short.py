@@ -168,6 +168,55 @@ def test_attend_with_a_short_plan_falls_back_where_the_call_does_not_fit() -> No
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
 
 
+def test_eager_false_keeps_the_short_kernel_to_compiled_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan from a rule with ``eager=False``: eager calls run SDPA on the rule's
+    backends, calls traced by torch.compile the short kernel; ``eager=True`` (the field's
+    default) runs it in both. The kernel itself is replaced by a recorder here."""
+    q, k, v = _qkv(2, 3, 5, 7, 32)
+    ran: list[str] = []
+
+    def fake_short(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ran.append("short")
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(_short, "fits", lambda *a: True)
+    monkeypatch.setattr(_short, "short_attention", fake_short)
+    compiled_only = AttentionPlan("short", sdpa_backends=("math",), eager=False)
+    got = _attend(q, k, v, None, dropout_p=0.0, fused=True, plan=compiled_only)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v))
+    assert ran == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _attend(q, k, v, None, dropout_p=0.0, fused=True, plan=compiled_only).any()
+    assert ran == ["short"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    both = AttentionPlan("short", sdpa_backends=("math",))
+    assert both.eager is True
+    assert not _attend(q, k, v, None, dropout_p=0.0, fused=True, plan=both).any()
+    assert ran == ["short", "short"]
+
+
+def test_rule_eager_field_reaches_the_plan_and_is_checked() -> None:
+    kw: dict[str, Any] = {"short_ok": True}
+    backend.set_kernel_table([KernelRule(kernel="short", head_dim=32, padded=False, eager=False)])
+    assert decide("cuda", BF16, 32, padded=False, keys=50, **kw).eager is False
+    backend.set_kernel_table([KernelRule(kernel="short", head_dim=32, padded=False)])
+    assert decide("cuda", BF16, 32, padded=False, keys=50, **kw).eager is True
+    # the default table: both short rules are compiled-only
+    backend.set_kernel_table(None)
+    shorts = [r for r in backend.kernel_table() if r.kernel == "short"]
+    assert len(shorts) == 2 and not any(r.eager for r in shorts)
+    with pytest.raises(TypeError, match="KernelRule eager must be a bool, got 0"):
+        KernelRule(kernel="short", eager=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eager=False applies to kernel='short' only"):
+        KernelRule(kernel="varlen", eager=False)
+    with pytest.raises(ValueError, match="eager=False applies to kernel='short' only"):
+        KernelRule(head_dim=32, eager=False)
+    with pytest.raises(TypeError, match="AttentionPlan eager must be a bool"):
+        AttentionPlan("short", eager=None)  # type: ignore[arg-type]
+
+
 def test_models_under_a_short_rule_run_on_the_cpu() -> None:
     """A stack planning with a short rule on the CPU: nothing changes (the rule is for
     CUDA), so the default-table models keep their results."""
