@@ -732,6 +732,12 @@ def _backend_cases() -> list[Case]:
         ),
         Case(
             "AttentionPlan",
+            "eager=None",
+            lambda: AP("short", eager=None),
+            Raises(("eager",), ("None",)),
+        ),
+        Case(
+            "AttentionPlan",
             "sdpa_backends=('fast',)",
             lambda: AP("sdpa", sdpa_backends=("fast",)),
             Raises(("sdpa_backends",), ("'fast'",)),
@@ -796,6 +802,15 @@ def _backend_cases() -> list[Case]:
             "kernel='short' with padded=True (it takes no mask)",
             lambda: KR(kernel="short", padded=True),
             Raises(("kernel", "padded"), ("'short'", "True")),
+        ),
+        Case(
+            "KernelRule", "eager=0", lambda: KR(kernel="short", eager=0), Raises(("eager",), ("0",))
+        ),
+        Case(
+            "KernelRule",
+            "eager=False with kernel='varlen' (only the short kernel has an eager choice)",
+            lambda: KR(kernel="varlen", eager=False),
+            Raises(("eager", "kernel"), ("False", "'varlen'")),
         ),
         Case(
             "set_kernel_table",
