@@ -554,7 +554,7 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
     """Flash, cuDNN, memory-efficient, varlen and flex (block sizes) at the water model's
     attention shapes, fwd+bwd; the fastest per shape as `KernelRule` lines; and the five
     decoders' cross-attention over the same keys fused into one call (heads or batch)."""
-    from crossmae.layers import _flex, _varlen
+    from crossmae.layers import _flex, _segmented, _varlen
 
     log("\n## 7. small-head attention at the water model's shapes (fwd+bwd)")
     cuda = dev.type == "cuda"
@@ -600,6 +600,13 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
             padded["varlen"] = _try_bench(
                 _fwd_bwd(lambda: _varlen.varlen_attend(q, k, v, kpad, qpad)), dev
             )
+        if cuda and _segmented.available():  # crossmae's Triton kernels, same segments
+            padded["segmented"] = _try_bench(
+                _fwd_bwd(
+                    lambda: _varlen.varlen_attend(q, k, v, kpad, qpad, kernel=_segmented.varlen_fn)
+                ),
+                dev,
+            )
         if cuda and _flex.can_use_flex(q, 0.0):
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -619,7 +626,8 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
         for kname, ms in padded.items():
             record("smallhead", f"{label} padded {kname}", ms=ms)
         best_u = _fastest(unmasked)
-        best_p = _fastest(padded)
+        # (the segmented kernels are opt-in, no KernelRule names them yet)
+        best_p = _fastest({kname: ms for kname, ms in padded.items() if kname != "segmented"})
         if best_u:
             suggestions.append(
                 f"KernelRule(head_dim={d}, min_keys={max(nk // 2, 1)}, max_keys={nk * 2}, "
@@ -657,7 +665,7 @@ def _fusion_rows(
 ) -> None:
     """Five decoders' attention over the same keys (own projections, so own k/v): five
     calls, or one call with the five stacked along heads or along the batch."""
-    from crossmae.layers import _varlen
+    from crossmae.layers import _segmented, _varlen
 
     if q.shape[2] == k.shape[2]:
         return  # self-attention: nothing to fuse
@@ -683,6 +691,10 @@ def _fusion_rows(
     }
     if varlen:
         kinds["varlen"] = lambda a, b_, c, p, m: _varlen.varlen_attend(a, b_, c, p)
+    if varlen and _segmented.available():
+        kinds["segmented"] = lambda a, b_, c, p, m: _varlen.varlen_attend(
+            a, b_, c, p, kernel=_segmented.varlen_fn
+        )
     for kname, fn in kinds.items():
         row = {
             "five_calls_ms": _try_bench(_fwd_bwd(five(fn)), dev),
@@ -1150,6 +1162,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "reference" in names and REFERENCE_DIR is None:
         ap.error("section 'reference' needs --reference DIR")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if segmented_from_env():
+        from crossmae.layers import _segmented
+
+        _segmented.use_for_varlen()
+        log("packed attention on crossmae's segmented Triton kernels (CROSSMAE_BENCH_VARLEN)")
     rules = kernel_rules_from_env()
     if rules is not None:
         cm.set_kernel_table(rules)
@@ -1182,6 +1199,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(args.markdown, "w") as f:
             f.write(rows_markdown(ROWS))
     return 1 if failures else 0
+
+
+def segmented_from_env() -> bool:
+    """Env CROSSMAE_BENCH_VARLEN: ``segmented`` sends every packed (varlen) attention call
+    of every section through crossmae's segmented Triton kernels (`_segmented`, opt-in
+    while unmeasured); ``flash`` or unset: torch's ``varlen_attn``."""
+    raw = os.environ.get("CROSSMAE_BENCH_VARLEN", "")
+    if raw not in ("", "flash", "segmented"):
+        raise ValueError(f"CROSSMAE_BENCH_VARLEN must be 'flash' or 'segmented', got {raw!r}")
+    return raw == "segmented"
 
 
 def mix_order_reduction_from_env() -> Optional[bool]:
