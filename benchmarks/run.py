@@ -644,8 +644,50 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
             )
         if not name.startswith("image"):  # five decoders share keys in the water model only
             _fusion_rows(dev, label, q, k, v, kpad, att, cuda and _varlen.varlen_available())
+        if cuda and _segmented.available() and os.environ.get("CROSSMAE_BENCH_SEGMENTED_SWEEP"):
+            _segmented_sweep(dev, label, q, k, v, kpad, qpad)
     for line in suggestions:
         log(f"  suggested rule: {line}")
+
+
+#: tiles (block_m, block_n, num_warps, num_stages) the segmented kernels' sweep tries, per
+#: kernel (env CROSSMAE_BENCH_SEGMENTED_SWEEP=1 in section smallhead)
+SEGMENTED_SWEEP: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "FWD_CONFIG": ((64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                   (64, 128, 4, 3), (128, 64, 8, 4)),
+    "BWD_Q_CONFIG": ((64, 32, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2),
+                     (128, 16, 4, 2)),
+    "BWD_KV_CONFIG": ((32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                      (16, 128, 4, 2)),
+}  # fmt: skip
+
+
+def _segmented_sweep(
+    dev: torch.device, label: str, q: Any, k: Any, v: Any, kpad: Any, qpad: Any
+) -> None:
+    """Time crossmae's segmented kernels at one shape under every tile of `SEGMENTED_SWEEP`,
+    one kernel's tile at a time (the others at their defaults): the forward alone for
+    ``FWD_CONFIG``, forward and backward for the backward's two kernels."""
+    from crossmae.layers import _segmented, _segmented_kernels, _varlen
+
+    d = q.shape[-1]
+
+    def fwd() -> torch.Tensor:
+        return _varlen.varlen_attend(q, k, v, kpad, qpad, kernel=_segmented.varlen_fn)
+
+    def fwd_only() -> None:
+        with torch.no_grad():
+            fwd()
+
+    for table, tiles in SEGMENTED_SWEEP.items():
+        configs = getattr(_segmented_kernels, table)
+        default = configs[d]
+        for tile in tiles:
+            configs[d] = tile
+            ms = _try_bench(fwd_only if table == "FWD_CONFIG" else _fwd_bwd(fwd), dev)
+            mark = " (default)" if tile == default else ""
+            record("smallhead", f"{label} segmented {table} {tile}{mark}", ms=ms)
+        configs[d] = default
 
 
 def _fastest(times: dict[str, Any]) -> Optional[str]:

@@ -555,3 +555,42 @@ def test_graphed_water_step_builds(graph: str, monkeypatch: pytest.MonkeyPatch) 
         assert len(seen) == 2 and all("splits" in k and "generator" not in k for k in seen)
     else:
         assert seen == []
+
+
+def test_segmented_sweep_tries_every_tile_and_restores_the_defaults(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep of the segmented kernels' tiles (CUDA only in the run): each kernel's
+    table holds every tile of `SEGMENTED_SWEEP` while it is timed, the others keep their
+    defaults, the defaults are back afterwards, and one row per tile is recorded. The
+    kernels module (which needs triton) is a stand-in here."""
+    from crossmae.layers import _segmented, _varlen
+
+    tables = {t: {16: (1, 1, 1, 1)} for t in bench.SEGMENTED_SWEEP}
+    fake = types.ModuleType("crossmae.layers._segmented_kernels")
+    for t, cfg in tables.items():
+        setattr(fake, t, cfg)
+    monkeypatch.setitem(sys.modules, "crossmae.layers._segmented_kernels", fake)
+    import crossmae.layers as layers
+
+    monkeypatch.setattr(layers, "_segmented_kernels", fake, raising=False)
+    seen: list[tuple[Any, ...]] = []
+
+    def kernel(q: Any, k: Any, v: Any, *rest: Any) -> torch.Tensor:
+        seen.append(tuple(tables[t][16] for t in tables))
+        return q * 1.0
+
+    monkeypatch.setattr(_segmented, "varlen_fn", kernel)
+    q, k, v = (torch.randn(2, 2, n, 16, requires_grad=True) for n in (3, 5, 5))
+    kpad = torch.zeros(2, 5, dtype=torch.bool)
+    before = len(bench.ROWS)
+    bench._segmented_sweep(torch.device("cpu"), "shape", q, k, v, kpad, None)
+    rows = bench.ROWS[before:]
+    n_tiles = sum(len(t) for t in bench.SEGMENTED_SWEEP.values())
+    assert len(rows) == n_tiles and all(isinstance(r["ms"], float) for r in rows)
+    for i, (table, tiles) in enumerate(bench.SEGMENTED_SWEEP.items()):
+        for tile in tiles:
+            want = tuple(tile if j == i else (1, 1, 1, 1) for j in range(len(tables)))
+            assert want in seen, (table, tile)
+    assert all(cfg[16] == (1, 1, 1, 1) for cfg in tables.values())
+    assert _varlen._VARLEN is not kernel

@@ -163,13 +163,19 @@ def _bwd_kv(
     )
 
 
-# (block_m, block_n, num_warps) per head dim: not yet measured (chosen as flash attention's
-# usual tiles; benchmarks/RESULTS.md records the sweep when it runs).
-FWD_CONFIG: dict[int, tuple[int, int, int]] = {
-    16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (64, 64, 4),
+# (block_m, block_n, num_warps, num_stages) per head dim: not yet measured. The forward
+# takes flash attention's usual tiles; the backward's dq kernel walks keys in narrow
+# blocks under a tall block of queries and the dk/dv kernel the reverse, as Triton's own
+# fused-attention tutorial does. `benchmarks/run.py` sweeps them
+# (CROSSMAE_BENCH_SEGMENTED_SWEEP=1) and benchmarks/RESULTS.md records the choice.
+FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {
+    16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 2),
 }  # fmt: skip
-BWD_CONFIG: dict[int, tuple[int, int, int]] = {
-    16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (32, 64, 4),
+BWD_Q_CONFIG: dict[int, tuple[int, int, int, int]] = {
+    16: (128, 32, 4, 2), 32: (128, 32, 4, 2), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
+}  # fmt: skip
+BWD_KV_CONFIG: dict[int, tuple[int, int, int, int]] = {
+    16: (32, 128, 4, 2), 32: (32, 128, 4, 2), 64: (32, 128, 4, 2), 128: (32, 64, 4, 2),
 }  # fmt: skip
 
 
@@ -180,14 +186,14 @@ def forward(
     tq, h, d = q.shape
     o = torch.empty(tq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(h, tq, device=q.device, dtype=torch.float32)
-    block_m, block_n, warps = FWD_CONFIG[d]
+    block_m, block_n, warps, stages = FWD_CONFIG[d]
     grid = (triton.cdiv(max(max_q, 1), block_m), cu_q.shape[0] - 1, h)
     _fwd[grid](
         q, k, v, o, lse, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1),
         tq, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
@@ -203,20 +209,21 @@ def backward(
     dk = torch.empty(tk, h, d, device=k.device, dtype=k.dtype)
     dv = torch.empty(tk, h, d, device=v.device, dtype=v.dtype)
     delta = torch.empty(h, tq, device=q.device, dtype=torch.float32)
-    block_m, block_n, warps = BWD_CONFIG[d]
     segs = cu_q.shape[0] - 1
+    block_m, block_n, warps, stages = BWD_Q_CONFIG[d]
     _bwd_q[(triton.cdiv(max(max_q, 1), block_m), segs, h)](
         q, k, v, o, do, lse, delta, dq, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         tq, scale, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    block_m, block_n, warps, stages = BWD_KV_CONFIG[d]
     _bwd_kv[(triton.cdiv(max(max_k, 1), block_n), segs, h)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
         tq, scale, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv
