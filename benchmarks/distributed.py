@@ -277,6 +277,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f)
+        # Every rank done with every collective before any tears its group down: a rank
+        # whose peer had already closed its gloo connections could abort at exit
+        # ("terminate called without an active exception", seen in CI after training had
+        # finished on both ranks).
+        dist.barrier()
     finally:
         gc.collect()
         dist.destroy_process_group()
