@@ -122,6 +122,12 @@ cases = [([5, 0, 70, 3], [9, 4, 0, 130], 2, 16, torch.float16),
          ([0, 17], [5, 1], 1, 64, torch.float16),
          ([4], [3], 1, 128, torch.float16)]
 g = torch.Generator().manual_seed(0)
+for _ in range(6):  # random layouts: 1-5 segments of 0-150 query and key rows each
+    s = int(torch.randint(1, 6, (1,), generator=g))
+    lq = torch.randint(0, 151, (s,), generator=g).tolist()
+    lk = torch.randint(0, 151, (s,), generator=g).tolist()
+    lq[0] = max(lq[0], 1)  # at least one query row
+    cases.append((lq, lk, 2, (16, 32)[int(torch.randint(0, 2, (1,), generator=g))], torch.float16))
 for lq, lk, h, d, dt in cases:
     cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
@@ -176,7 +182,7 @@ def test_kernels_in_triton_s_interpreter() -> None:
     """The Triton kernels on the CPU (``TRITON_INTERPRET=1``) against a float64 softmax
     per segment: output and the three input gradients, segments without queries or keys,
     several blocks of each, strided keys and values, head dims 16 to 128, float16 and
-    float32 (the interpreter mishandles bfloat16, for the short kernels too; the CUDA tests
+    float32, six random layouts (the interpreter mishandles bfloat16, for the short kernels too; the CUDA tests
     cover it); the custom op and the eager autograd function agree exactly; `_varlen`'s
     padded and lockstep paths give the masked softmax with these kernels. Needs
     ``triton`` and a NumPy the interpreter can read segment bounds with (< 2.4: the
