@@ -653,8 +653,8 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
 #: tiles (block_m, block_n, num_warps, num_stages) the segmented kernels' sweep tries, per
 #: kernel (env CROSSMAE_BENCH_SEGMENTED_SWEEP=1 in section smallhead)
 SEGMENTED_SWEEP: dict[str, tuple[tuple[int, int, int, int], ...]] = {
-    "FWD_CONFIG": ((64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                   (64, 128, 4, 3), (128, 64, 8, 4)),
+    "FWD_CONFIG": ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                   (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)),
     "BWD_Q_CONFIG": ((64, 32, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2),
                      (128, 16, 4, 2)),
     "BWD_KV_CONFIG": ((32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2),

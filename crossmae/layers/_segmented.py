@@ -11,7 +11,9 @@ the row count, non-decreasing: what `_varlen` builds). The forward is flash atte
 (online softmax over key blocks, log-sum-exp saved); the backward runs one kernel for
 ``dq`` (which also writes ``delta = rowsum(o * do)``) and one for ``dk``, ``dv``: no
 atomics. Rows of a segment without keys are 0, as flash leaves them; keys of a segment
-without queries get zero gradients.
+without queries get zero gradients. As with flash, the boundaries must cover every row
+(``cu_q[-1] == tq``, ``cu_k[-1] == tk``) and ``max_q`` / ``max_k`` bound every segment:
+rows outside them are left unwritten (no value is checked on the host).
 
 Opt-in for now: `use_for_varlen` swaps it in for `_varlen`'s kernel (the benchmarks do,
 with ``CROSSMAE_BENCH_VARLEN=segmented``); the kernel table does not pick it before its
@@ -27,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 HEAD_DIMS = (16, 32, 64, 128)
 #: CUDA grids allow at most this many segments (grid dimension y)
@@ -48,8 +51,8 @@ def _span(x: Tensor) -> int:
 def fits(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> bool:
     """Whether the kernels can take this call (metadata only): CUDA, one half dtype, a head
     dim of `HEAD_DIMS` on every tensor, unit stride along it, ``k`` and ``v`` of one shape,
-    int32 boundaries of equal length (at most `MAX_SEGMENTS` segments), int32 offsets, and
-    ``triton`` installed."""
+    contiguous int32 boundaries of equal length (at most `MAX_SEGMENTS` segments), int32
+    offsets (also of the contiguous outputs and gradients), and ``triton`` installed."""
     return (
         q.dim() == 3
         and k.dim() == 3
@@ -66,8 +69,10 @@ def fits(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) -> bool:
         and cu_k.dtype == torch.int32
         and cu_q.dim() == 1
         and cu_q.shape == cu_k.shape
+        and cu_q.is_contiguous()
+        and cu_k.is_contiguous()
         and 2 <= cu_q.shape[0] <= MAX_SEGMENTS + 1
-        and max(_span(q), _span(k), _span(v), q.numel()) < _INT32
+        and max(_span(q), _span(k), _span(v), q.numel(), k.numel()) < _INT32
         and available()
     )
 
@@ -149,6 +154,7 @@ class _Eager(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, do: Tensor) -> tuple[Any, ...]:
         from . import _segmented_kernels
 

@@ -9,12 +9,20 @@ length ever reaches the host; programs past their segment's end return at once.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
+
+
+def _on(x: Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it ``x``'s for the launches."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -52,11 +60,10 @@ def _fwd(
         mn = offs_n < k_hi
         k = tl.load(_rows_at(K, offs_n, h, offs_d, skt, skh), mask=mn[:, None], other=0.0)
         v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2  # log2 domain
-        s = tl.where(mn[None, :], s, float("-inf"))
-        new = tl.maximum(mx, tl.max(s, 1))  # finite: every block holds a real key
+        qk = tl.where(mn[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        new = tl.maximum(mx, tl.max(qk, 1) * scale2)  # log2 domain; finite: a real key
         alpha = tl.exp2(mx - new)
-        p = tl.exp2(s - new[:, None])
+        p = tl.exp2(qk * scale2 - new[:, None])  # one fused multiply-add per score
         den = den * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         mx = new
@@ -104,8 +111,7 @@ def _bwd_q(
         mn = offs_n < k_hi
         k = tl.load(_rows_at(K, offs_n, h, offs_d, skt, skh), mask=mn[:, None], other=0.0)
         v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2
-        p = tl.where(mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(mn[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * scale2 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -141,19 +147,23 @@ def _bwd_kv(
     v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    # Transposed products (keys as rows): the wide key block is every product's M, as
+    # Hopper's warpgroup MMA wants, and p, ds need no transposes.
     for m0 in range(q_lo, q_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mm = offs_m < q_hi
-        q = tl.load(_rows_at(Q, offs_m, h, offs_d, sqt, sqh), mask=mm[:, None], other=0.0)
+        qT = tl.load(
+            Q + offs_m[None, :] * sqt + h * sqh + offs_d[:, None], mask=mm[None, :], other=0.0
+        )
         do = tl.load(_rows_at(DO, offs_m, h, offs_d, sdot, sdoh), mask=mm[:, None], other=0.0)
         lse = tl.load(LSE + h * TQ + offs_m, mask=mm, other=0.0)
         delta = tl.load(DELTA + h * TQ + offs_m, mask=mm, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2
-        p = tl.where(mm[:, None] & mn[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        sT = tl.dot(k, qT)  # [BLOCK_N, BLOCK_M]
+        pT = tl.where(mn[:, None] & mm[None, :], tl.exp2(sT * scale2 - lse[None, :]), 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     dk = dk * scale
     tl.store(
         _rows_at(DK, offs_n, h, offs_d, sdkt, sdkh), dk.to(DK.dtype.element_ty), mask=mn[:, None]
@@ -165,8 +175,8 @@ def _bwd_kv(
 
 # (block_m, block_n, num_warps, num_stages) per head dim: not yet measured. The forward
 # takes flash attention's usual tiles; the backward's dq kernel walks keys in narrow
-# blocks under a tall block of queries and the dk/dv kernel the reverse, as Triton's own
-# fused-attention tutorial does. `benchmarks/run.py` sweeps them
+# blocks under a tall block of queries, and the dk/dv kernel walks queries in narrow
+# blocks beside a tall block of keys. `benchmarks/run.py` sweeps them
 # (CROSSMAE_BENCH_SEGMENTED_SWEEP=1) and benchmarks/RESULTS.md records the choice.
 FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {
     16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 2),
@@ -188,13 +198,14 @@ def forward(
     lse = torch.empty(h, tq, device=q.device, dtype=torch.float32)
     block_m, block_n, warps, stages = FWD_CONFIG[d]
     grid = (triton.cdiv(max(max_q, 1), block_m), cu_q.shape[0] - 1, h)
-    _fwd[grid](
-        q, k, v, o, lse, cu_q, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1),
-        tq, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with _on(q):
+        _fwd[grid](
+            q, k, v, o, lse, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1),
+            tq, scale * _LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return o, lse
 
 
@@ -202,7 +213,9 @@ def backward(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, do: Tensor, lse: Tensor,
     cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``dq [tq, h, d]``, ``dk, dv [tk, h, d]``, contiguous."""
+    """``dq [tq, h, d]``, ``dk, dv [tk, h, d]``, contiguous. ``do`` may come in any layout
+    (autograd hands expanded or permuted gradients): the kernels read it contiguous."""
+    do = do.contiguous()
     tq, h, d = q.shape
     tk = k.shape[0]
     dq = torch.empty(tq, h, d, device=q.device, dtype=q.dtype)
@@ -211,19 +224,21 @@ def backward(
     delta = torch.empty(h, tq, device=q.device, dtype=torch.float32)
     segs = cu_q.shape[0] - 1
     block_m, block_n, warps, stages = BWD_Q_CONFIG[d]
-    _bwd_q[(triton.cdiv(max(max_q, 1), block_m), segs, h)](
-        q, k, v, o, do, lse, delta, dq, cu_q, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        tq, scale, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with _on(q):
+        _bwd_q[(triton.cdiv(max(max_q, 1), block_m), segs, h)](
+            q, k, v, o, do, lse, delta, dq, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            tq, scale, scale * _LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     block_m, block_n, warps, stages = BWD_KV_CONFIG[d]
-    _bwd_kv[(triton.cdiv(max(max_k, 1), block_n), segs, h)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
-        tq, scale, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with _on(q):
+        _bwd_kv[(triton.cdiv(max(max_k, 1), block_n), segs, h)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
+            tq, scale, scale * _LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return dq, dk, dv

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 MAX_KEYS = 128
 HEAD_DIMS = (16, 32, 64, 128)
@@ -148,6 +149,7 @@ class _Eager(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, do: Tensor) -> tuple[Any, ...]:
         from . import _short_kernels
 

@@ -3,12 +3,20 @@ needs ``triton``, which a CPU-only machine may lack)."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 _LOG2E = 1.4426950408889634
+
+
+def _on(x: Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it ``x``'s for the launches."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _block_n(m: int) -> int:
@@ -125,12 +133,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tens
     lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)
     block_m, warps = FWD_CONFIG[d]
     grid = (triton.cdiv(n, block_m), b * h)
-    _fwd[grid](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, n, m, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=_block_n(m), num_warps=warps,
-    )  # fmt: skip
+    with _on(q):
+        _fwd[grid](
+            q, k, v, o, lse,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            h, n, m, scale * _LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=_block_n(m), num_warps=warps,
+        )  # fmt: skip
     return o, lse
 
 
@@ -144,10 +153,11 @@ def backward(
     dk = _bnhd(k, m)
     dv = _bnhd(v, m)
     block_m, warps = BWD_CONFIG[d]
-    _bwd[(b * h,)](
-        q, k, v, o, do, lse, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
-        h, n, m, scale, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=_block_n(m), num_warps=warps,
-    )  # fmt: skip
+    with _on(q):
+        _bwd[(b * h,)](
+            q, k, v, o, do, lse, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+            h, n, m, scale, scale * _LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=_block_n(m), num_warps=warps,
+        )  # fmt: skip
     return dq, dk, dv

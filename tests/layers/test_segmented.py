@@ -46,6 +46,8 @@ def test_fits_reads_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not _segmented.fits(q, k, v, cu_q.long(), cu_k)  # int64 boundaries
     assert not _segmented.fits(q, k, v, cu_q, cu_k[:2])  # boundary counts differ
     assert not _segmented.fits(q, k, v, cu_q[:1], cu_k[:1])  # no segment
+    wide_q, wide_k = torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32)
+    assert not _segmented.fits(q, k, v, wide_q[::2], wide_k[::2])  # strided boundaries
     many = torch.zeros(_segmented.MAX_SEGMENTS + 2, dtype=torch.int32)
     assert not _segmented.fits(q, k, v, many, many)  # above the grid's limit
     monkeypatch.setattr(_segmented, "_TRITON_SHIPPED", False)
@@ -152,6 +154,28 @@ for lq, lk, h, d, dt in cases:
     assert torch.equal(o2, o)
     assert all(torch.equal(a.grad, c.grad) for a, c in zip(ins, ins2))
 
+# the incoming gradient in any layout: expanded (from a sum) and permuted
+lq, lk = [40, 0, 7], [30, 5, 70]
+cu_q = torch.tensor([0, 40, 40, 47], dtype=torch.int32)
+cu_k = torch.tensor([0, 30, 35, 105], dtype=torch.int32)
+q = torch.randn(47, 2, 16, generator=g, dtype=torch.float16)
+k, v = (torch.randn(105, 2, 16, generator=g, dtype=torch.float16) for _ in range(2))
+for make_grad in (lambda o: o.float().sum(), lambda o: (o.float().transpose(0, 2).contiguous().transpose(0, 2) * 1.5).sum()):
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = _segmented.segmented_attention(*ins, cu_q, cu_k, 40, 70)
+    make_grad(o).backward()
+    r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    make_grad(reference(*r, cu_q, cu_k)).backward()
+    for a, x in zip(ins, r):
+        worst = max(worst, float((a.grad.double() - x.grad).abs().max() / x.grad.abs().max().clamp_min(1)))
+gout = torch.randn(47, 16, 2, generator=g, dtype=torch.float16).transpose(1, 2)  # d-stride 2
+ins = [t.detach().requires_grad_() for t in (q, k, v)]
+_segmented.segmented_attention(*ins, cu_q, cu_k, 40, 70).backward(gout)
+r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+reference(*r, cu_q, cu_k).backward(gout.double())
+for a, x in zip(ins, r):
+    worst = max(worst, float((a.grad.double() - x.grad).abs().max() / x.grad.abs().max().clamp_min(1)))
+
 # through _varlen: a padded batch (real + dummy segments per sample) and the lockstep
 # path of several calls over one key layout, against masked softmax
 kernel = lambda q, k, v, cq, ck, mq, mk: _segmented.segmented_attention(q, k, v, cq, ck, mq, mk)
@@ -181,7 +205,8 @@ print(worst)
 def test_kernels_in_triton_s_interpreter() -> None:
     """The Triton kernels on the CPU (``TRITON_INTERPRET=1``) against a float64 softmax
     per segment: output and the three input gradients, segments without queries or keys,
-    several blocks of each, strided keys and values, head dims 16 to 128, float16 and
+    several blocks of each, strided keys and values, incoming gradients expanded (from a
+    sum) or with a strided head dim, head dims 16 to 128, float16 and
     float32, six random layouts (the interpreter mishandles bfloat16, for the short kernels too; the CUDA tests
     cover it); the custom op and the eager autograd function agree exactly; `_varlen`'s
     padded and lockstep paths give the masked softmax with these kernels. Needs
