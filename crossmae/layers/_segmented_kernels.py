@@ -32,6 +32,12 @@ def _rows_at(X, rows, h, cols, st, sh):
 
 
 @triton.jit
+def _load_rows(X, rows, valid, h, cols, st, sh):
+    """The ``rows x cols`` tile of head ``h`` of ``X [t, h, d]``; rows not ``valid`` read 0."""
+    return tl.load(_rows_at(X, rows, h, cols, st, sh), mask=valid[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd(
     Q, K, V, Out, LSE, CQ, CK,
     sqt, sqh, skt, skh, svt, svh, sot, soh,
@@ -51,15 +57,15 @@ def _fwd(
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mm = offs_m < q_hi
-    q = tl.load(_rows_at(Q, offs_m, h, offs_d, sqt, sqh), mask=mm[:, None], other=0.0)
+    q = _load_rows(Q, offs_m, mm, h, offs_d, sqt, sqh)
     mx = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < k_hi
-        k = tl.load(_rows_at(K, offs_n, h, offs_d, skt, skh), mask=mn[:, None], other=0.0)
-        v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
+        k = _load_rows(K, offs_n, mn, h, offs_d, skt, skh)
+        v = _load_rows(V, offs_n, mn, h, offs_d, svt, svh)
         qk = tl.where(mn[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         new = tl.maximum(mx, tl.max(qk, 1) * scale2)  # log2 domain; finite: a real key
         alpha = tl.exp2(mx - new)
@@ -99,9 +105,9 @@ def _bwd_q(
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mm = offs_m < q_hi
-    q = tl.load(_rows_at(Q, offs_m, h, offs_d, sqt, sqh), mask=mm[:, None], other=0.0)
-    o = tl.load(_rows_at(Out, offs_m, h, offs_d, sot, soh), mask=mm[:, None], other=0.0)
-    do = tl.load(_rows_at(DO, offs_m, h, offs_d, sdot, sdoh), mask=mm[:, None], other=0.0)
+    q = _load_rows(Q, offs_m, mm, h, offs_d, sqt, sqh)
+    o = _load_rows(Out, offs_m, mm, h, offs_d, sot, soh)
+    do = _load_rows(DO, offs_m, mm, h, offs_d, sdot, sdoh)
     lse = tl.load(LSE + h * TQ + offs_m, mask=mm, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + h * TQ + offs_m, delta, mask=mm)
@@ -109,8 +115,8 @@ def _bwd_q(
     for n0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < k_hi
-        k = tl.load(_rows_at(K, offs_n, h, offs_d, skt, skh), mask=mn[:, None], other=0.0)
-        v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
+        k = _load_rows(K, offs_n, mn, h, offs_d, skt, skh)
+        v = _load_rows(V, offs_n, mn, h, offs_d, svt, svh)
         p = tl.where(mn[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * scale2 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -143,8 +149,8 @@ def _bwd_kv(
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     mn = offs_n < k_hi
-    k = tl.load(_rows_at(K, offs_n, h, offs_d, skt, skh), mask=mn[:, None], other=0.0)
-    v = tl.load(_rows_at(V, offs_n, h, offs_d, svt, svh), mask=mn[:, None], other=0.0)
+    k = _load_rows(K, offs_n, mn, h, offs_d, skt, skh)
+    v = _load_rows(V, offs_n, mn, h, offs_d, svt, svh)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     # Transposed products (keys as rows): the wide key block is every product's M, as
@@ -155,7 +161,7 @@ def _bwd_kv(
         qT = tl.load(
             Q + offs_m[None, :] * sqt + h * sqh + offs_d[:, None], mask=mm[None, :], other=0.0
         )
-        do = tl.load(_rows_at(DO, offs_m, h, offs_d, sdot, sdoh), mask=mm[:, None], other=0.0)
+        do = _load_rows(DO, offs_m, mm, h, offs_d, sdot, sdoh)
         lse = tl.load(LSE + h * TQ + offs_m, mask=mm, other=0.0)
         delta = tl.load(DELTA + h * TQ + offs_m, mask=mm, other=0.0)
         sT = tl.dot(k, qT)  # [BLOCK_N, BLOCK_M]

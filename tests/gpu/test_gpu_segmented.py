@@ -10,7 +10,6 @@ Legend: ``tq`` / ``tk`` packed query / key rows, ``h`` heads, ``d`` head dim.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 from gpu_helpers import DEVICE, GPU
 
 from crossmae.layers import _segmented, _varlen
+from tests.layers.segmented_reference import bounds, reference
 
 pytestmark = [
     *GPU,
@@ -39,31 +39,13 @@ CASES = [
 ]
 
 
-def _bounds(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _reference(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any) -> torch.Tensor:
-    outs = []
-    for i in range(len(cu_q) - 1):
-        a, b, c, e = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        if b == a:
-            continue
-        if e == c:
-            outs.append(q[a:b] * 0)
-            continue
-        s = torch.einsum("qhd,khd->hqk", q[a:b], k[c:e]) / math.sqrt(q.shape[-1])
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v[c:e]))
-    return torch.cat(outs)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("lq", "lk", "h", "d"), CASES)
 def test_matches_float64_softmax(
     lq: list[int], lk: list[int], h: int, d: int, dtype: torch.dtype
 ) -> None:
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    cu_q, cu_k = _bounds(lq).to(DEVICE), _bounds(lk).to(DEVICE)
+    cu_q, cu_k = bounds(lq).to(DEVICE), bounds(lk).to(DEVICE)
     q = torch.randn(sum(lq), h, d, device=DEVICE, dtype=dtype, generator=g)
     kv = torch.randn(sum(lk), 2, h, d, device=DEVICE, dtype=dtype, generator=g)
     k, v = kv[:, 0], kv[:, 1]  # strided views of one projection, as the models pass
@@ -71,7 +53,7 @@ def test_matches_float64_softmax(
     ins = [t.detach().requires_grad_() for t in (q, k, v)]
     out = _segmented.segmented_attention(*ins, cu_q, cu_k, max(lq), max(lk))
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = _reference(*ref, cu_q, cu_k)
+    want = reference(*ref, cu_q, cu_k)
     grad = torch.randn(want.shape, device=DEVICE, dtype=torch.float64, generator=g)
     (want * grad).sum().backward()
     (out.double() * grad).sum().backward()
@@ -157,10 +139,6 @@ def test_water_model_on_the_segmented_kernels_equals_it_on_flash() -> None:
     """The multimodal water model at head dim 16 everywhere (its encoders' packed
     self-attention, its lockstep decoders' cross-attention) with `use_for_varlen`: loss and
     gradients as on torch's varlen_attn, all finite (sample 0 has no river flow)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from crossmae.models.water import water_mae_small
     from tests.strategies import tiny_water_batch
 

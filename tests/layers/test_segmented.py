@@ -100,20 +100,7 @@ def test_varlen_fn_hands_calls_it_cannot_take_to_torch(monkeypatch: pytest.Monke
 _INTERPRET = """
 import math, torch
 from crossmae.layers import _segmented, _varlen
-
-def reference(q, k, v, cu_q, cu_k):
-    # float64 softmax per segment; rows of a segment without keys are 0
-    outs = []
-    for i in range(len(cu_q) - 1):
-        a, b, c, e = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        if b == a:
-            continue
-        if e == c:
-            outs.append(q[a:b] * 0)
-            continue
-        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[c:e]) / math.sqrt(q.shape[-1]), -1)
-        outs.append(torch.einsum("hqk,khd->qhd", w, v[c:e]))
-    return torch.cat(outs)
+from tests.layers.segmented_reference import bounds, reference
 
 worst = 0.0
 # (query rows per segment, key rows per segment, heads, head dim, dtype): empty segments
@@ -131,8 +118,7 @@ for _ in range(6):  # random layouts: 1-5 segments of 0-150 query and key rows e
     lq[0] = max(lq[0], 1)  # at least one query row
     cases.append((lq, lk, 2, (16, 32)[int(torch.randint(0, 2, (1,), generator=g))], torch.float16))
 for lq, lk, h, d, dt in cases:
-    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = bounds(lq), bounds(lk)
     q = torch.randn(sum(lq), h, d, generator=g, dtype=dt)
     kv = torch.randn(sum(lk), 2, h, d, generator=g, dtype=dt)  # strided views, as projected
     k, v = kv[:, 0], kv[:, 1]
