@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -626,8 +626,7 @@ def section_smallhead(dev: torch.device, small: bool, compile_: bool) -> None:
         for kname, ms in padded.items():
             record("smallhead", f"{label} padded {kname}", ms=ms)
         best_u = _fastest(unmasked)
-        # (the segmented kernels are opt-in, no KernelRule names them yet)
-        best_p = _fastest({kname: ms for kname, ms in padded.items() if kname != "segmented"})
+        best_p = _fastest(padded)
         if best_u:
             suggestions.append(
                 f"KernelRule(head_dim={d}, min_keys={max(nk // 2, 1)}, max_keys={nk * 2}, "
@@ -1204,7 +1203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "reference" in names and REFERENCE_DIR is None:
         ap.error("section 'reference' needs --reference DIR")
     torch.backends.cuda.matmul.allow_tf32 = True
-    if segmented_from_env():
+    varlen = varlen_from_env()
+    if varlen == "segmented":
         from crossmae.layers import _segmented
 
         _segmented.use_for_varlen()
@@ -1213,6 +1213,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rules is not None:
         cm.set_kernel_table(rules)
         log(f"kernel table (CROSSMAE_BENCH_KERNEL_RULES): {rules}")
+    if varlen == "flash":
+        cm.set_kernel_table(without_segmented(cm.kernel_table()))
+        log("packed attention on torch's flash varlen kernel (CROSSMAE_BENCH_VARLEN=flash)")
     import torch._inductor.config as inductor_config
 
     options = inductor_options_from_env()
@@ -1243,14 +1246,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1 if failures else 0
 
 
-def segmented_from_env() -> bool:
+def varlen_from_env() -> str:
     """Env CROSSMAE_BENCH_VARLEN: ``segmented`` sends every packed (varlen) attention call
-    of every section through crossmae's segmented Triton kernels (`_segmented`, opt-in
-    while unmeasured); ``flash`` or unset: torch's ``varlen_attn``."""
+    of every section through crossmae's segmented Triton kernels (`_segmented`, eager
+    calls too); ``flash`` sends every one to torch's ``varlen_attn`` (the kernel table
+    without its ``kernel="segmented"`` rules); unset (``""``): the kernel table decides."""
     raw = os.environ.get("CROSSMAE_BENCH_VARLEN", "")
     if raw not in ("", "flash", "segmented"):
         raise ValueError(f"CROSSMAE_BENCH_VARLEN must be 'flash' or 'segmented', got {raw!r}")
-    return raw == "segmented"
+    return raw
+
+
+def without_segmented(rules: Sequence[cm.KernelRule]) -> tuple[cm.KernelRule, ...]:
+    """``rules`` less those naming ``kernel="segmented"``."""
+    return tuple(r for r in rules if r.kernel != "segmented")
 
 
 def mix_order_reduction_from_env() -> Optional[bool]:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import _calls, _stacked, _varlen
+from ..layers import _calls, _stacked, _varlen, backend
 from ..layers.attention import CrossAttention
 from ..layers.backend import AttentionPlan
 from ..layers.blocks import CrossAttentionBlock
@@ -94,6 +94,8 @@ def _shares_kernel(decoders: Sequence[CrossMAEDecoder], states: Sequence[Decoder
             return False
         if st.plan.kernel != "varlen" or not st.plan.trailing:
             return False
+        if (st.plan.segmented, st.plan.eager) != (states[0].plan.segmented, states[0].plan.eager):
+            return False  # one call runs one kernel
         if dec.training and ca.attn_drop > 0.0:  # the packed kernel takes no dropout
             return False
         if st.context_padding_mask is None:
@@ -251,7 +253,9 @@ def _lockstep(decoders: Sequence[CrossMAEDecoder], states: Sequence[DecoderState
             k, v = kv.unflatten(-1, (2, ca.num_heads, ca.head_dim)).unbind(2)
             ks.append(k)
             vs.append(v)
-        out = _varlen.together_packed(qs, ks, vs, key_lengths, segments=segments)
+        out = _varlen.together_packed(
+            qs, ks, vs, key_lengths, segments=segments, kernel=backend.packed_kernel(states[0].plan)
+        )
         off = 0
         for run in runs:
             off = run.after(j, out, off, empty)

@@ -15,9 +15,10 @@ without queries get zero gradients. As with flash, the boundaries must cover eve
 (``cu_q[-1] == tq``, ``cu_k[-1] == tk``) and ``max_q`` / ``max_k`` bound every segment:
 rows outside them are left unwritten (no value is checked on the host).
 
-Opt-in for now: `use_for_varlen` swaps it in for `_varlen`'s kernel (the benchmarks do,
-with ``CROSSMAE_BENCH_VARLEN=segmented``); the kernel table does not pick it before its
-speed is measured. The kernels run as ``torch.library`` ops (one opaque node for
+The kernel table picks them per head dim (`backend.DEFAULT_KERNEL_TABLE`'s
+``kernel="segmented"`` rules; a ``"varlen"`` plan with ``segmented``). `use_for_varlen`
+swaps them in for every packed call of the process instead (the benchmarks do, with
+``CROSSMAE_BENCH_VARLEN=segmented``). The kernels run as ``torch.library`` ops (one opaque node for
 ``torch.compile``, captured by CUDA graphs) and, in eager mode, as an autograd function.
 """
 
@@ -42,6 +43,19 @@ _TRITON_SHIPPED = importlib.util.find_spec("triton") is not None
 def available() -> bool:
     """Whether ``triton`` is installed (looked up at import)."""
     return _TRITON_SHIPPED
+
+
+def supports(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
+    """Whether a call with these plain values can run on the kernels: CUDA, float16 or
+    bfloat16, a head dim of `HEAD_DIMS`, no dropout, ``triton`` installed (`fits` checks
+    the tensors of a call)."""
+    return (
+        device_type == "cuda"
+        and dtype in _HALF
+        and head_dim in HEAD_DIMS
+        and dropout_p == 0.0
+        and available()
+    )
 
 
 def _span(x: Tensor) -> int:
@@ -199,8 +213,8 @@ def varlen_fn(
 
 
 def use_for_varlen(on: bool = True) -> None:
-    """Route `_varlen`'s packed calls through `varlen_fn` (``on``) or back to torch's
-    ``varlen_attn`` (process-wide; for benchmarks and tests while the kernels are opt-in)."""
+    """Route every packed call of `_varlen` through `varlen_fn` (``on``), whatever the
+    plan, or back to torch's ``varlen_attn`` (process-wide; for benchmarks and tests)."""
     from . import _varlen
 
     _varlen._VARLEN = varlen_fn if on else _varlen._UNLOADED

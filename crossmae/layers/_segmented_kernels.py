@@ -179,19 +179,20 @@ def _bwd_kv(
     )
 
 
-# (block_m, block_n, num_warps, num_stages) per head dim: not yet measured. The forward
-# takes flash attention's usual tiles; the backward's dq kernel walks keys in narrow
-# blocks under a tall block of queries, and the dk/dv kernel walks queries in narrow
-# blocks beside a tall block of keys. `benchmarks/run.py` sweeps them
-# (CROSSMAE_BENCH_SEGMENTED_SWEEP=1) and benchmarks/RESULTS.md records the choice.
+# (block_m, block_n, num_warps, num_stages) per head dim. Head dims 16 and 32: the fastest
+# of `benchmarks/run.py`'s sweep (CROSSMAE_BENCH_SEGMENTED_SWEEP=1) on the H200 at the
+# water model's shapes (2026-12-03, benchmarks/RESULTS.md: 1110 x 7892 at d=16, 7892 x
+# 7892 at d=32; each a few percent over the first guesses). Head dims 64 and 128: not
+# measured, flash attention's usual tiles. The dq kernel walks keys in narrow blocks under
+# a block of queries, the dk/dv kernel queries in narrow blocks beside a tall block of keys.
 FWD_CONFIG: dict[int, tuple[int, int, int, int]] = {
-    16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 2),
+    16: (64, 128, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (64, 64, 4, 2),
 }  # fmt: skip
 BWD_Q_CONFIG: dict[int, tuple[int, int, int, int]] = {
-    16: (128, 32, 4, 2), 32: (128, 32, 4, 2), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
+    16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (128, 32, 4, 2), 128: (64, 32, 4, 2),
 }  # fmt: skip
 BWD_KV_CONFIG: dict[int, tuple[int, int, int, int]] = {
-    16: (32, 128, 4, 2), 32: (32, 128, 4, 2), 64: (32, 128, 4, 2), 128: (32, 64, 4, 2),
+    16: (16, 128, 4, 2), 32: (64, 64, 4, 2), 64: (32, 128, 4, 2), 128: (32, 64, 4, 2),
 }  # fmt: skip
 
 

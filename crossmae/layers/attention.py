@@ -146,6 +146,7 @@ def _attend(
             keys_sorted=trailing,
             queries_sorted=trailing,
             segments=segments,
+            kernel=backend.packed_kernel(plan),
         )
         # zeroed in the kernel's memory order (b n h d), so `b h n d -> b n (h d)` after
         # this stays a view: no copy before the output projection
@@ -276,16 +277,23 @@ def packed_attention(
         layout="packed",
         fused=use_fused_attn() if fused is None else fused,
     )
-    return _packed_attend(q, k, v, cu_seqlens, max_seqlen, plan.kernel)
+    return _packed_attend(q, k, v, cu_seqlens, max_seqlen, plan.kernel, plan)
 
 
 def _packed_attend(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, kernel: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    kernel: str,
+    plan: Optional[backend.AttentionPlan] = None,
 ) -> Tensor:
     """`packed_attention` with the kernel decided (``"varlen"``, ``"flex"``, ``"dense"``
-    or ``"manual"``); inputs already checked."""
+    or ``"manual"``; ``plan`` picks the varlen function, see `backend.packed_kernel`);
+    inputs already checked."""
     if kernel == "varlen":
-        fn = _varlen._kernel()
+        fn = backend.packed_kernel(plan) or _varlen._kernel()
         if fn is not None:
             cu32 = cu_seqlens.to(torch.int32)  # the kernel's index dtype (no-op for int32)
             return fn(q, k, v, cu32, cu32, max_seqlen, max_seqlen)
@@ -548,7 +556,7 @@ class Attention(nn.Module):
         else:
             cu = _check_cu_seqlens(cu_seqlens, q)
             kernel = plan.kernel if self.fused_attn else "manual"
-            out = _packed_attend(q, k, v, cu, max_seqlen, kernel)
+            out = _packed_attend(q, k, v, cu, max_seqlen, kernel, plan)
         return call_part(self.proj_drop, self.proj(out.flatten(1)))  # t h d -> t (h d)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,10 @@ Every attention call of crossmae runs one of these kernels (`AttentionPlan.kerne
 * ``"sdpa_mask"``: SDPA with a boolean ``[b, 1, 1, m]`` key mask (padding; never dense);
 * ``"varlen"``: ``torch.nn.attention.varlen`` over packed segments (CUDA, half precision);
   it needs padding at the end of every row, so a stack planned for it reorders its tokens
-  once (`AttentionPlan.reorder`) and tells its blocks (`AttentionPlan.trailing`);
+  once (`AttentionPlan.reorder`) and tells its blocks (`AttentionPlan.trailing`). With
+  `AttentionPlan.segmented` the packed segments run crossmae's own Triton kernels
+  (`_segmented`: head dims 16 to 128, written for the small ones flash pads) instead of
+  torch's flash kernel; the kernel table picks them per head dim (``kernel="segmented"``);
 * ``"flex"``: ``flex_attention`` with a block-sparse mask built from the padding (CUDA);
 * ``"dense"``: packed rows only, where neither packed kernel serves (off-CUDA): every
   segment attends through a zero-padded ``[segments, longest]`` layout with SDPA and a key
@@ -40,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .._config import padded_attention_kernel, use_fused_attn
-from . import _flex, _short, _varlen
+from . import _flex, _segmented, _short, _varlen
 
 __all__ = [
     "DEFAULT_KERNEL_TABLE",
@@ -55,8 +58,11 @@ __all__ = [
 ]
 
 PLAN_KERNELS = ("sdpa", "sdpa_mask", "varlen", "flex", "dense", "short", "manual")
-#: Kernels a `KernelRule` may name: the padded ones, and ``"short"`` for unpadded calls.
-RULE_KERNELS = ("varlen", "flex", "sdpa_mask", "short")
+#: Kernels a `KernelRule` may name: the padded ones (``"segmented"``: ``"varlen"`` on
+#: crossmae's segmented Triton kernels), and ``"short"`` for unpadded calls.
+RULE_KERNELS = ("varlen", "segmented", "flex", "sdpa_mask", "short")
+#: Rule kernels with an eager choice (`KernelRule.eager`): crossmae's Triton kernels.
+_TRITON_RULE_KERNELS = ("short", "segmented")
 #: SDPA backends a `KernelRule` may list for unmasked calls (names of
 #: ``torch.nn.attention.SDPBackend``, lower case).
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
@@ -80,8 +86,13 @@ class AttentionPlan:
         sdpa_backends: for ``"sdpa"`` / ``"sdpa_mask"``, the SDPA backends to restrict the
             call to, in order (from the kernel table), or None for PyTorch's own choice;
             for ``"short"``, those of a call the short kernel cannot take.
-        eager: for ``"short"``, whether calls outside ``torch.compile`` run it too (False:
-            only calls traced by ``torch.compile`` do; eager calls run ``sdpa_backends``).
+        eager: for ``"short"`` and a ``segmented`` plan, whether calls outside
+            ``torch.compile`` run crossmae's Triton kernel too (False: only calls traced by
+            ``torch.compile`` do; eager calls run ``sdpa_backends``, or torch's flash
+            varlen kernel).
+        segmented: for ``"varlen"``, run the packed segments on crossmae's segmented
+            Triton kernels (`_segmented`) instead of torch's ``varlen_attn``; a call they
+            cannot take (see ``_segmented.fits``) still runs ``varlen_attn``.
         self_segments: ``(padding_mask, cu_seqlens)`` set by `order_for` after reordering:
             the packed kernel's segment boundaries for self-attention over exactly that
             (trailing) ``padding_mask`` tensor, computed once per stack forward instead of
@@ -95,6 +106,7 @@ class AttentionPlan:
     sdpa_backends: Optional[tuple[str, ...]] = None
     self_segments: Optional[tuple[Tensor, Tensor]] = field(default=None, compare=False, repr=False)
     eager: bool = True
+    segmented: bool = False
 
     def __post_init__(self) -> None:
         # Plain-value checks (no tensor): free, and traceable by torch.compile.
@@ -102,10 +114,15 @@ class AttentionPlan:
             raise ValueError(
                 f"AttentionPlan kernel must be one of {PLAN_KERNELS}, got {self.kernel!r}"
             )
-        for name in ("reorder", "trailing", "eager"):
+        for name in ("reorder", "trailing", "eager", "segmented"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"AttentionPlan {name} must be a bool, got {v!r}")
+        if self.segmented and self.kernel != "varlen":
+            raise ValueError(
+                "AttentionPlan segmented=True applies to kernel='varlen' only, got "
+                f"kernel={self.kernel!r}"
+            )
         b = self.sdpa_backends
         if b is not None and (not isinstance(b, tuple) or not all(x in SDPA_BACKENDS for x in b)):
             raise ValueError(
@@ -135,7 +152,10 @@ class KernelRule:
     """One row of the per-shape kernel table (`set_kernel_table`); None matches anything.
 
     Fields:
-        kernel: for padded calls, ``"varlen"``, ``"flex"`` or ``"sdpa_mask"``; for unpadded
+        kernel: for padded calls, ``"varlen"``, ``"segmented"`` (the packed path on
+            crossmae's segmented Triton kernels: a ``"varlen"`` plan with ``segmented``;
+            it also serves packed-layout calls, which have no key count, so only rules
+            without a key range match them), ``"flex"`` or ``"sdpa_mask"``; for unpadded
             ones, ``"short"`` (crossmae's Triton kernel for at most 128 keys). Used where
             the kernel can serve the call, else the default policy (and ``sdpa_backends``)
             applies; None keeps the default policy.
@@ -146,11 +166,12 @@ class KernelRule:
         sdpa_backends: the SDPA backends to use, in order (from `SDPA_BACKENDS`), e.g.
             ``("cudnn", "flash")``: for unpadded calls, and for padded ones with
             ``kernel="sdpa_mask"``.
-        eager: with ``kernel="short"``, whether eager calls run the short kernel too
-            (default True). False keeps it to calls traced by ``torch.compile``, where its
-            launches cost nothing on the host per step (compiled code, CUDA graphs); eager
-            calls then run ``sdpa_backends``. Its Python launch costs more host time than an
-            SDPA call, which an eager step bound by the host pays in full.
+        eager: with ``kernel="short"`` or ``"segmented"``, whether eager calls run
+            crossmae's Triton kernel too (default True). False keeps it to calls traced by
+            ``torch.compile``, where its launches cost nothing on the host per step
+            (compiled code, CUDA graphs); eager calls then run ``sdpa_backends`` (short) or
+            torch's flash varlen kernel (segmented). A Triton launch from Python costs more
+            host time than an SDPA call, which an eager step bound by the host pays in full.
     """
 
     kernel: Optional[str] = None
@@ -170,6 +191,11 @@ class KernelRule:
             raise ValueError(
                 "KernelRule kernel='short' serves unpadded calls only; got padded=True"
             )
+        if self.kernel == "segmented" and self.padded is False:
+            raise ValueError(
+                "KernelRule kernel='segmented' serves padded and packed calls only; got "
+                "padded=False"
+            )
         for name in ("head_dim", "min_keys", "max_keys"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -184,9 +210,10 @@ class KernelRule:
             raise TypeError(f"KernelRule padded must be a bool or None, got {self.padded!r}")
         if not isinstance(self.eager, bool):
             raise TypeError(f"KernelRule eager must be a bool, got {self.eager!r}")
-        if not self.eager and self.kernel != "short":
+        if not self.eager and self.kernel not in _TRITON_RULE_KERNELS:
             raise ValueError(
-                f"KernelRule eager=False applies to kernel='short' only, got kernel={self.kernel!r}"
+                f"KernelRule eager=False applies to kernel {_TRITON_RULE_KERNELS} only, got "
+                f"kernel={self.kernel!r}"
             )
         if self.sdpa_backends is not None:
             if isinstance(self.sdpa_backends, str) or not all(
@@ -233,10 +260,12 @@ DEFAULT_KERNEL_TABLE: tuple[KernelRule, ...] = (
         sdpa_backends=("efficient", "flash", "cudnn"),
         eager=False,
     ),
+    KernelRule(kernel="segmented", head_dim=16, padded=True),
+    KernelRule(kernel="segmented", head_dim=32, padded=True),
 )
 """The kernel table crossmae starts with (``set_kernel_table(None)`` restores it). Three
-rules for unpadded attention, measured on the H200 (benchmarks/RESULTS.md; fwd+bwd in
-isolation, bf16, b=256):
+rules for unpadded attention and two for padded and packed attention, measured on the
+H200 (benchmarks/RESULTS.md; fwd+bwd in isolation, bf16, b=256 for the image shapes):
 
 - Head dim 32 over at most 64 keys: crossmae's short-key Triton kernel (`_short`), else
   the memory-efficient SDPA kernel first. This is the CrossMAE decoder's cross-attention
@@ -260,6 +289,17 @@ pays Triton's Python launch, and the eager image steps lost to it (2026-12-03, a
 the reference: predict 0.25 1.47x -> 1.20x, MAE decoder 1.21x -> 1.11x), so eager calls of
 those shapes run the memory-efficient SDPA kernel. A rule with ``eager=True`` (the
 field's default) sends eager calls to the short kernel too.
+
+- Padded or packed attention at head dims 16 and 32: the packed path on crossmae's
+  segmented Triton kernels (`_segmented`) instead of torch's flash varlen kernel, which
+  runs head dim 16 padded to 32. These are the multimodal water model's attention calls
+  (encoders and fusion at 32, decoders at 16). Fwd+bwd at its shapes (b=8, h=8,
+  2026-12-03): the decoders' cross-attention (1110 x 7892, d=16) 2.23 ms on both, the
+  five decoders in one call 4.86 against 6.41 ms; the fusion self-attention (7892 tokens,
+  d=32) 7.97 against 8.49 ms. The whole water step at B=16 compiled and captured: 99.9
+  against 118.1 ms. Eager calls run them too (``eager=True``): unlike the short kernel's
+  many tiny calls, these are few and long, and the eager water step at B=8 took 90.3
+  against 91.1 ms (108.2 against 110.7 in a noisier pair).
 
 Everything else: PyTorch's SDPA choice and the policy of `decide`. The rules apply on every
 CUDA device; each lists all three fused backends, so a GPU without one still runs a valid
@@ -319,6 +359,7 @@ def decide(
     varlen_ok: Optional[bool] = None,
     flex_ok: Optional[bool] = None,
     short_ok: Optional[bool] = None,
+    segmented_ok: Optional[bool] = None,
 ) -> AttentionPlan:
     """The attention policy, from plain values (no tensor needed).
 
@@ -333,8 +374,9 @@ def decide(
         fused: False selects the explicit softmax path.
         keys: key slots ``m`` (for range rules of the kernel table), or None.
         choice: the kernel choice (default: `padded_attention_kernel`).
-        varlen_ok / flex_ok / short_ok: whether those kernels can serve the call (default:
-            asked of ``_varlen.supports`` / ``_flex.supports`` / ``_short.supports``).
+        varlen_ok / flex_ok / short_ok / segmented_ok: whether those kernels can serve
+            the call (default: asked of ``_varlen.supports`` / ``_flex.supports`` /
+            ``_short.supports`` / ``_segmented.supports``).
 
     Returns:
         The `AttentionPlan`. On CUDA in float32 the padded layout gets ``"sdpa_mask"``
@@ -358,6 +400,12 @@ def decide(
         # 128-row block (measured on the H200, float32). The segment-padded path keeps
         # segments apart.
         if choice in ("auto", "varlen") and varlen_ok:
+            rule = _lookup(head_dim, None, True) if device_type == "cuda" else None
+            if rule is not None and rule.kernel == "segmented" and choice == "auto":
+                if segmented_ok is None:
+                    segmented_ok = _segmented.supports(device_type, dtype, head_dim, dropout_p)
+                if segmented_ok:
+                    return AttentionPlan("varlen", segmented=True, eager=rule.eager)
             return AttentionPlan("varlen")
         return AttentionPlan("dense")
     if not padded:
@@ -372,6 +420,11 @@ def decide(
     rule = _lookup(head_dim, keys, True) if device_type == "cuda" else None
     if rule is not None and rule.kernel is not None and choice == "auto":
         # ("short" takes no mask: a rule naming it leaves padded calls to the policy)
+        if rule.kernel == "segmented" and varlen_ok:
+            if segmented_ok is None:
+                segmented_ok = _segmented.supports(device_type, dtype, head_dim, dropout_p)
+            if segmented_ok:
+                return AttentionPlan("varlen", reorder=True, segmented=True, eager=rule.eager)
         ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}.get(rule.kernel, False)
         if ok:
             backends = rule.sdpa_backends if rule.kernel == "sdpa_mask" else None
@@ -428,6 +481,17 @@ def plan_for(
         fused=use_fused_attn() if fused is None else fused,
         keys=keys,
     )
+
+
+def packed_kernel(plan: Optional[AttentionPlan]) -> Optional[_varlen.VarlenFn]:
+    """The packed kernel a ``"varlen"`` plan's calls run: crossmae's segmented Triton
+    kernels (`_segmented.varlen_fn`) for a ``segmented`` plan (eager calls only with
+    ``plan.eager``), else None (torch's ``varlen_attn``). Plain values: free to trace."""
+    if plan is None or not plan.segmented:
+        return None
+    if plan.eager or torch.compiler.is_compiling():
+        return _segmented.varlen_fn
+    return None
 
 
 def trailing_order(x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -135,12 +135,19 @@ def test_varlen_paths_and_compile_and_capture() -> None:
     torch.testing.assert_close(static, want)
 
 
-def test_water_model_on_the_segmented_kernels_equals_it_on_flash() -> None:
+@pytest.mark.parametrize("route", ["table", "forced"])
+def test_water_model_on_the_segmented_kernels_equals_it_on_flash(route: str) -> None:
     """The multimodal water model at head dim 16 everywhere (its encoders' packed
-    self-attention, its lockstep decoders' cross-attention) with `use_for_varlen`: loss and
-    gradients as on torch's varlen_attn, all finite (sample 0 has no river flow)."""
+    self-attention, its lockstep decoders' cross-attention), eager, on the segmented
+    kernels (``table``: picked by the default kernel table's head-dim 16 rule;
+    ``forced``: `use_for_varlen`): loss and gradients as on torch's varlen_attn (the table
+    less its segmented rules), all finite (sample 0 has no river flow)."""
+    import crossmae as cm
+    from crossmae.layers import backend
     from crossmae.models.water import water_mae_small
     from tests.strategies import tiny_water_batch
+
+    flash_table = tuple(r for r in backend.DEFAULT_KERNEL_TABLE if r.kernel != "segmented")
 
     def run(segmented: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         torch.manual_seed(0)
@@ -159,7 +166,8 @@ def test_water_model_on_the_segmented_kernels_equals_it_on_flash() -> None:
             calls.append(1)
             return real(*a, **kw)
 
-        _segmented.use_for_varlen(segmented)
+        _segmented.use_for_varlen(segmented and route == "forced")
+        cm.set_kernel_table(None if segmented and route == "table" else flash_table)
         _segmented.segmented_attention = counted  # type: ignore[assignment]
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -167,6 +175,7 @@ def test_water_model_on_the_segmented_kernels_equals_it_on_flash() -> None:
             out.loss.backward()
         finally:
             _segmented.use_for_varlen(False)
+            cm.set_kernel_table(None)
             _segmented.segmented_attention = real  # type: ignore[assignment]
         assert bool(calls) == segmented  # the kernels served the packed calls
         grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]

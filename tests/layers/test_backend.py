@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 import crossmae as cm
 from crossmae.decoders import CrossMAEDecoder
 from crossmae.encoders import TransformerEncoder
-from crossmae.layers import _flex, _varlen, backend
+from crossmae.layers import _flex, _segmented, _varlen, backend
 from crossmae.layers.backend import AttentionPlan, KernelRule, decide
 from tests.layers.test_varlen import reference_varlen
 from tests.strategies import generator
@@ -236,6 +237,26 @@ def _force(monkeypatch: pytest.MonkeyPatch, route: str) -> list[int]:
 
         monkeypatch.setattr(_varlen, "supports", lambda *a: True)
         monkeypatch.setattr(_varlen, "_VARLEN", kernel)
+    elif route == "segmented":
+        # every varlen plan made segmented (the CPU has no kernel table lookup), the
+        # segmented kernels replaced by the reference, torch's varlen_attn refusing to run
+        def skernel(*args: Any) -> torch.Tensor:
+            calls.append(1)
+            return reference_varlen(*args)
+
+        def flash(*args: Any) -> torch.Tensor:
+            raise AssertionError("torch's varlen_attn ran on a segmented plan")
+
+        real_decide = backend.decide
+
+        def seg_decide(*args: Any, **kwargs: Any) -> AttentionPlan:
+            plan = real_decide(*args, **kwargs)
+            return replace(plan, segmented=True) if plan.kernel == "varlen" else plan
+
+        monkeypatch.setattr(_varlen, "supports", lambda *a: True)
+        monkeypatch.setattr(_varlen, "_VARLEN", flash)
+        monkeypatch.setattr(_segmented, "varlen_fn", skernel)
+        monkeypatch.setattr(backend, "decide", seg_decide)
     elif route == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -249,7 +270,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, route: str) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("route", ["sdpa_mask", "varlen", "flex"])
+@pytest.mark.parametrize("route", ["sdpa_mask", "varlen", "segmented", "flex"])
 @pytest.mark.parametrize("wfm", [False, True])
 def test_encoder_and_decoder_paths_agree_with_explicit_softmax(
     monkeypatch: pytest.MonkeyPatch, route: str, wfm: bool
@@ -309,7 +330,7 @@ def test_packed_layout_never_plans_flex(monkeypatch: pytest.MonkeyPatch) -> None
         assert plan.kernel == "dense"
 
 
-@pytest.mark.parametrize("route", ["dense", "varlen"])
+@pytest.mark.parametrize("route", ["dense", "varlen", "segmented"])
 def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     g = generator(3)
     enc = TransformerEncoder(32, 2, 2).eval()
@@ -320,7 +341,9 @@ def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str)
         ref = enc(x, pad)
         calls = _force(monkeypatch, route)
         plan = backend.plan_for(packed.tokens, 16, layout="packed")
-        assert plan.kernel == route
+        assert (plan.kernel, plan.segmented) == (
+            ("varlen", True) if route == "segmented" else (route, False)
+        )
         out = enc.forward_packed(packed)
     if route != "dense":
         assert calls, f"the {route} route was not taken"
@@ -329,7 +352,7 @@ def test_packed_encoder_paths_agree(monkeypatch: pytest.MonkeyPatch, route: str)
 
 
 @pytest.mark.parametrize("kind", ["pre", "post"])
-@pytest.mark.parametrize("route", ["dense", "varlen"])
+@pytest.mark.parametrize("route", ["dense", "varlen", "segmented"])
 def test_capacity_encoder_paths_agree(
     monkeypatch: pytest.MonkeyPatch, route: str, kind: str
 ) -> None:
@@ -557,9 +580,15 @@ def test_plan_with_sdpa_backends_compiles_fullgraph() -> None:
     torch.testing.assert_close(out, ref)
 
 
-def test_water_model_on_the_varlen_route_same_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("route", ["varlen", "segmented"])
+def test_water_model_on_the_varlen_route_same_loss(
+    monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
     """The water model's CUDA route (each stack planned once, keys reordered once per
-    decoder for the packed kernel) forced on the CPU gives the default route's losses."""
+    decoder for the packed kernel; its lockstep decoders in one packed call per layer)
+    forced on the CPU gives the default route's losses, on torch's varlen kernel or on
+    crossmae's segmented kernels (then every packed call runs them: torch's is never
+    called)."""
     from tests.strategies import tiny_water_batch, tiny_water_model
 
     torch.manual_seed(0)
@@ -567,9 +596,9 @@ def test_water_model_on_the_varlen_route_same_loss(monkeypatch: pytest.MonkeyPat
     inputs, static = tiny_water_batch(model.names, generator(11))
     with torch.no_grad():
         ref = model(inputs, static=static, generator=generator(5))
-        calls = _force(monkeypatch, "varlen")
+        calls = _force(monkeypatch, route)
         out = model(inputs, static=static, generator=generator(5))
-    assert calls, "the varlen route was not taken"
+    assert calls, f"the {route} route was not taken"
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-5)
     for name in model.names:
         torch.testing.assert_close(
@@ -774,3 +803,149 @@ def test_sdpa_context_is_torch_s_own_while_compiling(monkeypatch: pytest.MonkeyP
     """Under ``torch.compile`` the context is torch's ``sdpa_kernel`` (the one dynamo traces)."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not isinstance(backend.sdpa_context(("math",)), backend._SdpaChoice)
+
+
+def test_default_table_sends_head_dims_16_and_32_to_the_segmented_kernels() -> None:
+    """The two padded rules of the default table (the water model's head dims): padded
+    calls get the varlen plan on crossmae's segmented kernels, reordered, eager calls
+    included; packed-layout calls too (no key count: the rules have no key range); other
+    head dims, kernels that cannot serve the call, and explicit choices keep the policy."""
+    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True, "segmented_ok": True}
+    seg = AttentionPlan("varlen", reorder=True, segmented=True)
+    for d in (16, 32):
+        for keys in (None, 50, 7892):
+            assert decide("cuda", BF16, d, padded=True, keys=keys, **kw) == seg
+        assert decide("cuda", F16, d, padded=True, **kw) == seg
+        packed = decide("cuda", BF16, d, padded=True, layout="packed", **kw)
+        assert packed == AttentionPlan("varlen", segmented=True)
+        # the segmented kernels cannot serve it (no triton, float32, dropout): flash varlen
+        no_seg = {**kw, "segmented_ok": False}
+        assert decide("cuda", BF16, d, padded=True, **no_seg) == AttentionPlan(
+            "varlen", reorder=True
+        )
+        assert decide("cuda", BF16, d, padded=True, layout="packed", **no_seg) == (
+            AttentionPlan("varlen")
+        )
+        # nor torch's varlen: the rule does not apply (the segmented plan rides on varlen's)
+        assert decide("cuda", BF16, d, padded=True, **{**kw, "varlen_ok": False}).kernel == "flex"
+        assert decide("cuda", BF16, d, padded=True, choice="varlen", **kw) == (
+            AttentionPlan("varlen", reorder=True)
+        )
+        assert decide("cuda", BF16, d, padded=True, choice="sdpa", **kw).kernel == "sdpa_mask"
+        assert not decide("cpu", BF16, d, padded=True, **kw).segmented
+        assert not decide("cuda", BF16, d, padded=False, keys=50, **kw).segmented
+    for d in (64, 128, 24):
+        assert not decide("cuda", BF16, d, padded=True, **kw).segmented
+        assert not decide("cuda", BF16, d, padded=True, layout="packed", **kw).segmented
+    assert decide("cuda", BF16, 16, padded=True, dropout_p=0.1, varlen_ok=False, flex_ok=False) == (
+        AttentionPlan("sdpa_mask")
+    )
+    # the plan survives the stack's reordering
+    assert seg.reordered().segmented and seg.reordered().trailing
+
+
+def test_segmented_supports_and_rules_with_key_ranges_or_compiled_only() -> None:
+    assert not _segmented.supports("cpu", BF16, 16, 0.0)
+    assert not _segmented.supports("cuda", F32, 16, 0.0)
+    assert not _segmented.supports("cuda", BF16, 24, 0.0)
+    assert not _segmented.supports("cuda", BF16, 16, 0.1)
+    assert _segmented.supports("cuda", F16, 64, 0.0) == _segmented.available()
+    backend.set_kernel_table(
+        [KernelRule(kernel="segmented", head_dim=16, min_keys=1024, padded=True, eager=False)]
+    )
+    kw: dict[str, Any] = {"varlen_ok": True, "flex_ok": True, "segmented_ok": True}
+    plan = decide("cuda", BF16, 16, padded=True, keys=7892, **kw)
+    assert plan == AttentionPlan("varlen", reorder=True, segmented=True, eager=False)
+    assert not decide("cuda", BF16, 16, padded=True, keys=100, **kw).segmented
+    # packed calls have no key count: a rule with a key range never matches them
+    assert not decide("cuda", BF16, 16, padded=True, layout="packed", **kw).segmented
+
+
+def test_packed_kernel_follows_the_plan_and_its_eager_choice() -> None:
+    """`backend.packed_kernel`: torch's kernel (None) unless the plan is segmented; a
+    compiled-only segmented plan hands eager calls torch's kernel and traced calls the
+    segmented one."""
+    assert backend.packed_kernel(None) is None
+    assert backend.packed_kernel(AttentionPlan("varlen")) is None
+    on = AttentionPlan("varlen", segmented=True)
+    assert backend.packed_kernel(on) is _segmented.varlen_fn
+    traced_only = AttentionPlan("varlen", segmented=True, eager=False)
+    assert backend.packed_kernel(traced_only) is None
+    seen: list[bool] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        seen.append(backend.packed_kernel(traced_only) is _segmented.varlen_fn)
+        return x + 1
+
+    torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert seen == [True]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"kernel": "segmented", "padded": False}, ValueError, ("segmented", "padded=False")),
+        ({"kernel": "varlen", "eager": False}, ValueError, ("eager", "'varlen'")),
+        ({"kernel": "segmented", "eager": 0}, TypeError, ("eager", "0")),
+    ],
+)
+def test_segmented_rule_rejects_bad_fields(
+    kwargs: dict[str, Any], error: type, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(error) as info:
+        KernelRule(**kwargs)
+    assert all(w in str(info.value) for w in words)
+    assert KernelRule(kernel="segmented", eager=False).eager is False  # compiled-only is fine
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"kernel": "sdpa_mask", "segmented": True}, ValueError, ("segmented", "'sdpa_mask'")),
+        ({"kernel": "dense", "segmented": True}, ValueError, ("segmented", "'dense'")),
+        ({"kernel": "varlen", "segmented": 1}, TypeError, ("segmented", "1")),
+    ],
+)
+def test_plan_segmented_is_checked(
+    kwargs: dict[str, Any], error: type, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(error) as info:
+        AttentionPlan(**kwargs)
+    assert all(w in str(info.value) for w in words)
+
+
+def test_lockstep_decoders_share_a_call_only_on_one_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoders whose plans differ in the packed kernel (segmented or not) cannot share one
+    packed call: `decode_together` runs them one by one, with the same results."""
+    from crossmae.decoders import together
+
+    g = generator(2)
+    decs = [CrossMAEDecoder(32, 16, 2, 1, 5, num_tokens=9).eval() for _ in range(2)]
+    ctx = torch.randn(3, 9, 32, generator=g)
+    pad = torch.rand(3, 9, generator=g) < 0.3
+    ids = [torch.randint(0, 9, (3, 4), generator=g) for _ in range(2)]
+    with torch.no_grad():
+        want = [d(ctx, i, context_padding_mask=pad) for d, i in zip(decs, ids)]
+    calls = _force(monkeypatch, "segmented")
+    real = together._shares_kernel
+    verdicts: list[bool] = []
+    mix = [False]
+
+    def mixed(decoders: Any, states: Any) -> bool:
+        states = list(states)
+        if mix[0]:
+            states[1] = states[1]._replace(plan=replace(states[1].plan, segmented=False))
+        verdicts.append(real(decoders, states))
+        return verdicts[-1]
+
+    monkeypatch.setattr(together, "_shares_kernel", mixed)
+    monkeypatch.setattr(_varlen, "_VARLEN", reference_varlen)  # the unsegmented decoder's
+    for m in (False, True):
+        mix[0] = m
+        calls.clear()
+        with torch.no_grad():
+            got = together.decode_together(decs, ctx, ids, context_padding_mask=pad)
+        assert calls  # the segmented kernel ran (one shared call, or each decoder's own)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert verdicts == [True, False]

@@ -115,7 +115,9 @@ def test_decide_asks_supports_when_not_told(monkeypatch: pytest.MonkeyPatch) -> 
 def test_kernel_rule_short_checks() -> None:
     with pytest.raises(ValueError, match="unpadded calls only; got padded=True"):
         KernelRule(kernel="short", padded=True)
-    with pytest.raises(ValueError, match=r"one of \('varlen', 'flex', 'sdpa_mask', 'short'\)"):
+    with pytest.raises(
+        ValueError, match=r"one of \('varlen', 'segmented', 'flex', 'sdpa_mask', 'short'\)"
+    ):
         KernelRule(kernel="fast")
     assert KernelRule(kernel="short", padded=False).kernel == "short"
     assert "short" in backend.PLAN_KERNELS
@@ -209,9 +211,13 @@ def test_rule_eager_field_reaches_the_plan_and_is_checked() -> None:
     assert len(shorts) == 2 and not any(r.eager for r in shorts)
     with pytest.raises(TypeError, match="KernelRule eager must be a bool, got 0"):
         KernelRule(kernel="short", eager=0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="eager=False applies to kernel='short' only"):
+    with pytest.raises(
+        ValueError, match=r"eager=False applies to kernel \('short', 'segmented'\) only"
+    ):
         KernelRule(kernel="varlen", eager=False)
-    with pytest.raises(ValueError, match="eager=False applies to kernel='short' only"):
+    with pytest.raises(
+        ValueError, match=r"eager=False applies to kernel \('short', 'segmented'\) only"
+    ):
         KernelRule(head_dim=32, eager=False)
     with pytest.raises(TypeError, match="AttentionPlan eager must be a bool"):
         AttentionPlan("short", eager=None)  # type: ignore[arg-type]

@@ -738,6 +738,18 @@ def _backend_cases() -> list[Case]:
         ),
         Case(
             "AttentionPlan",
+            "segmented=True with kernel='sdpa_mask' (only varlen has a segmented choice)",
+            lambda: AP("sdpa_mask", segmented=True),
+            Raises(("segmented", "kernel"), ("'sdpa_mask'",)),
+        ),
+        Case(
+            "AttentionPlan",
+            "segmented=1",
+            lambda: AP("varlen", segmented=1),
+            Raises(("segmented",), ("1",)),
+        ),
+        Case(
+            "AttentionPlan",
             "sdpa_backends=('fast',)",
             lambda: AP("sdpa", sdpa_backends=("fast",)),
             Raises(("sdpa_backends",), ("'fast'",)),
@@ -808,9 +820,15 @@ def _backend_cases() -> list[Case]:
         ),
         Case(
             "KernelRule",
-            "eager=False with kernel='varlen' (only the short kernel has an eager choice)",
+            "eager=False with kernel='varlen' (only the Triton kernels have an eager choice)",
             lambda: KR(kernel="varlen", eager=False),
             Raises(("eager", "kernel"), ("False", "'varlen'")),
+        ),
+        Case(
+            "KernelRule",
+            "kernel='segmented' with padded=False",
+            lambda: KR(kernel="segmented", padded=False),
+            Raises(("kernel", "padded"), ("'segmented'", "False")),
         ),
         Case(
             "set_kernel_table",
