@@ -882,36 +882,30 @@ def test_packed_kernel_follows_the_plan_and_its_eager_choice() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "words"),
+    ("cls", "kwargs", "error", "words"),
     [
-        ({"kernel": "segmented", "padded": False}, ValueError, ("segmented", "padded=False")),
-        ({"kernel": "varlen", "eager": False}, ValueError, ("eager", "'varlen'")),
-        ({"kernel": "segmented", "eager": 0}, TypeError, ("eager", "0")),
+        (KernelRule, {"kernel": "segmented", "padded": False}, ValueError, ("segmented", "False")),
+        (KernelRule, {"kernel": "varlen", "eager": False}, ValueError, ("eager", "'varlen'")),
+        (KernelRule, {"kernel": "segmented", "eager": 0}, TypeError, ("eager", "0")),
+        (AttentionPlan, {"kernel": "sdpa_mask", "segmented": True}, ValueError, ("'sdpa_mask'",)),
+        (
+            AttentionPlan,
+            {"kernel": "dense", "segmented": True},
+            ValueError,
+            ("segmented", "'dense'"),
+        ),
+        (AttentionPlan, {"kernel": "varlen", "segmented": 1}, TypeError, ("segmented", "1")),
     ],
 )
-def test_segmented_rule_rejects_bad_fields(
-    kwargs: dict[str, Any], error: type, words: tuple[str, ...]
+def test_segmented_fields_are_checked(
+    cls: type, kwargs: dict[str, Any], error: type, words: tuple[str, ...]
 ) -> None:
+    """`KernelRule` (padded calls only; an eager choice for the Triton kernels) and
+    `AttentionPlan` (``segmented`` with ``"varlen"`` only, a bool) name field and value."""
     with pytest.raises(error) as info:
-        KernelRule(**kwargs)
+        cls(**kwargs)
     assert all(w in str(info.value) for w in words)
     assert KernelRule(kernel="segmented", eager=False).eager is False  # compiled-only is fine
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "words"),
-    [
-        ({"kernel": "sdpa_mask", "segmented": True}, ValueError, ("segmented", "'sdpa_mask'")),
-        ({"kernel": "dense", "segmented": True}, ValueError, ("segmented", "'dense'")),
-        ({"kernel": "varlen", "segmented": 1}, TypeError, ("segmented", "1")),
-    ],
-)
-def test_plan_segmented_is_checked(
-    kwargs: dict[str, Any], error: type, words: tuple[str, ...]
-) -> None:
-    with pytest.raises(error) as info:
-        AttentionPlan(**kwargs)
-    assert all(w in str(info.value) for w in words)
 
 
 def test_lockstep_decoders_share_a_call_only_on_one_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
