@@ -401,11 +401,11 @@ def decide(
         # segments apart.
         if choice in ("auto", "varlen") and varlen_ok:
             rule = _lookup(head_dim, None, True) if device_type == "cuda" else None
-            if rule is not None and rule.kernel == "segmented" and choice == "auto":
-                if segmented_ok is None:
-                    segmented_ok = _segmented.supports(device_type, dtype, head_dim, dropout_p)
-                if segmented_ok:
-                    return AttentionPlan("varlen", segmented=True, eager=rule.eager)
+            eager = _segmented_eager(
+                rule, choice, segmented_ok, (device_type, dtype, head_dim, dropout_p)
+            )
+            if eager is not None:
+                return AttentionPlan("varlen", segmented=True, eager=eager)
             return AttentionPlan("varlen")
         return AttentionPlan("dense")
     if not padded:
@@ -420,11 +420,11 @@ def decide(
     rule = _lookup(head_dim, keys, True) if device_type == "cuda" else None
     if rule is not None and rule.kernel is not None and choice == "auto":
         # ("short" takes no mask: a rule naming it leaves padded calls to the policy)
-        if rule.kernel == "segmented" and varlen_ok:
-            if segmented_ok is None:
-                segmented_ok = _segmented.supports(device_type, dtype, head_dim, dropout_p)
-            if segmented_ok:
-                return AttentionPlan("varlen", reorder=True, segmented=True, eager=rule.eager)
+        eager = _segmented_eager(
+            rule, choice, segmented_ok, (device_type, dtype, head_dim, dropout_p)
+        )
+        if eager is not None and varlen_ok:
+            return AttentionPlan("varlen", reorder=True, segmented=True, eager=eager)
         ok = {"varlen": varlen_ok, "flex": flex_ok, "sdpa_mask": True}.get(rule.kernel, False)
         if ok:
             backends = rule.sdpa_backends if rule.kernel == "sdpa_mask" else None
@@ -437,6 +437,21 @@ def decide(
     if (choice == "flex" or (choice == "auto" and half)) and flex_ok:
         return AttentionPlan("flex")
     return AttentionPlan("sdpa_mask")
+
+
+def _segmented_eager(
+    rule: Optional[KernelRule],
+    choice: str,
+    segmented_ok: Optional[bool],
+    call: tuple[str, torch.dtype, int, float],
+) -> Optional[bool]:
+    """The ``eager`` choice of a segmented plan where ``rule`` names the segmented kernels
+    and they can serve the ``(device_type, dtype, head_dim, dropout_p)`` call under the
+    ``"auto"`` choice (``segmented_ok`` None: asked of ``_segmented.supports``); else None."""
+    if rule is None or rule.kernel != "segmented" or choice != "auto":
+        return None
+    ok = _segmented.supports(*call) if segmented_ok is None else segmented_ok
+    return rule.eager if ok else None
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
